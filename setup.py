@@ -1,0 +1,46 @@
+"""vrl_jax: reinforcement learning for vision-language models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# The test extra pins the oracle: transformers' behaviour (positions, key layouts) changes between
+# versions, and a looser torch requirement would pull CUDA wheels.
+TEST = [
+    "torch==2.13.0",
+    "transformers==5.23.0",
+    "pytest>=8",
+]
+
+setup(
+    name="vrl_jax",
+    version="0.1.0",
+    description="RL with verifiable rewards for vision-language models, in JAX/Flax (MAYE, DyME).",
+    packages=find_packages(include=["vrl_jax", "vrl_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "transformers>=5.23.0,<6",
+        "tokenizers",
+        "grain>=0.2.18",
+        "ml-collections>=1.1.0",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "math-verify==0.9.0",
+        "pyarrow",
+        "tqdm",
+        "tensorboardX",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": TEST,
+        "tfds": ["tensorflow-datasets>=4.9.10"],
+        "wandb": ["wandb"],
+    },
+    entry_points={
+        "console_scripts": [
+            "vrl-convert=vrl_jax.convert:main",
+        ],
+    },
+)
