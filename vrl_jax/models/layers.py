@@ -1,0 +1,117 @@
+"""The math shared by the Qwen-VL family, as pure functions.
+
+Numerics follow the transformers implementation where parity depends on them: norms and softmax
+in float32, RMSNorm casting back to the input dtype *before* the weight, rotary tables computed in
+float32 (cast to the activation dtype for the language model, kept float32 for the vision tower).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Large and finite: a fully masked row (left padding) then gives a uniform softmax instead of NaN.
+MASK_VALUE = -1e30
+
+
+def rms_norm(x, weight, eps: float):
+    """x: [..., D], weight: [D] -> [..., D] in x's dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def layer_norm(x, weight, bias, eps: float):
+    """x: [..., D], weight/bias: [D] -> [..., D]; statistics in float32."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def activation(name: str):
+    """The activation transformers names `name` (ACT2FN)."""
+    table = {
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    }
+    if name not in table:
+        raise ValueError(f"hidden_act {name!r} is not supported; expected one of {sorted(table)}")
+    return table[name]
+
+
+def rotate_half(x):
+    """[..., D] -> [..., D]: halves (x1, x2) become (-x2, x1) (not the even/odd interleave)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """x: [B, T, N, D]; cos/sin: [B, T, D] -> [B, T, N, D]."""
+    return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
+
+
+def inverse_frequencies(dim: int, theta: float):
+    """[dim // 2] float32: 1 / theta^(2i / dim)."""
+    return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
+def mrope_cos_sin(positions, head_dim: int, theta: float, mrope_section, dtype):
+    """Multimodal rotary tables with the chunked (Qwen2/2.5-VL) section layout.
+
+    positions: int [3, B, T] (temporal, height, width; equal rows for text) -> cos, sin: [B, T, head_dim].
+    Frequency chunk i of `mrope_section` takes its angle from axis i % 3.
+    """
+    inv = inverse_frequencies(head_dim, theta)  # [hd/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [3, B, T, hd/2]
+    chunks, start = [], 0
+    for i, size in enumerate(mrope_section):
+        chunks.append(freqs[i % 3, ..., start:start + size])
+        start += size
+    f = jnp.concatenate(chunks, axis=-1)
+    emb = jnp.concatenate([f, f], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def vision_cos_sin(hw_pos, head_dim: int, theta: float):
+    """2-D axial rotary tables for vision patches, float32.
+
+    hw_pos: int [P, 2] (row, column of each patch) -> cos, sin: [P, head_dim], laid out as
+    [h-frequencies, w-frequencies] twice (hd/4 frequencies per axis).
+    """
+    inv = inverse_frequencies(head_dim // 2, theta)  # [hd/4]
+    freqs = hw_pos.astype(jnp.float32)[..., None] * inv  # [P, 2, hd/4]
+    f = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
+    emb = jnp.concatenate([f, f], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def attention(q, k, v, mask, scale: float):
+    """Grouped-query attention with an explicit boolean mask, softmax in float32.
+
+    q: [B, T, N, D]; k, v: [B, S, K, D] with N % K == 0 (kv head j serves query heads
+    j*N/K ... (j+1)*N/K - 1, transformers' repeat_kv); mask: bool [B, T, S] (True = attend).
+    Returns [B, T, N, D] in q's dtype.
+    """
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n, d)
+
+
+def causal_mask(kv_valid, query_slots):
+    """Which key slots each query may attend to.
+
+    kv_valid: bool [B, S] (slot holds a real token); query_slots: int [T] (the slot of each query)
+    -> bool [B, T, S]: the key is valid and not after the query.
+    """
+    s = jnp.arange(kv_valid.shape[1])
+    return kv_valid[:, None, :] & (s[None, None, :] <= query_slots[None, :, None])

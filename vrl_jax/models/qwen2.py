@@ -1,0 +1,137 @@
+"""The Qwen2 decoder shared by Qwen2-VL and Qwen2.5-VL (and later LLaVA-OneVision's language model).
+
+Parameters of all layers are stacked on a leading layer axis and the layers run under `lax.scan`,
+so compile time does not grow with depth and a KV cache is one array per K and V. Weights are
+kept in `x @ W` layout ([in, out]); the converter transposes PyTorch's [out, in].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vrl_jax.models import layers
+from vrl_jax.models.config import TextConfig
+
+
+class KVCache(NamedTuple):
+    """A preallocated cache: k, v [layers, B, S, kv_heads, head_dim]; slot s holds token s of the row."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def _param(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
+
+
+def _ones(shape, dtype):
+    return nnx.Param(jnp.ones(shape, dtype))
+
+
+def _zeros(shape, dtype):
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+class DecoderLayers(nnx.Module):
+    """The stack of pre-norm decoder blocks; every parameter has a leading [layers] axis."""
+
+    NAMES = ("input_norm", "q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "post_norm", "gate_w", "up_w",
+             "down_w")
+
+    def __init__(self, cfg: TextConfig, *, param_dtype, rngs: nnx.Rngs):
+        n, h, i = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        p = lambda *shape: _param(rngs, (n, *shape), param_dtype)  # noqa: E731
+        self.input_norm = _ones((n, h), param_dtype)
+        self.q_w, self.q_b = p(h, q), _zeros((n, q), param_dtype)
+        self.k_w, self.k_b = p(h, kv), _zeros((n, kv), param_dtype)
+        self.v_w, self.v_b = p(h, kv), _zeros((n, kv), param_dtype)
+        self.o_w = p(q, h)
+        self.post_norm = _ones((n, h), param_dtype)
+        self.gate_w, self.up_w, self.down_w = p(h, i), p(h, i), p(i, h)
+
+
+def decoder_block(w: dict, x, cos, sin, mask, k_cache, v_cache, write_index, *, cfg: TextConfig):
+    """One decoder block.
+
+    w: this layer's parameters (unstacked); x: [B, T, H]; cos/sin: [B, T, hd]; mask: bool [B, T, S];
+    k_cache/v_cache: [B, S, K, hd] or None (then S == T and the block attends to its own keys);
+    write_index: int scalar slot where this call's T tokens go in the cache.
+    Returns x [B, T, H] and the updated (k_cache, v_cache).
+    """
+    b, t, _ = x.shape
+    dt = x.dtype
+    hd = cfg.head_dim
+    y = layers.rms_norm(x, w["input_norm"].astype(dt), cfg.rms_norm_eps)
+    q = (y @ w["q_w"].astype(dt) + w["q_b"].astype(dt)).reshape(b, t, cfg.num_heads, hd)
+    k = (y @ w["k_w"].astype(dt) + w["k_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
+    v = (y @ w["v_w"].astype(dt) + w["v_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
+    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    if k_cache is not None:
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
+        k, v = k_cache.astype(dt), v_cache.astype(dt)
+    attn = layers.attention(q, k, v, mask, hd**-0.5).reshape(b, t, -1)
+    x = x + attn @ w["o_w"].astype(dt)
+    y = layers.rms_norm(x, w["post_norm"].astype(dt), cfg.rms_norm_eps)
+    mlp = jax.nn.silu(y @ w["gate_w"].astype(dt)) * (y @ w["up_w"].astype(dt))
+    return x + mlp @ w["down_w"].astype(dt), (k_cache, v_cache)
+
+
+class Qwen2Decoder(nnx.Module):
+    """Token embedding, the decoder stack, the final norm and the (possibly tied) unembedding."""
+
+    def __init__(self, cfg: TextConfig, *, tie_word_embeddings: bool, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype)
+        self.layers = DecoderLayers(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.norm = _ones((cfg.hidden_size,), param_dtype)
+        self.lm_head = None if tie_word_embeddings else _param(rngs, (cfg.hidden_size, cfg.vocab_size), param_dtype)
+
+    def embed_tokens(self, input_ids, dtype):
+        """input_ids: int [B, T] -> [B, T, H]."""
+        return jnp.take(self.embed.value, input_ids, axis=0).astype(dtype)
+
+    def unembedding(self):
+        """[H, V]: the output projection (the embedding's transpose when tied)."""
+        return self.embed.value.T if self.lm_head is None else self.lm_head.value
+
+    def __call__(self, x, positions, kv_valid, cache: KVCache | None = None, write_index=0,
+                 remat: bool = False):
+        """Runs the decoder stack.
+
+        x: [B, T, H] input embeddings; positions: int [3, B, T] rotary positions (M-RoPE axes);
+        kv_valid: bool [B, S] which key slots hold real tokens (S = T without a cache, the cache
+        length with one); cache: KVCache or None; write_index: int scalar, the slot of x's first token.
+        Returns (hidden [B, T, H] after the final norm, updated cache or None).
+        """
+        cfg = self.config
+        t = x.shape[1]
+        cos, sin = layers.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype)
+        mask = layers.causal_mask(kv_valid, write_index + jnp.arange(t))
+        stacked = {k: getattr(self.layers, k).value for k in DecoderLayers.NAMES}
+
+        def body(h, xs):
+            w, kc, vc = xs
+            h, (kc, vc) = decoder_block(w, h, cos, sin, mask, kc, vc, write_index, cfg=cfg)
+            return h, (kc, vc)
+
+        if remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        if cache is None:
+            x, _ = jax.lax.scan(lambda h, w: (body(h, (w, None, None))[0], None), x, stacked)
+            new_cache = None
+        else:
+            x, (k, v) = jax.lax.scan(body, x, (stacked, cache.k, cache.v))
+            new_cache = KVCache(k, v)
+        return layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps), new_cache

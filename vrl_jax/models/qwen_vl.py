@@ -1,0 +1,87 @@
+"""Qwen2-VL / Qwen2.5-VL: the vision tower, the decoder, and the merge of image features into text.
+
+The module holds parameters; the forward is a pure function of them once the module is split with
+`nnx.split` (see `vrl_jax.models.functional`). Image features replace the embeddings of image
+placeholder tokens in reading order (batch row, then position), which is the order the processor
+packs images in, so the merge is a static gather.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vrl_jax.models.config import ModelConfig
+from vrl_jax.models.qwen2 import KVCache, Qwen2Decoder
+from vrl_jax.models.vision import VisionTower
+
+
+class VisionInputs(NamedTuple):
+    """The device-side part of `image_processing.VisionBatch` (all arrays, no host metadata)."""
+
+    pixel_values: jax.Array  # [P, patch_dim]
+    hw_pos: jax.Array  # int [P, 2]
+    segment_ids: jax.Array  # int [P]
+    window_ids: jax.Array  # int [P]
+
+    @classmethod
+    def from_batch(cls, batch) -> "VisionInputs":
+        return cls(batch.pixel_values, batch.hw_pos, batch.segment_ids, batch.window_ids)
+
+
+def merge_image_features(embeds, input_ids, features, image_token_id: int):
+    """Puts image features at image placeholder positions.
+
+    embeds: [B, T, H]; input_ids: int [B, T]; features: [U, H] merged image units in reading order
+    (U >= number of placeholders; extra units are padding) -> [B, T, H].
+    """
+    is_image = (input_ids == image_token_id).reshape(-1)
+    index = jnp.clip(jnp.cumsum(is_image) - 1, 0, features.shape[0] - 1)
+    gathered = jnp.take(features, index, axis=0).astype(embeds.dtype)
+    flat = jnp.where(is_image[:, None], gathered, embeds.reshape(-1, embeds.shape[-1]))
+    return flat.reshape(embeds.shape)
+
+
+class QwenVL(nnx.Module):
+    """A Qwen2-VL or Qwen2.5-VL model, parameters in `param_dtype`, compute in `dtype`."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        self.visual = VisionTower(config.vision, param_dtype=param_dtype, rngs=rngs)
+        self.language = Qwen2Decoder(config.text, tie_word_embeddings=config.tie_word_embeddings,
+                                     param_dtype=param_dtype, rngs=rngs)
+
+    def embed(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
+        """input_ids: int [B, T] -> [B, T, H] with image features merged in."""
+        x = self.language.embed_tokens(input_ids, self.dtype)
+        if vision is not None:
+            feats = self.visual(*vision, dtype=self.dtype, remat=remat)
+            x = merge_image_features(x, input_ids, feats, self.config.image_token_id)
+        return x
+
+    def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
+                      cache: KVCache | None = None, write_index=0, kv_valid=None, remat: bool = False):
+        """Final-norm hidden states [B, T, H] and the updated cache.
+
+        input_ids: int [B, T]; positions: int [3, B, T]; attention_mask: [B, T] (1 = real token).
+        With a cache, `kv_valid` [B, S] says which cache slots are real once this call's tokens are
+        written at `write_index`; without one it is `attention_mask`.
+        """
+        x = self.embed(input_ids, vision, remat=remat)
+        if kv_valid is None:
+            kv_valid = attention_mask.astype(bool)
+        return self.language(x, positions, kv_valid, cache=cache, write_index=write_index, remat=remat)
+
+    def logits(self, hidden):
+        """hidden: [B, T, H] -> logits [B, T, V] float32 (computed in the model dtype, as transformers)."""
+        return (hidden @ self.language.unembedding().astype(hidden.dtype)).astype(jnp.float32)
+
+    def __call__(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None):
+        hidden, _ = self.hidden_states(input_ids, positions, attention_mask, vision)
+        return self.logits(hidden)

@@ -1,0 +1,119 @@
+"""The Qwen2-VL / Qwen2.5-VL vision tower and patch merger.
+
+One module serves both: Qwen2-VL uses LayerNorm and an fc1/fc2 quick-GELU MLP with attention
+inside each frame; Qwen2.5-VL uses RMSNorm, a biased SwiGLU MLP and window attention except in
+its full-attention blocks. Patches of all images of a batch are packed into one static buffer
+[P, patch_dim]; frame and window attention are boolean masks from per-patch segment and window ids,
+in the processor's own patch order. That equals transformers' window permutation + cu_seqlens
+without any data-dependent shape, so a new image size never recompiles.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vrl_jax.models import layers
+from vrl_jax.models.config import VisionConfig
+from vrl_jax.models.qwen2 import _ones, _param, _zeros
+
+VISION_EPS = 1e-6  # hard-coded in transformers for every vision norm
+
+
+class VisionBlocks(nnx.Module):
+    """All vision blocks, parameters stacked on a leading [depth] axis."""
+
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs: nnx.Rngs):
+        n, c, m = cfg.depth, cfg.width, cfg.mlp_dim
+        p = lambda *shape: _param(rngs, (n, *shape), param_dtype)  # noqa: E731
+        z = lambda *shape: _zeros((n, *shape), param_dtype)  # noqa: E731
+        self.norm1_w, self.norm2_w = _ones((n, c), param_dtype), _ones((n, c), param_dtype)
+        if cfg.norm_type == "layernorm":
+            self.norm1_b, self.norm2_b = z(c), z(c)
+        self.qkv_w, self.qkv_b = p(c, 3 * c), z(3 * c)
+        self.proj_w, self.proj_b = p(c, c), z(c)
+        if cfg.variant == "qwen2_vl":
+            self.fc1_w, self.fc1_b, self.fc2_w, self.fc2_b = p(c, m), z(m), p(m, c), z(c)
+        else:
+            self.gate_w, self.gate_b, self.up_w, self.up_b = p(c, m), z(m), p(c, m), z(m)
+            self.down_w, self.down_b = p(m, c), z(c)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(k for k, v in vars(self).items() if isinstance(v, nnx.Param))
+
+
+def _norm(x, w, prefix, cfg: VisionConfig):
+    if cfg.norm_type == "layernorm":
+        return layers.layer_norm(x, w[prefix + "_w"], w[prefix + "_b"], VISION_EPS)
+    return layers.rms_norm(x, w[prefix + "_w"].astype(x.dtype), VISION_EPS)
+
+
+def vision_block(w: dict, x, cos, sin, mask, *, cfg: VisionConfig):
+    """x: [P, C]; cos/sin: [P, hd] float32; mask: bool [P, P] -> [P, C]."""
+    dt = x.dtype
+    p, c = x.shape
+    w = {k: v.astype(dt) for k, v in w.items()}
+    y = _norm(x, w, "norm1", cfg)
+    qkv = (y @ w["qkv_w"] + w["qkv_b"]).reshape(p, 3, cfg.num_heads, cfg.head_dim)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    # Vision rotary runs in float32 whatever the activation dtype, as transformers does.
+    q = layers.apply_rotary(q.astype(jnp.float32)[None], cos[None], sin[None]).astype(dt)
+    k = layers.apply_rotary(k.astype(jnp.float32)[None], cos[None], sin[None]).astype(dt)
+    attn = layers.attention(q, k, v[None], mask[None], cfg.head_dim**-0.5)[0].reshape(p, c)
+    x = x + attn @ w["proj_w"] + w["proj_b"]
+    y = _norm(x, w, "norm2", cfg)
+    act = layers.activation(cfg.hidden_act)
+    if cfg.variant == "qwen2_vl":
+        mlp = act(y @ w["fc1_w"] + w["fc1_b"]) @ w["fc2_w"] + w["fc2_b"]
+    else:
+        mlp = (act(y @ w["gate_w"] + w["gate_b"]) * (y @ w["up_w"] + w["up_b"])) @ w["down_w"] + w["down_b"]
+    return x + mlp
+
+
+class VisionTower(nnx.Module):
+    """Patch embedding, vision blocks, and the 2x2 patch merger projecting to the LM width."""
+
+    def __init__(self, cfg: VisionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        c4 = cfg.width * cfg.merge_size**2
+        self.patch_embed = _param(rngs, (cfg.patch_dim, cfg.width), param_dtype)
+        self.blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.merger_norm_w = _ones((cfg.width,), param_dtype)
+        if cfg.norm_type == "layernorm":
+            self.merger_norm_b = _zeros((cfg.width,), param_dtype)
+        self.merger_fc1_w, self.merger_fc1_b = _param(rngs, (c4, c4), param_dtype), _zeros((c4,), param_dtype)
+        self.merger_fc2_w = _param(rngs, (c4, cfg.out_dim), param_dtype)
+        self.merger_fc2_b = _zeros((cfg.out_dim,), param_dtype)
+
+    def __call__(self, pixel_values, hw_pos, segment_ids, window_ids, dtype=jnp.float32, remat: bool = False):
+        """Encodes a packed patch buffer.
+
+        pixel_values: [P, patch_dim]; hw_pos: int [P, 2]; segment_ids, window_ids: int [P] (-1 = padding).
+        P must be a multiple of merge_size**2. Returns merged features [P / merge_size**2, out_dim],
+        in patch order (padding units at their own positions, never read by the language model).
+        """
+        cfg = self.config
+        x = pixel_values.astype(dtype) @ self.patch_embed.value.astype(dtype)
+        cos, sin = layers.vision_cos_sin(hw_pos, cfg.head_dim, cfg.rope_theta)
+        frame_mask = (segment_ids[:, None] == segment_ids[None, :]) & (segment_ids[None, :] >= 0)
+        window_mask = (window_ids[:, None] == window_ids[None, :]) & (window_ids[None, :] >= 0)
+        full = jnp.array([cfg.is_full_attention(i) for i in range(cfg.depth)])
+        stacked = {k: getattr(self.blocks, k).value for k in self.blocks.names()}
+
+        def body(h, xs):
+            w, is_full = xs
+            mask = jnp.where(is_full, frame_mask, window_mask)
+            return vision_block(w, h, cos, sin, mask, cfg=cfg), None
+
+        if remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        x, _ = jax.lax.scan(body, x, (stacked, full))
+        m = {"merger_norm_w": self.merger_norm_w.value}
+        if cfg.norm_type == "layernorm":
+            m["merger_norm_b"] = self.merger_norm_b.value
+        m = {k: v.astype(dtype) for k, v in m.items()}
+        x = _norm(x, m, "merger_norm", cfg).reshape(-1, cfg.width * cfg.merge_size**2)
+        x = x @ self.merger_fc1_w.value.astype(dtype) + self.merger_fc1_b.value.astype(dtype)
+        x = jax.nn.gelu(x, approximate=False)
+        return x @ self.merger_fc2_w.value.astype(dtype) + self.merger_fc2_b.value.astype(dtype)

@@ -1,0 +1,172 @@
+"""Hugging Face checkpoint <-> vrl_jax parameters, through one table of names.
+
+Each row of `RULES` names an HF key template (`{i}` is a layer index), the vrl_jax parameter it
+fills (per-layer keys fill one slice of a stacked parameter) and how the tensor is laid out
+("linear": PyTorch [out, in] transposed to [in, out]; "conv": Conv3d flattened to a matmul). The
+table is read both ways: loading and exporting cannot disagree.
+
+Loading streams tensor by tensor: each target parameter is assembled in one host buffer and put on
+its device (or its sharding) as soon as its last slice arrives, so host memory never holds two full
+copies of the weights.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vrl_jax.models.config import ModelConfig
+from vrl_jax.models.qwen_vl import QwenVL
+from vrl_jax.models.safetensors_io import CheckpointError, iterate_tensors
+
+# (HF key template in the legacy layout, vrl_jax parameter path, layout)
+RULES: tuple[tuple[str, str, str | None], ...] = (
+    ("model.embed_tokens.weight", "language.embed", None),
+    ("model.norm.weight", "language.norm", None),
+    ("lm_head.weight", "language.lm_head", "linear"),
+    ("model.layers.{i}.input_layernorm.weight", "language.layers.input_norm", None),
+    ("model.layers.{i}.post_attention_layernorm.weight", "language.layers.post_norm", None),
+    *((f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"language.layers.{p}_w", "linear") for p in "qkvo"),
+    *((f"model.layers.{{i}}.self_attn.{p}_proj.bias", f"language.layers.{p}_b", None) for p in "qkv"),
+    *((f"model.layers.{{i}}.mlp.{p}_proj.weight", f"language.layers.{p}_w", "linear")
+      for p in ("gate", "up", "down")),
+    ("visual.patch_embed.proj.weight", "visual.patch_embed", "conv"),
+    *((f"visual.blocks.{{i}}.norm{n}.{s}", f"visual.blocks.norm{n}_{s[0]}", None)
+      for n in "12" for s in ("weight", "bias")),
+    *((f"visual.blocks.{{i}}.attn.{p}.weight", f"visual.blocks.{p}_w", "linear") for p in ("qkv", "proj")),
+    *((f"visual.blocks.{{i}}.attn.{p}.bias", f"visual.blocks.{p}_b", None) for p in ("qkv", "proj")),
+    *((f"visual.blocks.{{i}}.mlp.{p}.weight", f"visual.blocks.{p.removesuffix('_proj')}_w", "linear")
+      for p in ("fc1", "fc2", "gate_proj", "up_proj", "down_proj")),
+    *((f"visual.blocks.{{i}}.mlp.{p}.bias", f"visual.blocks.{p.removesuffix('_proj')}_b", None)
+      for p in ("fc1", "fc2", "gate_proj", "up_proj", "down_proj")),
+    ("visual.merger.ln_q.weight", "visual.merger_norm_w", None),
+    ("visual.merger.ln_q.bias", "visual.merger_norm_b", None),
+    ("visual.merger.mlp.0.weight", "visual.merger_fc1_w", "linear"),
+    ("visual.merger.mlp.0.bias", "visual.merger_fc1_b", None),
+    ("visual.merger.mlp.2.weight", "visual.merger_fc2_w", "linear"),
+    ("visual.merger.mlp.2.bias", "visual.merger_fc2_b", None),
+)
+_COMPILED = [(re.compile("^" + re.escape(t).replace(r"\{i\}", r"(\d+)") + "$"), t, p, k) for t, p, k in RULES]
+
+# transformers 5.x in-memory / new on-disk layout -> the legacy layout the table is written in.
+_LAYOUT_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def normalize_key(key: str) -> str:
+    for new, legacy in _LAYOUT_PREFIXES:
+        if key.startswith(new):
+            return legacy + key[len(new):]
+    return key
+
+
+def match(hf_key: str) -> tuple[str, int | None, str | None] | None:
+    """HF key -> (parameter path, layer index or None, layout), or None when no rule matches."""
+    key = normalize_key(hf_key)
+    for regex, _, path, layout in _COMPILED:
+        m = regex.match(key)
+        if m:
+            return path, (int(m.group(1)) if m.groups() else None), layout
+    return None
+
+
+def to_jax_layout(arr: np.ndarray, layout: str | None) -> np.ndarray:
+    if layout == "linear":
+        return arr.T
+    if layout == "conv":  # Conv3d [out, C, T, P, P] with stride = kernel is a matmul on flattened patches
+        return arr.reshape(arr.shape[0], -1).T
+    return arr
+
+
+def to_hf_layout(arr: np.ndarray, layout: str | None, hf_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    if layout == "linear":
+        return np.ascontiguousarray(arr.T)
+    if layout == "conv":
+        return np.ascontiguousarray(arr.T).reshape(hf_shape)
+    return arr
+
+
+def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32):
+    """The model's graph and parameter shapes, with no parameter allocated."""
+    return nnx.split(nnx.eval_shape(lambda: QwenVL(config, dtype=dtype, param_dtype=param_dtype,
+                                                   rngs=nnx.Rngs(0))))
+
+
+def _flat_params(state: nnx.State) -> dict[str, object]:
+    return {".".join(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(state)}
+
+
+def load_hf_params(directory: str, config: ModelConfig, param_dtype=jnp.float32,
+                   shardings: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
+                   dtype=jnp.float32) -> QwenVL:
+    """Builds a QwenVL from an HF directory's safetensors, streaming tensor by tensor.
+
+    shardings: optional `(param_path, shape) -> Sharding`; each parameter is placed straight into it.
+    Raises CheckpointError naming the key on unknown keys, shape mismatches and missing weights.
+    """
+    graphdef, abstract = abstract_model(config, dtype, param_dtype)
+    targets = _flat_params(abstract)
+    shapes = {k: tuple(v.value.shape) for k, v in targets.items()}
+    buffers: dict[str, np.ndarray] = {}
+    filled: dict[str, set] = {}
+    values: dict[str, jax.Array] = {}
+    for key, file in iterate_tensors(directory):
+        hit = match(key)
+        if hit is None:
+            raise CheckpointError(f"{file.path}: tensor {key!r} has no counterpart in vrl_jax's "
+                                  f"{config.model_type} model (unknown key)")
+        path, layer, layout = hit
+        if path == "language.lm_head" and config.tie_word_embeddings:
+            continue  # tied checkpoints may still carry a copy; the embedding is the source of truth
+        if path not in shapes:
+            raise CheckpointError(f"{file.path}: tensor {key!r} maps to {path}, which this config "
+                                  f"({config.model_type}) does not have")
+        full = shapes[path]
+        want = full[1:] if layer is not None else full
+        if layer is not None and layer >= full[0]:
+            raise CheckpointError(f"{file.path}: tensor {key!r} is layer {layer}, but the config has {full[0]} layers")
+        arr = to_jax_layout(file.get(key), layout)
+        if tuple(arr.shape) != want:
+            hf_want = want[::-1] if layout == "linear" else want
+            raise CheckpointError(f"{file.path}: tensor {key!r} has shape {tuple(file.shape(key))}, but the config "
+                                  f"implies {tuple(hf_want)} (as stored by HF)")
+        np_dtype = np.dtype(targets[path].value.dtype)
+        if layer is None:
+            buffers[path] = arr.astype(np_dtype)
+            filled[path] = {None}
+        else:
+            buf = buffers.setdefault(path, np.empty(full, np_dtype))
+            buf[layer] = arr
+            filled.setdefault(path, set()).add(layer)
+        if len(filled[path]) == (1 if layer is None else full[0]):
+            host = buffers.pop(path)
+            values[path] = jax.device_put(host, shardings(path, full)) if shardings else jnp.asarray(host)
+    missing = sorted(set(shapes) - set(values))
+    if missing:
+        details = [f"{p} (layers {sorted(set(range(shapes[p][0])) - filled[p])} missing)" if p in filled else p
+                   for p in missing]
+        raise CheckpointError(f"{directory}: weights missing for {details}")
+    for path, var in targets.items():
+        var.value = values[path]
+    return nnx.merge(graphdef, abstract)
+
+
+def hf_tensors(model: QwenVL) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF key, array in HF layout) for every parameter, legacy key layout, one at a time."""
+    cfg = model.config
+    params = _flat_params(nnx.state(model, nnx.Param))
+    by_path = {p: (t, k) for t, p, k in RULES}
+    conv_shape = (cfg.vision.width, cfg.vision.in_channels, cfg.vision.temporal_patch_size,
+                  cfg.vision.patch_size, cfg.vision.patch_size)
+    for path, var in params.items():
+        template, layout = by_path[path]
+        arr = np.asarray(jax.device_get(var.value))
+        if "{i}" not in template:
+            yield template, to_hf_layout(arr, layout, conv_shape)
+            continue
+        for i in range(arr.shape[0]):
+            yield template.format(i=i), to_hf_layout(arr[i], layout)
