@@ -7,6 +7,7 @@ TEST = [
     "torch==2.13.0",
     "transformers==5.23.0",
     "pytest>=8",
+    "tensorflow-datasets==4.9.10",
 ]
 
 setup(

@@ -1,0 +1,199 @@
+"""Checkpoint conversion: round trips, both key layouts, sharded files, placement, bad input, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import save_file
+
+from tests.tiny_models import build_hf_model
+from vrl_jax import convert
+from vrl_jax.models.config import ConfigError, ModelConfig
+from vrl_jax.models.loading import export_hf, load_model
+from vrl_jax.models.safetensors_io import CheckpointError, SafetensorsFile, checkpoint_files
+from vrl_jax.models.weights import load_hf_params
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("q25"))
+    build_hf_model(d, "qwen2_5_vl", tie=False, seed=3)
+    return d
+
+
+def read_all(directory):
+    out = {}
+    for path in checkpoint_files(directory):
+        f = SafetensorsFile(path)
+        out.update({k: np.array(f.get(k)) for k in f.keys()})
+    return out
+
+
+def flat_params(model):
+    return {".".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_hf_to_vrl_jax_to_hf_is_bit_identical_and_loads_in_transformers(hf_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    out = str(tmp_path / "export")
+    export_hf(load_model(hf_dir), out, source_dir=hf_dir)
+    before, after = read_all(hf_dir), read_all(out)
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert before[key].dtype == after[key].dtype and np.array_equal(before[key], after[key]), key
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        ref = AutoModelForImageTextToText.from_pretrained(hf_dir).eval()(input_ids=ids).logits
+        got = AutoModelForImageTextToText.from_pretrained(out).eval()(input_ids=ids).logits
+    assert torch.equal(ref, got)
+
+
+def test_orbax_round_trip_through_the_cli(hf_dir, tmp_path):
+    orbax_dir, back = str(tmp_path / "orbax"), str(tmp_path / "back")
+    assert convert.main(["to-orbax", hf_dir, orbax_dir]) == 0
+    assert os.path.exists(os.path.join(orbax_dir, "config.json"))
+    a, b = flat_params(load_model(hf_dir)), flat_params(load_model(orbax_dir))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert convert.main(["to-hf", orbax_dir, back]) == 0
+    before, after = read_all(hf_dir), read_all(back)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_new_key_layout_and_sharded_index(hf_dir, tmp_path):
+    tensors = read_all(hf_dir)
+    renamed = {("model.language_model." + k[6:] if k.startswith("model.") else
+                "model.visual." + k[7:] if k.startswith("visual.") else k): v for k, v in tensors.items()}
+    keys = sorted(renamed)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    d = tmp_path / "sharded"
+    d.mkdir()
+    shutil.copy(os.path.join(hf_dir, "config.json"), d / "config.json")
+    for name, ks in shards.items():
+        save_file({k: renamed[k] for k in ks}, str(d / name))
+    index = {"weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    a, b = flat_params(load_model(hf_dir)), flat_params(load_model(str(d)))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_export_writes_shards_with_an_index_and_bfloat16(hf_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    out = str(tmp_path / "bf16")
+    assert convert.main(["to-hf", hf_dir, out, "--dtype", "bfloat16", "--max-shard-gb", "0.0002"]) == 0
+    assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_parameters_placed_into_their_sharding(hf_dir):
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+
+    def shardings(path, shape):
+        return by_rows if path == "language.embed" else replicated
+
+    model = load_hf_params(hf_dir, ModelConfig.from_pretrained(hf_dir), shardings=shardings)
+    assert model.language.embed.value.sharding == by_rows
+    assert len(model.language.embed.value.addressable_shards) == 8
+    assert model.language.layers.q_w.value.sharding == replicated
+
+
+def test_check_cli_passes_and_fails(hf_dir, tmp_path, capsys):
+    assert convert.main(["check", hf_dir]) == 0
+    printed = capsys.readouterr().out
+    assert "two images of different sizes" in printed and "PASS" in printed
+    other = str(tmp_path / "other")
+    build_hf_model(other, "qwen2_5_vl", tie=False, seed=4)
+    assert convert.main(["check", hf_dir, "--model", other]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def copy_dir(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_missing_directory_and_missing_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "setup.py"), tmp_path / "empty" / "x")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(str(tmp_path / "empty"))
+
+
+def test_config_without_weights(hf_dir, tmp_path):
+    d = tmp_path / "cfg_only"
+    d.mkdir()
+    shutil.copy(os.path.join(hf_dir, "config.json"), d / "config.json")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        load_model(str(d))
+
+
+def test_unsupported_model_type(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path / "llama")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["model_type"] = "llama"
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(ConfigError, match="model_type 'llama' is not supported"):
+        load_model(d)
+
+
+def test_bad_config_field_is_named(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path / "badcfg")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["text_config"]["rope_parameters"]["mrope_section"] = [2, 2, 2]
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(ConfigError, match="mrope_section"):
+        ModelConfig.from_pretrained(d)
+
+
+def _rewrite(d, edit):
+    path = os.path.join(d, "model.safetensors")
+    tensors = read_all(d)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_shape_mismatch_names_key_and_both_shapes(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path / "shape")
+    key = "model.layers.1.self_attn.q_proj.weight"
+    _rewrite(d, lambda t: t.__setitem__(key, np.zeros((64, 32), np.float32)))
+    with pytest.raises(CheckpointError, match=r"q_proj.weight.*\(64, 32\).*\(64, 64\)"):
+        load_model(d)
+
+
+def test_unknown_and_missing_keys(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path / "unknown")
+    _rewrite(d, lambda t: t.__setitem__("model.extra.weight", np.zeros(3, np.float32)))
+    with pytest.raises(CheckpointError, match="model.extra.weight"):
+        load_model(d)
+    d2 = copy_dir(hf_dir, tmp_path / "missing")
+    _rewrite(d2, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"language.layers.up_w \(layers \[1\] missing\)"):
+        load_model(d2)
+
+
+def test_truncated_safetensors(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path / "trunc")
+    path = os.path.join(d, "model.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(CheckpointError, match="truncated safetensors file"):
+        load_model(d)
+    with open(path, "r+b") as f:
+        f.truncate(5)
+    with pytest.raises(CheckpointError, match="no header"):
+        load_model(d)

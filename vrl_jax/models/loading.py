@@ -1,0 +1,95 @@
+"""Loading and saving whole models: HF directories and vrl_jax's orbax model directories.
+
+A vrl_jax model directory holds `config.json` (the HF config, unchanged), the tokenizer and
+processor files copied from the source, and `params/` (an orbax checkpoint of the parameters).
+Either kind of directory loads with `load_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from vrl_jax.models.config import ModelConfig
+from vrl_jax.models.qwen_vl import QwenVL
+from vrl_jax.models.safetensors_io import save_sharded
+from vrl_jax.models.weights import abstract_model, hf_tensors, load_hf_params
+
+PARAMS_DIR = "params"
+# Files that travel with the weights so a converted directory is self-contained.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+              "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+              "generation_config.json")
+
+Shardings = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
+
+
+def is_orbax_model_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, PARAMS_DIR))
+
+
+def load_model(path: str, dtype=jnp.float32, param_dtype=jnp.float32, shardings: Shardings | None = None) -> QwenVL:
+    """Loads an HF directory (safetensors) or a vrl_jax orbax model directory."""
+    config = ModelConfig.from_pretrained(path)
+    if is_orbax_model_dir(path):
+        return load_orbax(path, config, dtype, param_dtype, shardings)
+    return load_hf_params(path, config, param_dtype=param_dtype, shardings=shardings, dtype=dtype)
+
+
+def _copy_side_files(source: str | None, out_dir: str, config: ModelConfig, dtype: str | None = None):
+    os.makedirs(out_dir, exist_ok=True)
+    raw = dict(config.raw)
+    if dtype is not None:  # transformers loads in the dtype the config records
+        raw["dtype"] = dtype
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    if source and os.path.isdir(source):
+        for name in SIDE_FILES:
+            if os.path.exists(os.path.join(source, name)):
+                shutil.copy(os.path.join(source, name), os.path.join(out_dir, name))
+
+
+def save_orbax(model: QwenVL, out_dir: str, source_dir: str | None = None):
+    """Writes a vrl_jax model directory (config, side files, orbax parameters)."""
+    out_dir = os.path.abspath(out_dir)
+    _copy_side_files(source_dir, out_dir, model.config)
+    state = nnx.state(model, nnx.Param).to_pure_dict()
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(out_dir, PARAMS_DIR), state, force=True)
+
+
+def load_orbax(path: str, config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32,
+               shardings: Shardings | None = None) -> QwenVL:
+    graphdef, abstract = abstract_model(config, dtype, param_dtype)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def target(path_tuple, leaf):
+        name = ".".join(str(p) for p in path_tuple)
+        sharding = shardings(name, tuple(leaf.shape)) if shardings else cpu
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    pure = abstract.to_pure_dict()
+    targets = jax.tree_util.tree_map_with_path(lambda p, x: target(tuple(k.key for k in p), x), pure)
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), targets)
+    nnx.replace_by_pure_dict(abstract, restored)
+    return nnx.merge(graphdef, abstract)
+
+
+def export_hf(model: QwenVL, out_dir: str, source_dir: str | None = None, max_shard_bytes: int = 5 << 30,
+              torch_dtype: str | None = None):
+    """Writes an HF directory that `transformers` loads with `from_pretrained` (legacy key layout)."""
+    _copy_side_files(source_dir, out_dir, model.config, torch_dtype)
+    tensors = hf_tensors(model)
+    if torch_dtype is not None:
+        np_dtype = np.dtype(jnp.dtype(torch_dtype))
+        tensors = ((k, v.astype(np_dtype)) for k, v in tensors)
+    save_sharded(tensors, out_dir, max_shard_bytes)
