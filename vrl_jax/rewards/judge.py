@@ -24,7 +24,8 @@ from typing import Any, Mapping, Sequence
 
 from vrl_jax.rewards import chartqa, maye
 from vrl_jax.rewards.extract import extract_answer
-from vrl_jax.rewards.normalize import NormalizedAnswer, Number, normalize_answer, numbers_match, parse_number, percent_candidates
+from vrl_jax.rewards.normalize import (NormalizedAnswer, Number, normalize_answer, numbers_match, parse_number,
+                                       percent_candidates)
 from vrl_jax.rewards.symbolic import EXTRACTION_TARGETS, Check, CheckResult, SymbolicChecker, pathological_reason
 
 MODES = ("default", "maye_compat", "chartqa")
@@ -205,8 +206,8 @@ class AnswerJudge:
         if len(golds) != n:
             return [Verdict(False, "error", detail=f"{n} predictions but {len(golds)} golds")] * n
         verdicts: list[Verdict | None] = [None] * n
-        # Each undecided item lists (pair, partial verdict) options; any equal pair makes it correct.
-        pending: dict[int, list[tuple[tuple[str, str], Verdict]]] = {}
+        # Each undecided item lists (check, partial verdict) options; any equal check makes it correct.
+        pending: dict[int, list[tuple[Check, Verdict]]] = {}
         for i, (pred, gold) in enumerate(zip(predictions, golds)):
             try:
                 decided, options = self._prepare(pred, gold)
@@ -261,19 +262,19 @@ class AnswerJudge:
         whole_text = None
         if answer is None:
             if cfg.unanchored == "reject":
-                gold_text = normalize_answer(_gold_answer(golds[0], cfg.answer_flag, cfg.max_answer_chars)[0]).text
+                gold_answer = _gold_answer(golds[0], cfg.answer_flag, cfg.max_answer_chars)[0]
+                gold_text = normalize_answer(gold_answer).text
                 return Verdict(False, "no_answer", gold_normalized=gold_text,
                                detail="no \\boxed{} and no answer flag"), []
             whole_text = prediction[-cfg.max_response_chars:]
             if len(prediction.strip()) <= cfg.max_answer_chars:
                 answer = prediction.strip()  # a bare short response is its own answer
         if answer is not None and len(answer) > cfg.max_answer_chars:
-            return Verdict(False, "rejected", answer[:80] + "...", detail=f"answer longer than {cfg.max_answer_chars} chars"), []
+            return Verdict(False, "rejected", answer[:80] + "...",
+                           detail=f"answer longer than {cfg.max_answer_chars} chars"), []
         pred_norm = normalize_answer(answer) if answer is not None else None
         pred_num = parse_number(pred_norm.text) if pred_norm is not None else None
         pred_text = pred_norm.text if pred_norm is not None else None
-        # An extracted answer goes to math-verify normalised; a whole response goes raw, so that
-        # math-verify's own extraction can search it.
         # A whole response goes to math-verify raw, so that its own extraction can search it.
         if source == "none":
             candidate = whole_text or ""
