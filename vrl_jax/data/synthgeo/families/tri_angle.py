@@ -78,13 +78,13 @@ def _vertices(params, layout, size: int) -> np.ndarray:
 
 
 def visual_facts(params, layout) -> dict:
-    alpha, beta, x = _angles(params)
+    alpha, beta = params["given"]
     return {
         "description": "A triangle; two interior angles are labelled in degrees and the third is x.",
         "objects": [{"name": "angle", "attributes": {"label": f"{alpha} degrees"}},
                     {"name": "angle", "attributes": {"label": f"{beta} degrees"}},
                     {"name": "angle", "attributes": {"label": "x"}}],
-        "quantities": {"given_angles": [alpha, beta], "x": x},
+        "quantities": {"given_angles": [alpha, beta]},
     }
 
 
