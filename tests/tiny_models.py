@@ -17,25 +17,26 @@ TEXT_CONFIG = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_h
 SPECIAL = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
 
 
-def hf_config(family: str, tie: bool):
+def hf_config(family: str, tie: bool, special: dict | None = None):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    special = special or SPECIAL
     if family == "qwen2_vl":
-        return Qwen2VLConfig(text_config=TEXT_CONFIG, tie_word_embeddings=tie, **SPECIAL, vision_config=dict(
+        return Qwen2VLConfig(text_config=TEXT_CONFIG, tie_word_embeddings=tie, **special, vision_config=dict(
             depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
             temporal_patch_size=2, in_channels=3))
-    return Qwen2_5_VLConfig(text_config=TEXT_CONFIG, tie_word_embeddings=tie, **SPECIAL, vision_config=dict(
+    return Qwen2_5_VLConfig(text_config=TEXT_CONFIG, tie_word_embeddings=tie, **special, vision_config=dict(
         depth=4, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
         spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
         tokens_per_second=2))
 
 
-def build_hf_model(directory: str, family: str, tie: bool, seed: int = 0):
+def build_hf_model(directory: str, family: str, tie: bool, seed: int = 0, special: dict | None = None):
     """Saves a random tiny model; biases and norm weights are randomised too so every tensor matters."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
     torch.manual_seed(seed)
     cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
-    model = cls(hf_config(family, tie)).eval()
+    model = cls(hf_config(family, tie, special)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_q" in name:

@@ -1,0 +1,116 @@
+"""Prompts to model inputs: the checkpoint's chat template, image placeholders, positions, packed patches.
+
+This replaces transformers' `Qwen2VLProcessor` (which cannot be built without torchvision) with
+host-side NumPy that produces static shapes: prompts are left-padded to a length bucket and the
+patches of all images of a batch are packed into one patch bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from vrl_jax.models.config import ModelConfig
+from vrl_jax.models.image_processing import (ImageProcessor, ProcessedImage, VisionBatch, num_image_tokens,
+                                             pack_images)
+from vrl_jax.models.positions import rope_positions, token_types
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+class ModelInputs(NamedTuple):
+    """A batch of prompts: input_ids, attention_mask int32 [B, L] (left padded), positions int32 [3, B, L],
+    next_position int32 [B] (where decoding continues), vision (packed patches, always present so that
+    text-only and image batches share one compiled shape)."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    positions: np.ndarray
+    next_position: np.ndarray
+    vision: VisionBatch
+
+
+def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    raise ValueError(f"{what} of {n} exceeds the largest bucket {max(buckets)} (buckets {sorted(buckets)}); "
+                     f"raise the bucket sizes in the config or shorten the input")
+
+
+@dataclasses.dataclass
+class VLProcessor:
+    """Renders chat messages with the checkpoint's tokenizer and prepares static-shape model inputs."""
+
+    tokenizer: object  # a transformers tokenizer with a chat template
+    image_processor: ImageProcessor
+    config: ModelConfig
+    length_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+    patch_buckets: tuple[int, ...] = (256, 1024, 4096, 16384)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, **kwargs) -> "VLProcessor":
+        from transformers import AutoTokenizer
+        if not os.path.exists(os.path.join(directory, "tokenizer_config.json")) and \
+                not os.path.exists(os.path.join(directory, "tokenizer.json")):
+            raise FileNotFoundError(f"{directory}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        config = ModelConfig.from_pretrained(directory)
+        image_processor = ImageProcessor.from_pretrained(directory)
+        return cls(tokenizer, image_processor, config, **kwargs)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else (self.config.pad_token_id or 0))
+
+    def render(self, messages: list[dict]) -> str:
+        """Chat messages -> prompt text ending with the assistant generation prompt."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("the tokenizer has no chat_template; the checkpoint's tokenizer_config.json or "
+                             "chat_template.jinja must provide one")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def tokenize_prompt(self, messages: list[dict], images: Sequence[ProcessedImage]) -> list[int]:
+        """One prompt's token ids with each image placeholder expanded to its number of image tokens."""
+        text = self.render(messages)
+        parts = text.split(IMAGE_PAD)
+        if len(parts) - 1 != len(images):
+            raise ValueError(f"the prompt has {len(parts) - 1} image placeholder(s) but {len(images)} image(s) "
+                             f"were given")
+        counts = [int(num_image_tokens(img.grid_thw, self.image_processor.merge_size)) for img in images]
+        expanded = parts[0] + "".join(IMAGE_PAD * n + part for n, part in zip(counts, parts[1:]))
+        return list(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
+
+    def encode(self, prompts: Sequence[list[dict]], images: Sequence[Sequence] | None = None) -> ModelInputs:
+        """prompts: chat messages per row; images: per row, PIL images or `ProcessedImage`s in prompt order."""
+        images = images if images is not None else [[] for _ in prompts]
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        processed = [[im if isinstance(im, ProcessedImage) else self.image_processor(im) for im in row]
+                     for row in images]
+        rows = [self.tokenize_prompt(m, imgs) for m, imgs in zip(prompts, processed)]
+        length = _bucket(max(len(r) for r in rows), self.length_buckets, "a prompt length")
+        ids = np.full((len(rows), length), self.pad_token_id, np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, length - len(r):] = r
+            mask[i, length - len(r):] = 1
+        flat = [im for row in processed for im in row]
+        types = token_types(ids, self.config.image_token_id, self.config.video_token_id)
+        grids = np.array([im.grid_thw for im in flat], np.int64).reshape(-1, 3)
+        positions, next_position = rope_positions(types, mask, grids, self.config.vision.merge_size)
+        return ModelInputs(ids, mask, positions, next_position, self.pack(flat))
+
+    def pack(self, images: list[ProcessedImage]) -> VisionBatch:
+        """Packs a batch's images into the smallest patch bucket; an all-padding buffer when there are none."""
+        v = self.config.vision
+        if images:
+            return pack_images(images, self.patch_buckets, v.window_size, patch_size=v.patch_size,
+                               merge_size=v.merge_size)
+        p = min(self.patch_buckets)
+        return VisionBatch(np.zeros((p, v.patch_dim), np.float32), np.zeros((p, 2), np.int32),
+                           np.full((p,), -1, np.int32), np.full((p,), -1, np.int32), np.zeros((0, 3), np.int32))
