@@ -90,7 +90,7 @@ def test_normalize_and_parse(raw, text, value, percent, degree):
 
 
 # ------------------------------------------------------------------- default judge, hand-checked
-# Cases from the judge comparison table of data_rewards_eval.md §2.4; the expectation is this
+# Cases from the project's judge comparison table (reference notes on math-verify); the expectation is this
 # judge's design (last box, exact rationals, 25% == 0.25 == 25, gold-first math-verify).
 DEFAULT_CASES = [
     ("0.5", r"so the answer is \boxed{\frac{1}{2}}", True, "numeric"),
@@ -156,8 +156,24 @@ def test_judge_works_off_the_main_thread(judge):
     assert box["v"].correct and box["v"].method == "math_verify"
 
 
+def test_concurrent_callers_share_one_server(judge):
+    golds = [rf"{k}\sqrt{{2}}" for k in range(2, 10)]
+    preds = [rf"\boxed{{\sqrt{{{2 * k * k}}}}}" for k in range(2, 10)]
+    results = {}
+
+    def work(t):
+        results[t] = [v.correct for v in judge.judge_batch(preds, golds)]
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {t: [True] * 8 for t in range(4)}
+
+
 # --------------------------------------------------------------------------------- other modes
-MAYE_CASES = [  # the MAYE column of data_rewards_eval.md §2.4 (gold wrapped as \boxed{gold})
+MAYE_CASES = [  # the MAYE column of the same table (gold wrapped as \boxed{gold}, as MAYE's solutions)
     ("0.5", r"so the answer is \boxed{\frac{1}{2}}", True),
     ("60", r"\boxed{60^\circ}", True),
     ("60", r"\boxed{60°}", False),
@@ -210,7 +226,7 @@ def test_chartqa_mode(checker):
 
 
 # ------------------------------------------------------------------------- never hangs, never raises
-PATHOLOGICAL = [  # data_rewards_eval.md §2.4 "Hangs"
+PATHOLOGICAL = [  # reported hangs: Math-Verify issues #59, #63, #65
     r"\boxed{2^{2^{2^{2^{2^{10}}}}}}",
     r"\boxed{\dfrac{5^{\left(5^{\left(5^{\left(5^{5}\right)}\right)}\right)}-4}{16}}",
     r"\boxed{10^{10^{10}}}",
@@ -245,14 +261,14 @@ def _children(pid):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the worker")
 def test_a_worker_stuck_outside_python_is_killed_at_the_hard_deadline():
     # A stopped worker cannot run its own SIGALRM handler, like one stuck in C (Math-Verify #65).
-    with SymbolicChecker(timeout_s=0.5) as own:
+    with SymbolicChecker(timeout_s=TIMEOUT_S) as own:
         assert own.check("$1$", "$1$").equal
         workers = _children(own._proc.pid)
         assert len(workers) == 1
         os.kill(workers[0], signal.SIGSTOP)
         start = time.perf_counter()
         result = own.check("$2$", "$2$")
-        assert time.perf_counter() - start < 2 * 0.5
+        assert time.perf_counter() - start < 2 * TIMEOUT_S
         assert result.status == "timeout" and "killed" in result.detail
         assert own.check("$2$", "$2$").equal  # a fresh worker took its place
 

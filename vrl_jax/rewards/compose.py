@@ -147,8 +147,8 @@ class RewardSpec:
 class RewardSet:
     """Built once from a spec, called every step: ``rewards(completions, examples, lengths=...)``.
 
-    Owns the ``AnswerJudge`` it creates (when a component needs one and none is given);
-    ``close()`` stops it.
+    Owns the ``AnswerJudge`` it creates from ``spec.judge`` when a component needs one and none is
+    given (a given ``judge`` takes precedence over ``spec.judge``); ``close()`` stops it.
     """
 
     def __init__(self, spec: Any, *, judge: AnswerJudge | None = None):

@@ -80,11 +80,6 @@ def last_boxed(text: str) -> str | None:
     return content.strip() if content is not None else None
 
 
-def count_boxed(text: str) -> int:
-    """Number of complete top-level boxes in ``text``."""
-    return sum(1 for _, _, c in boxed_spans(text) if c is not None)
-
-
 def _flag_pattern(flag: str) -> re.Pattern[str]:
     """``Answer:`` also matches the markdown forms ``**Answer:**`` and ``Answer**:``."""
     word = re.escape(flag.rstrip(":").strip())

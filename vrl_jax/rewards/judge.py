@@ -1,6 +1,6 @@
 """The accuracy judge: extract, normalise, decide numbers exactly, fall back to math-verify.
 
-Layers, cheapest first (``/work/shared/reference/data_rewards_eval.md`` §2.6):
+Layers, cheapest first, so that most answers never reach the slow and hang-prone symbolic layer:
 
 1. Extract the last ``\\boxed{}`` or the line after the answer flag (``extract.py``).
 2. Normalise units, degrees, ``x =``, thousands separators, ``\\text{}``, ``\\dfrac``, percent
@@ -185,6 +185,12 @@ class AnswerJudge:
         self._owns_checker = checker is None
         self._checker = checker if checker is not None else SymbolicChecker(config.timeout_s, config.workers)
         self._cache: collections.OrderedDict[Check, CheckResult] = collections.OrderedDict()
+
+    def start(self) -> None:
+        """Start the math-verify server now rather than on the first symbolic check (which would
+        otherwise pay its one-off start-up, about a second); a no-op where it is never needed."""
+        if self.config.symbolic and self.config.mode != "chartqa":
+            self._checker.start()
 
     def close(self) -> None:
         if self._owns_checker:

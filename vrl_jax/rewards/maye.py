@@ -5,10 +5,10 @@ MAYE scores ``math_verify OR AutoScoringJudge OR number_judge`` on the *last sen
 ``verify(parse(prediction), parse(solution))``. This module holds the string-level parts; the
 math-verify call runs in the judge's time-limited server (see ``judge.py``).
 
-One approximation, documented in ``/work/shared/reference/data_rewards_eval.md`` §2.1: MAYE hands
-AutoScoringJudge whole sentences and never extracts the box, so its sympy branches cannot parse
-them and the judge reduces to string comparison after its symbol clean-up; ``asj_equal``
-implements that string-level behaviour, not the sympy branches.
+One approximation: MAYE hands AutoScoringJudge whole sentences and never extracts the box, so
+its sympy branches cannot parse them (a checked call, "The answer is \\boxed{20}" against
+"\\boxed{20}", gives False) and the judge reduces to string comparison after its symbol clean-up;
+``asj_equal`` implements that string-level behaviour, not the sympy branches.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import weakref
 from multiprocessing.connection import Connection
 from typing import NamedTuple, Sequence
@@ -22,6 +23,9 @@ from typing import NamedTuple, Sequence
 from vrl_jax.rewards import symbolic_server
 
 _SERVER_PATH = os.path.abspath(symbolic_server.__file__)
+# run_path rather than `python symbolic_server.py`, which would put this package's directory first on
+# the server's sys.path, where a module named like a standard one would shadow it.
+_BOOT = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 # Inputs known to stall sympy (power towers, factorial chains, huge literals).
 _PATHOLOGICAL = (
@@ -102,17 +106,25 @@ class SymbolicChecker:
         self._requests: Connection | None = None
         self._replies: Connection | None = None
         self._finalizer = None
+        self._lock = threading.Lock()  # one request at a time on the pipe, whichever thread asks
 
     @property
     def timeout_s(self) -> float:
         return self._cfg["timeout_s"]
+
+    def start(self) -> None:
+        """Start the server now (it otherwise starts on the first check); raises if it cannot."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self.close()
+                self._start()
 
     def _start(self) -> None:
         to_server_r, to_server_w = os.pipe()
         to_client_r, to_client_w = os.pipe()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, _SERVER_PATH, str(to_server_r), str(to_client_w), json.dumps(self._cfg)],
+                [sys.executable, "-c", _BOOT, _SERVER_PATH, str(to_server_r), str(to_client_w), json.dumps(self._cfg)],
                 pass_fds=(to_server_r, to_client_w), stdin=subprocess.DEVNULL, close_fds=True)
         finally:
             os.close(to_server_r)
@@ -145,8 +157,12 @@ class SymbolicChecker:
             return []
         try:
             payload = [_validated(Check(*c)) for c in checks]
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             return [CheckResult("error", False, str(exc))] * len(checks)
+        with self._lock:
+            return self._send(payload)
+
+    def _send(self, payload: list[Check]) -> list[CheckResult]:
         try:
             if self._proc is None or self._proc.poll() is not None:
                 self.close()
@@ -156,12 +172,12 @@ class SymbolicChecker:
             budget = rounds * (self.timeout_s * symbolic_server.HARD_FACTOR + symbolic_server.HARD_SLACK_S) + 10.0
             if not self._replies.poll(budget):
                 self.close()
-                return [CheckResult("timeout", False, "math-verify server stopped answering")] * len(checks)
+                return [CheckResult("timeout", False, "math-verify server stopped answering")] * len(payload)
             _, raw = self._replies.recv()
             return [CheckResult(*r) for r in raw]
         except Exception as exc:  # noqa: BLE001 - a broken server is a verdict, never a crash
             self.close()
-            return [CheckResult("error", False, f"math-verify server: {type(exc).__name__}: {exc}")] * len(checks)
+            return [CheckResult("error", False, f"math-verify server: {type(exc).__name__}: {exc}")] * len(payload)
 
     def check(self, first: str, second: str, float_rounding: int = 6,
               targets: tuple[str, ...] = EXTRACTION_TARGETS) -> CheckResult:

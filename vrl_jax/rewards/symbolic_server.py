@@ -1,6 +1,6 @@
 """Server process that runs math-verify under a wall clock; started by ``symbolic.SymbolicChecker``.
 
-Run as a plain script (``python symbolic_server.py READ_FD WRITE_FD CONFIG_JSON``) rather than
+Run as a script (``runpy.run_path`` on this file, READ_FD WRITE_FD CONFIG_JSON last in argv), not
 through ``multiprocessing``, so that starting it never re-imports the caller's ``__main__`` and the
 caller's threads (JAX, grain) are never forked.
 
@@ -167,6 +167,8 @@ def _run(pool: list[_Worker], tasks: list, cfg: dict, control: list[Connection])
 def serve(read_fd: int, write_fd: int, cfg: dict) -> None:
     """Answer ``("check", [(first, second, float_rounding, targets), ...])`` requests until EOF or ``("close",)``."""
     requests, replies = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    # Ctrl-C in the terminal reaches the whole process group; the client decides when this server stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
     _check("$\\frac{1}{2}$", "$0.5$", 6, ("latex", "expr"))  # compile math-verify's regexes once, pre-fork
@@ -190,4 +192,4 @@ def serve(read_fd: int, write_fd: int, cfg: dict) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]))
+    serve(int(sys.argv[-3]), int(sys.argv[-2]), json.loads(sys.argv[-1]))
