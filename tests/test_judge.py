@@ -273,6 +273,22 @@ def test_a_worker_stuck_outside_python_is_killed_at_the_hard_deadline():
         assert own.check("$2$", "$2$").equal  # a fresh worker took its place
 
 
+def test_a_forked_copy_starts_its_own_server(checker):
+    # A data-loader worker forked from the trainer must neither use nor stop the parent's server.
+    assert checker.check("$1$", "$1$").equal
+    parent_server = checker._proc.pid
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        ok = checker.check(r"$\sqrt{4}$", "$2$").equal and checker._proc.pid != parent_server
+        checker.close()
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    assert checker.check(r"$\sqrt{9}$", "$3$").equal  # the parent's server still answers
+
+
 def test_fuzz_never_raises(checker):
     rng = random.Random(0)
     tokens = ["\\boxed{", "{", "}", "\\frac", "^", "!", "Answer:", "$", "\\sqrt", "%", "°", ",", ".", " ",

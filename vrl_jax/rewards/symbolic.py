@@ -71,7 +71,9 @@ class CheckResult:
     detail: str = ""
 
 
-def _shutdown(proc: subprocess.Popen, conn: Connection | None) -> None:
+def _shutdown(proc: subprocess.Popen, conn: Connection | None, owner_pid: int) -> None:
+    if os.getpid() != owner_pid:  # a forked copy of the client must not stop its parent's server
+        return
     try:
         if conn is not None:
             conn.send(("close",))
@@ -106,6 +108,7 @@ class SymbolicChecker:
         self._requests: Connection | None = None
         self._replies: Connection | None = None
         self._finalizer = None
+        self._owner_pid = os.getpid()
         self._lock = threading.Lock()  # one request at a time on the pipe, whichever thread asks
 
     @property
@@ -131,7 +134,8 @@ class SymbolicChecker:
             os.close(to_client_w)
         self._requests = Connection(to_server_w, readable=False)
         self._replies = Connection(to_client_r, writable=False)
-        self._finalizer = weakref.finalize(self, _shutdown, self._proc, self._requests)
+        self._owner_pid = os.getpid()
+        self._finalizer = weakref.finalize(self, _shutdown, self._proc, self._requests, self._owner_pid)
         if not self._replies.poll(self._startup_timeout_s):
             self.close()
             raise RuntimeError(f"math-verify server did not start within {self._startup_timeout_s} s")
@@ -163,6 +167,10 @@ class SymbolicChecker:
             return self._send(payload)
 
     def _send(self, payload: list[Check]) -> list[CheckResult]:
+        if self._proc is not None and self._owner_pid != os.getpid():
+            # Forked (e.g. into a data-loader worker): the pipes belong to the parent's server.
+            self._finalizer.detach()
+            self._proc = self._requests = self._replies = self._finalizer = None
         try:
             if self._proc is None or self._proc.poll() is not None:
                 self.close()
