@@ -30,8 +30,13 @@ def hf_config(family: str, tie: bool, special: dict | None = None):
         tokens_per_second=2))
 
 
-def build_hf_model(directory: str, family: str, tie: bool, seed: int = 0, special: dict | None = None):
-    """Saves a random tiny model; biases and norm weights are randomised too so every tensor matters."""
+def build_hf_model(directory: str, family: str, tie: bool, seed: int = 0, special: dict | None = None,
+                   wide: bool = False):
+    """Saves a random tiny model; biases and norm weights are randomised too so every tensor matters.
+
+    wide: matrices drawn with std 1/sqrt(fan_in) (embeddings std 1) instead of 0.02, so greedy decoding
+    follows varied paths instead of collapsing onto one repeated token.
+    """
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
     torch.manual_seed(seed)
@@ -39,6 +44,9 @@ def build_hf_model(directory: str, family: str, tie: bool, seed: int = 0, specia
     model = cls(hf_config(family, tie, special)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if wide and p.ndim >= 2:
+                fan_in = p[0].numel() if "embed" not in name else 1
+                p.normal_(0.0, fan_in ** -0.5)
             if name.endswith("bias") or "norm" in name or "ln_q" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(directory)

@@ -1,0 +1,159 @@
+"""The rollout engine: prefill once, decode in one compiled loop over a preallocated KV cache.
+
+`generate` is a pure function of (params, prompt arrays, key, temperature, top_p) and is jitted
+whole: no host round trip per token. The n samples of a prompt share its prefill and its image
+encoding (the prompt's cache is repeated to the group after prefill). Decoding stops early once
+every row has produced a stop token, inside `lax.while_loop`.
+
+Cache slots: the prompt occupies slots [0, L) (left padded); generated token i is written at slot
+L + i. M-RoPE positions continue per row at `next_position + i` on all three axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vrl_jax.models.qwen2 import KVCache
+from vrl_jax.models.qwen_vl import QwenVL, VisionInputs
+from vrl_jax.sampling.filters import choose_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """What is compiled into the sampler (changing any of these recompiles)."""
+
+    max_new_tokens: int
+    num_samples: int = 1
+    top_k: int = 0  # 0 = off
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    cache_dtype: str | None = None  # default: the model's compute dtype
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not self.stop_token_ids:
+            raise ValueError("stop_token_ids is empty: give at least the EOS token id")
+
+
+class SampleOutput(NamedTuple):
+    """Rows are prompt-major: row b*n + j is sample j of prompt b.
+
+    tokens int32 [B*n, N] (pad after the stop token), logprobs float32 [B*n, N] (0 where masked),
+    mask int32 [B*n, N] (1 for generated tokens, the stop token included), lengths int32 [B*n],
+    stopped bool [B*n] (a stop token was produced; False = truncated at max_new_tokens).
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    stopped: jax.Array
+
+
+def _repeat_rows(x, n: int, axis: int = 0):
+    return x if n == 1 else jnp.repeat(x, n, axis=axis)
+
+
+def generate(model: QwenVL, input_ids, attention_mask, positions, next_position, vision: VisionInputs | None,
+             key, temperature, top_p, *, cfg: SamplerConfig) -> SampleOutput:
+    """Samples `cfg.num_samples` continuations of each prompt.
+
+    input_ids, attention_mask: int [B, L] left padded; positions: int [3, B, L]; next_position: int [B];
+    vision: packed patches or None; key: PRNG key; temperature, top_p: float scalars.
+    """
+    b, length = input_ids.shape
+    n, steps = cfg.num_samples, cfg.max_new_tokens
+    total = length + steps
+    text = model.config.text
+    cache_dtype = jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else model.dtype
+    stop_ids = jnp.asarray(cfg.stop_token_ids, jnp.int32)
+
+    # pad (not a scatter into fresh zeros) keeps the batch sharding of the mask under explicit meshes.
+    kv_valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (0, steps)))
+    hidden, cache = model.hidden_states(input_ids, positions, attention_mask, vision,
+                                        cache=KVCache.zeros(text, b, total, cache_dtype), write_index=0,
+                                        kv_valid=kv_valid)
+    last_logits = model.logits(hidden[:, -1:])[:, 0]  # the last slot is always a real token (left padding)
+
+    cache = KVCache(_repeat_rows(cache.k, n, axis=1), _repeat_rows(cache.v, n, axis=1))
+    kv_valid = _repeat_rows(kv_valid, n)
+    next_position = _repeat_rows(next_position, n)
+    rows = b * n
+    first, first_lp = choose_tokens(jax.random.fold_in(key, 0), _repeat_rows(last_logits, n), temperature,
+                                    cfg.top_k, top_p)
+    tokens = jnp.full((rows, steps), cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
+    logprobs = jnp.zeros((rows, steps), jnp.float32).at[:, 0].set(first_lp)
+    done = jnp.isin(first, stop_ids)
+    lengths = jnp.ones((rows,), jnp.int32)
+
+    def cond(state):
+        i, _, _, _, done, _, _ = state
+        return (i < steps) & ~jnp.all(done)
+
+    def body(state):
+        i, tokens, logprobs, lengths, done, cache, kv_valid = state
+        slot = length + i - 1
+        kv_valid = kv_valid.at[:, slot].set(True)
+        pos = jnp.broadcast_to((next_position + i - 1)[None, :, None], (3, rows, 1))
+        prev = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)
+        hidden, cache = model.hidden_states(prev, pos, None, None, cache=cache, write_index=slot,
+                                            kv_valid=kv_valid)
+        tok, lp = choose_tokens(jax.random.fold_in(key, i), model.logits(hidden)[:, 0], temperature, cfg.top_k,
+                                top_p)
+        tok = jnp.where(done, cfg.pad_token_id, tok)
+        lp = jnp.where(done, 0.0, lp)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], i, axis=1)
+        logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], i, axis=1)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, stop_ids)
+        return i + 1, tokens, logprobs, lengths, done, cache, kv_valid
+
+    state = (jnp.int32(1), tokens, logprobs, lengths, done, cache, kv_valid)
+    _, tokens, logprobs, lengths, done, _, _ = jax.lax.while_loop(cond, body, state)
+    mask = (jnp.arange(steps)[None, :] < lengths[:, None]).astype(jnp.int32)
+    return SampleOutput(tokens, logprobs * mask, mask, lengths, done)
+
+
+class Sampler:
+    """A compiled sampler for one model graph and one `SamplerConfig`.
+
+    `sampler(params, inputs, key, temperature=1.0, top_p=1.0)`: params is the model's `nnx.State`,
+    inputs anything with input_ids, attention_mask, positions, next_position and vision fields (a
+    `ModelInputs`). Calls with the same shapes reuse one compilation; `trace_count` counts compilations.
+    """
+
+    def __init__(self, graphdef, cfg: SamplerConfig):
+        self.graphdef = graphdef
+        self.cfg = cfg
+        self.trace_count = 0
+        self._fn = jax.jit(self._generate)
+
+    @classmethod
+    def for_model(cls, model: QwenVL, cfg: SamplerConfig) -> tuple["Sampler", nnx.State]:
+        graphdef, params = nnx.split(model)
+        return cls(graphdef, cfg), params
+
+    def _generate(self, params, input_ids, attention_mask, positions, next_position, vision, key, temperature,
+                  top_p):
+        self.trace_count += 1  # runs at trace time only
+        model = nnx.merge(self.graphdef, params)
+        return generate(model, input_ids, attention_mask, positions, next_position, vision, key, temperature, top_p,
+                        cfg=self.cfg)
+
+    def __call__(self, params, inputs, key, temperature: float = 1.0, top_p: float = 1.0) -> SampleOutput:
+        v = inputs.vision
+        vision = None if v is None else VisionInputs(
+            *(jnp.asarray(x) for x in (v.pixel_values, v.hw_pos, v.segment_ids, v.window_ids)))
+        return self._fn(params, jnp.asarray(inputs.input_ids), jnp.asarray(inputs.attention_mask),
+                        jnp.asarray(inputs.positions), jnp.asarray(inputs.next_position), vision, key,
+                        jnp.float32(temperature), jnp.float32(top_p))
