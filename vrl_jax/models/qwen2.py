@@ -60,13 +60,14 @@ class DecoderLayers(nnx.Module):
         self.gate_w, self.up_w, self.down_w = p(h, i), p(h, i), p(i, h)
 
 
-def decoder_block(w: dict, x, cos, sin, mask, k_cache, v_cache, write_index, *, cfg: TextConfig):
+def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, write_index, *, cfg: TextConfig):
     """One decoder block.
 
     w: this layer's parameters (unstacked); x: [B, T, H]; cos/sin: [B, T, hd]; mask: bool [B, T, S];
-    k_cache/v_cache: [B, S, K, hd] or None (then S == T and the block attends to its own keys);
-    write_index: int scalar slot where this call's T tokens go in the cache.
-    Returns x [B, T, H] and the updated (k_cache, v_cache).
+    cache: the whole stack's KVCache [layers, B, S, K, hd] or None (then S == T and the block attends to
+    its own keys); layer: int scalar, this block's index; write_index: int scalar slot where this call's
+    T tokens go. Only those T slots of this layer are written, so a decode step moves one token's keys,
+    not the cache. Returns x [B, T, H] and the updated cache.
     """
     b, t, _ = x.shape
     dt = x.dtype
@@ -76,15 +77,17 @@ def decoder_block(w: dict, x, cos, sin, mask, k_cache, v_cache, write_index, *, 
     k = (y @ w["k_w"].astype(dt) + w["k_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
     v = (y @ w["v_w"].astype(dt) + w["v_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
     q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-    if k_cache is not None:
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
-        k, v = k_cache.astype(dt), v_cache.astype(dt)
+    if cache is not None:
+        start = (layer, 0, write_index, 0, 0)
+        cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+                        jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
+        k = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False).astype(dt)
+        v = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False).astype(dt)
     attn = layers.attention(q, k, v, mask, hd**-0.5).reshape(b, t, -1)
     x = x + attn @ w["o_w"].astype(dt)
     y = layers.rms_norm(x, w["post_norm"].astype(dt), cfg.rms_norm_eps)
     mlp = jax.nn.silu(y @ w["gate_w"].astype(dt)) * (y @ w["up_w"].astype(dt))
-    return x + mlp @ w["down_w"].astype(dt), (k_cache, v_cache)
+    return x + mlp @ w["down_w"].astype(dt), cache
 
 
 class Qwen2Decoder(nnx.Module):
@@ -121,17 +124,13 @@ class Qwen2Decoder(nnx.Module):
         mask = layers.causal_mask(kv_valid, write_index + jnp.arange(t))
         stacked = {k: getattr(self.layers, k).value for k in DecoderLayers.NAMES}
 
-        def body(h, xs):
-            w, kc, vc = xs
-            h, (kc, vc) = decoder_block(w, h, cos, sin, mask, kc, vc, write_index, cfg=cfg)
-            return h, (kc, vc)
+        def body(carry, xs):
+            h, c = carry
+            w, layer = xs
+            return decoder_block(w, h, cos, sin, mask, c, layer, write_index, cfg=cfg), None
 
         if remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        if cache is None:
-            x, _ = jax.lax.scan(lambda h, w: (body(h, (w, None, None))[0], None), x, stacked)
-            new_cache = None
-        else:
-            x, (k, v) = jax.lax.scan(body, x, (stacked, cache.k, cache.v))
-            new_cache = KVCache(k, v)
-        return layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps), new_cache
+        # The cache rides in the carry (updated in place), not in the scan's stacked outputs.
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(cfg.num_layers)))
+        return layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps), cache
