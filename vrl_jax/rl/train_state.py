@@ -1,0 +1,197 @@
+"""The training state (a plain pytree) and its optimizer.
+
+`TrainState` holds the parameters as a *pure* nested dict of arrays (`nnx.State.to_pure_dict()`;
+`nnx.merge(graphdef, params)` rebuilds the model inside the step), the optax state, and counters.
+
+The optimizer is AdamW with linear warmup then cosine decay, global-norm gradient clipping and
+decoupled weight decay. MAYE's `train_vit` / `train_connector` / `train_llm` flags freeze parts of
+the model with `optax.multi_transform`: frozen leaves go through `optax.set_to_zero()`, which has no
+state, so they carry no Adam moments, and clipping sees only trainable gradients (it sits inside the
+trainable branch). The train step never computes gradients for frozen leaves at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from flax import traverse_util
+
+from vrl_jax import sharding as shd
+
+TRAINABLE, FROZEN = "trainable", "frozen"
+
+# Which flag owns a parameter path (MAYE: vit = patch embedding + blocks, connector = the merger).
+_PARTS = ((r"^visual\.merger_", "train_connector"), (r"^visual\.", "train_vit"), (r"^language\.", "train_llm"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW + warmup/cosine schedule + clipping + freezing. Defaults follow MAYE's launch script.
+
+    learning_rate: peak learning rate (MAYE 5e-6).
+    warmup_steps: optimizer updates of linear warmup from 0 (MAYE: 10% of all updates).
+    total_steps: optimizer updates of the whole run (warmup included); the cosine decays over the
+      rest down to `learning_rate * final_lr_ratio`, and stays there after `total_steps`.
+    b1, b2, eps: Adam (MAYE 0.9, 0.95, 1e-5). weight_decay: decoupled (AdamW) decay, 0.01.
+    clip_grad_norm: global-norm clip over the trainable gradients, None = off (MAYE 1.0).
+    no_decay_regex: parameter paths matching it get no weight decay (None = decay everything, as
+      MAYE's torch AdamW over `model.parameters()`; e.g. r"(_b|norm\\w*)$" for HF Trainer's rule).
+    train_vit, train_connector, train_llm: MAYE's flags (paper: F / F / T).
+    """
+
+    learning_rate: float = 5e-6
+    warmup_steps: int = 0
+    total_steps: int = 1
+    final_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.01
+    clip_grad_norm: float | None = 1.0
+    no_decay_regex: str | None = None
+    train_vit: bool = False
+    train_connector: bool = False
+    train_llm: bool = True
+
+    def __post_init__(self):
+        if not self.learning_rate >= 0:
+            raise ValueError(f"OptimizerConfig.learning_rate must be >= 0; got {self.learning_rate}")
+        if not isinstance(self.total_steps, int) or self.total_steps < 1:
+            raise ValueError(f"OptimizerConfig.total_steps must be a positive int; got {self.total_steps!r}")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"OptimizerConfig.warmup_steps must be an int in [0, total_steps={self.total_steps}]; "
+                             f"got {self.warmup_steps!r}")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ValueError(f"OptimizerConfig.final_lr_ratio must be in [0, 1]; got {self.final_lr_ratio}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"OptimizerConfig.{name} must be in [0, 1); got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ValueError(f"OptimizerConfig.eps must be > 0; got {self.eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"OptimizerConfig.weight_decay must be >= 0; got {self.weight_decay}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"OptimizerConfig.clip_grad_norm must be > 0 or None; got {self.clip_grad_norm}")
+        if self.no_decay_regex is not None:
+            try:
+                re.compile(self.no_decay_regex)
+            except re.error as e:
+                raise ValueError(f"OptimizerConfig.no_decay_regex is not a valid regex: {e}") from None
+        if not (self.train_vit or self.train_connector or self.train_llm):
+            raise ValueError("OptimizerConfig: train_vit, train_connector and train_llm are all False; "
+                             "nothing would train")
+
+
+class TrainState(NamedTuple):
+    """params: pure nested dict of arrays; opt_state: optax state; step: int32 optimizer updates
+    attempted (applied + skipped); skipped: int32 updates skipped as non-finite; rng: uint32 [2] key."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    skipped: jax.Array
+    rng: jax.Array
+
+
+def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """Learning rate as a function of the number of applied updates."""
+    decay = max(cfg.total_steps, cfg.warmup_steps + 1)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, decay,
+                                              end_value=cfg.learning_rate * cfg.final_lr_ratio)
+
+
+def _flat(params: Any) -> dict[str, Any]:
+    return traverse_util.flatten_dict(params, sep=".")
+
+
+def _unflat(flat: dict[str, Any]) -> Any:
+    return traverse_util.unflatten_dict(flat, sep=".")
+
+
+def param_labels(params: Any, cfg: OptimizerConfig) -> Any:
+    """TRAINABLE or FROZEN for every leaf of a pure param dict, from the train_* flags."""
+    def label(path: str) -> str:
+        for pattern, flag in _PARTS:
+            if re.search(pattern, path):
+                return TRAINABLE if getattr(cfg, flag) else FROZEN
+        raise ValueError(f"parameter {path!r} belongs to none of vit / connector / llm")
+    return _unflat({k: label(k) for k in _flat(params)})
+
+
+def trainable_mask(params: Any, cfg: OptimizerConfig) -> Any:
+    """Booleans, the structure of `params`: True where the parameter trains."""
+    return jax.tree.map(lambda lab: lab == TRAINABLE, param_labels(params, cfg))
+
+
+def make_optimizer(cfg: OptimizerConfig, params: Any) -> optax.GradientTransformation:
+    """The optax transformation for a pure param dict (labels are computed from its paths)."""
+    decay_mask = None
+    if cfg.no_decay_regex is not None:
+        decay_mask = _unflat({k: re.search(cfg.no_decay_regex, k) is None for k in _flat(params)})
+    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        mask=decay_mask)
+    train = adamw if cfg.clip_grad_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw)
+    return optax.multi_transform({TRAINABLE: train, FROZEN: optax.set_to_zero()}, param_labels(params, cfg))
+
+
+def pure_params(model: nnx.Module) -> Any:
+    """The model's parameters as a pure nested dict of arrays."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def create_train_state(model: nnx.Module, cfg: OptimizerConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+                       rules=shd.PARAM_RULES) -> tuple[TrainState, optax.GradientTransformation, nnx.GraphDef]:
+    """Builds (state, optimizer, graphdef) from a model.
+
+    With a mesh the parameters are placed by `rules` (every process must pass the same model, e.g.
+    built from the same seed or checkpoint) and the optimizer state is created already sharded (Adam
+    moments follow their parameter's sharding); counters and the key are replicated.
+
+    The state shares the model's parameter buffers where no copy is needed (a model loaded straight
+    into its shardings is not duplicated), and the train step donates them: after the first step the
+    model's arrays are deleted. Keep using the state's params (`nnx.merge(graphdef, state.params)`).
+    """
+    graphdef, _ = nnx.split(model, nnx.Param)
+    params = pure_params(model)
+    optimizer = make_optimizer(cfg, params)
+    rng = jax.random.key_data(jax.random.key(seed))
+    scalars = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), rng)
+    if mesh is None:
+        return TrainState(params, optimizer.init(params), *scalars), optimizer, graphdef
+    p_shard = shd.param_shardings(params, mesh, rules)
+    params = shd.put(params, p_shard)
+    opt_shape = jax.eval_shape(optimizer.init, params)
+    # Moments have their parameter's shape; match them to their parameter by path suffix.
+    opt_shard = opt_state_shardings(opt_shape, p_shard, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)
+    rep = shd.replicated(mesh)
+    return TrainState(params, opt_state, *shd.put(scalars, (rep, rep, rep))), optimizer, graphdef
+
+
+def opt_state_shardings(opt_state: Any, param_shardings: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings for an optax state: a leaf whose path ends with a parameter's path (Adam's mu/nu
+    are copies of the param tree) takes that parameter's sharding; everything else is replicated."""
+    by_path = {tuple(k.split(".")): s for k, s in _flat(param_shardings).items()}
+    rep = shd.replicated(mesh)
+
+    def one(key_path, leaf):
+        names = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path)
+        for n in range(len(names)):
+            if names[n:] in by_path:
+                sharding = by_path[names[n:]]
+                if len(sharding.spec) <= len(leaf.shape):
+                    return sharding
+        return rep
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+def train_state_shardings(state: TrainState) -> TrainState:
+    """The sharding of every leaf of a placed state (for jit in/out shardings)."""
+    return shd.shardings_of(state)
