@@ -1,0 +1,356 @@
+"""One RL training step: PPO epochs x mini-batches of optimizer updates, each over micro-batches.
+
+Layout. A `TrainBatch` carries every array with a leading micro-batch axis `[M, mb, ...]`. The M
+micro-batches split into `num_mini` mini-batches of k = M / num_mini consecutive micro-batches; each
+PPO epoch runs one optimizer update per mini-batch, so a step makes `ppo_epochs * num_mini` updates
+(MAYE: ppo_batch_size / grad-accum -> mini-batches; DyME/TRL: one update per step).
+
+Exact accumulation. The loss of a micro-batch is a `SumCount`: `total` (differentiated) and `count`
+(the aggregation denominator, parameter-free). A `lax.scan` over the k micro-batches sums gradients
+of `total` and the counts; the mini-batch gradient is `sum grad / sum count`, which is exactly the
+gradient of the mini-batch loss whatever k is (up to float summation order).
+
+Non-finite guard. If an update's loss or gradient norm is not finite, the parameters and optimizer
+state are left as they were (selected with `jnp.where`, no host round trip) and `state.skipped`
+grows by one. The learning-rate schedule counts applied updates only.
+
+Metrics are float32 device scalars: loss parts and token means pooled over every micro-batch of the
+step (`SumCount`s summed, divided once), the mean pre-clip gradient norm over updates, the learning
+rate of the last update, the response-token count of the batch, updates made and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vrl_jax import sharding as shd
+from vrl_jax.models.qwen_vl import VisionInputs
+from vrl_jax.rl.logprobs import sequence_stats
+from vrl_jax.rl.losses import PolicyLossConfig, policy_objective
+from vrl_jax.rl.train_state import OptimizerConfig, TrainState, lr_schedule, make_optimizer, trainable_mask
+
+
+class TrainBatch(NamedTuple):
+    """One step's rollouts, M micro-batches of mb rows, T tokens, P packed image patches.
+
+    input_ids, attention_mask: int `[M, mb, T]`; positions: int `[M, 3, mb, T]` (M-RoPE);
+    targets: int `[M, mb, T]`, the next token at each position (targets[t] = input_ids[t + 1]);
+    loss_mask: float `[M, mb, T]`, 1 where targets[t] is a response token that counts;
+    old_logprobs: float `[M, mb, T]` rollout-policy log-probs of the targets;
+    advantages: float `[M, mb, T]` (sequence-level advantages broadcast over tokens on the host);
+    sft_weights: float `[M, mb]`, DyME memorization rows' NLL weight (0 elsewhere);
+    ref_logprobs: float `[M, mb, T]` reference-policy log-probs, or None when the KL term is off;
+    vision: VisionInputs of `[M, P, patch_dim]`, `[M, P, 2]`, `[M, P]`, `[M, P]` (each micro-batch's
+      images packed in reading order), or None for text-only batches.
+    """
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    positions: jax.Array
+    targets: jax.Array
+    loss_mask: jax.Array
+    old_logprobs: jax.Array
+    advantages: jax.Array
+    sft_weights: jax.Array
+    ref_logprobs: jax.Array | None = None
+    vision: VisionInputs | None = None
+
+
+# Which dimension of each TrainBatch field holds the rows (or, for vision, the patches).
+_BATCH_DIM = dict(input_ids=1, attention_mask=1, positions=2, targets=1, loss_mask=1, old_logprobs=1,
+                  advantages=1, sft_weights=1, ref_logprobs=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of `train_step` (hashable).
+
+    batch_size: rows per step (all M micro-batches together); num_micro: M; num_mini: mini-batches
+      (= optimizer updates) per PPO epoch, dividing num_micro; ppo_epochs: passes over the batch.
+    loss: the objective (`losses.PolicyLossConfig`).
+    remat: rematerialise decoder and vision blocks in the backward pass (memory for compute).
+    chunk_size: vocabulary chunk of the log-softmax; temperature: logits are divided by it (use the
+      sampling temperature, as verl does).
+    with_entropy: compute full-vocabulary entropy (needed when loss.entropy_coef != 0; else a metric).
+    shuffle: permute the micro-batches with the state's key before each PPO epoch (only changes
+      anything with num_mini > 1; rows stay with their micro-batch because images are packed per
+      micro-batch).
+    """
+
+    batch_size: int
+    num_micro: int = 1
+    num_mini: int = 1
+    ppo_epochs: int = 1
+    loss: PolicyLossConfig = PolicyLossConfig()
+    remat: bool = False
+    chunk_size: int = 8192
+    temperature: float = 1.0
+    with_entropy: bool = True
+    shuffle: bool = False
+
+    def __post_init__(self):
+        for name in ("batch_size", "num_micro", "num_mini", "ppo_epochs", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"StepConfig.{name} must be a positive int; got {value!r}")
+        if self.batch_size % self.num_micro:
+            raise ValueError(f"StepConfig.batch_size={self.batch_size} must be divisible by "
+                             f"StepConfig.num_micro={self.num_micro}")
+        if self.num_micro % self.num_mini:
+            raise ValueError(f"StepConfig.num_micro={self.num_micro} must be divisible by "
+                             f"StepConfig.num_mini={self.num_mini}")
+        if not self.temperature > 0:
+            raise ValueError(f"StepConfig.temperature must be > 0; got {self.temperature}")
+        if not isinstance(self.loss, PolicyLossConfig):
+            raise ValueError(f"StepConfig.loss must be a PolicyLossConfig; got {type(self.loss).__name__}")
+        if self.loss.entropy_coef != 0.0 and not self.with_entropy:
+            raise ValueError("StepConfig.with_entropy must be True when loss.entropy_coef != 0")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.num_micro
+
+    @property
+    def num_updates(self) -> int:
+        return self.ppo_epochs * self.num_mini
+
+    def check_mesh(self, mesh: Mesh | None) -> None:
+        """The micro-batch must split evenly over the data-parallel devices (data * fsdp)."""
+        if mesh is None:
+            return
+        ways = shd.batch_size_divisor(mesh)
+        if self.micro_batch_size % ways:
+            raise ValueError(f"StepConfig.batch_size / num_micro = {self.micro_batch_size} rows per micro-batch "
+                             f"must be divisible by the data-parallel size data*fsdp = {ways}")
+
+    def check_batch(self, batch: TrainBatch) -> None:
+        """Shapes of `batch` against this config; errors name the field. Host-side, before compiling."""
+        if not isinstance(batch, TrainBatch):
+            raise ValueError(f"batch must be a TrainBatch; got {type(batch).__name__}")
+        m, mb = self.num_micro, self.micro_batch_size
+        ids = batch.input_ids
+        if ids.ndim != 3 or tuple(ids.shape[:2]) != (m, mb):
+            raise ValueError(f"TrainBatch.input_ids must be [num_micro={m}, batch_size/num_micro={mb}, T]; "
+                             f"got {tuple(ids.shape)}")
+        t = ids.shape[2]
+        want = dict(attention_mask=(m, mb, t), positions=(m, 3, mb, t), targets=(m, mb, t), loss_mask=(m, mb, t),
+                    old_logprobs=(m, mb, t), advantages=(m, mb, t), sft_weights=(m, mb), ref_logprobs=(m, mb, t))
+        for name, shape in want.items():
+            x = getattr(batch, name)
+            if x is None and name == "ref_logprobs":
+                if self.loss.kl_coef != 0.0:
+                    raise ValueError(f"TrainBatch.ref_logprobs is required when loss.kl_coef={self.loss.kl_coef}")
+                continue
+            if x is None or tuple(x.shape) != shape:
+                raise ValueError(f"TrainBatch.{name} must have shape {shape}; got "
+                                 f"{None if x is None else tuple(x.shape)}")
+        if batch.vision is not None:
+            p = batch.vision.pixel_values.shape[1] if batch.vision.pixel_values.ndim == 3 else None
+            for name, tail in (("pixel_values", None), ("hw_pos", (2,)), ("segment_ids", ()), ("window_ids", ())):
+                x = getattr(batch.vision, name)
+                ok = x.ndim >= 2 and x.shape[0] == m and x.shape[1] == p and (tail is None or x.shape[2:] == tail)
+                if not ok or p is None:
+                    raise ValueError(f"TrainBatch.vision.{name} must be [num_micro={m}, P, ...] with one P for all "
+                                     f"fields; got {tuple(x.shape)}")
+
+
+# ---- Shardings -----------------------------------------------------------------------------------
+
+
+def batch_shardings(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
+    """NamedShardings for a TrainBatch (arrays or ShapeDtypeStructs): rows over ("data", "fsdp").
+
+    Packed image patches are split over the same axes when P divides (the vision tower is per-patch
+    apart from attention, for which XLA gathers keys/values), else replicated.
+    """
+    out = {}
+    for name, dim in _BATCH_DIM.items():
+        x = getattr(batch, name)
+        out[name] = None if x is None else NamedSharding(mesh, shd.batch_spec(tuple(x.shape), dim, mesh))
+    vision = None
+    if batch.vision is not None:
+        vision = VisionInputs(*(NamedSharding(mesh, shd.batch_spec(tuple(x.shape), 1, mesh)) for x in batch.vision))
+    return TrainBatch(**out, vision=vision)
+
+
+# ---- The step ------------------------------------------------------------------------------------
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return traverse_util.flatten_dict(tree, sep=".")
+
+
+def _unflat(flat: dict[str, Any]) -> Any:
+    return traverse_util.unflatten_dict(flat, sep=".")
+
+
+def _tree_add(a: Any, b: Any) -> Any:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _micro_loss(graphdef: nnx.GraphDef, cfg: StepConfig, trainable: dict, frozen: dict, micro: TrainBatch):
+    """(loss.total, (loss, metrics)) of one micro-batch; differentiable in `trainable` only."""
+    params = _unflat({**trainable, **jax.lax.stop_gradient(frozen)})
+    stats = sequence_stats(graphdef, params, micro.input_ids, micro.positions, micro.attention_mask, micro.targets,
+                           micro.vision, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
+                           with_entropy=cfg.with_entropy, remat=cfg.remat)
+    loss, metrics = policy_objective(cfg.loss, stats.logprobs, micro.old_logprobs, micro.advantages, micro.loss_mask,
+                                     ref_logprobs=micro.ref_logprobs, entropy=stats.entropy,
+                                     sft_weights=micro.sft_weights)
+    return loss.total, (loss, metrics)
+
+
+def _accumulate(graphdef, cfg, trainable, frozen, mini: TrainBatch, grad_shardings):
+    """Sums gradients and SumCounts over the leading micro-batch axis of `mini` with `lax.scan`."""
+    grad_fn = jax.value_and_grad(lambda tr, mc: _micro_loss(graphdef, cfg, tr, frozen, mc), has_aux=True)
+    first = jax.tree.map(lambda x: x[0], mini)
+    _, (loss_shape, metric_shape) = jax.eval_shape(lambda tr, mc: _micro_loss(graphdef, cfg, tr, frozen, mc),
+                                                   trainable, first)
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)  # noqa: E731
+
+    def constrain(grads):
+        if grad_shardings is None:
+            return grads
+        return {k: jax.lax.with_sharding_constraint(g, grad_shardings[k]) for k, g in grads.items()}
+
+    def body(carry, micro):
+        grads, loss, metrics = carry
+        (_, (l, m)), g = grad_fn(trainable, micro)
+        g = constrain(jax.tree.map(lambda x: x.astype(jnp.float32), g))
+        return (_tree_add(grads, g), loss.plus(l), {k: metrics[k].plus(m[k]) for k in metrics}), None
+
+    init = (constrain(zeros(trainable)), zeros(loss_shape), zeros(metric_shape))
+    (grads, loss, metrics), _ = jax.lax.scan(body, init, mini)
+    return grads, loss, metrics
+
+
+def _split_params(params: Any, opt_cfg: OptimizerConfig) -> tuple[dict, dict, dict]:
+    """(flat params, trainable flat dict, frozen flat dict) by the optimizer's train_* flags."""
+    mask = _flat(trainable_mask(params, opt_cfg))
+    flat = _flat(params)
+    return flat, {k: v for k, v in flat.items() if mask[k]}, {k: v for k, v in flat.items() if not mask[k]}
+
+
+def _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings):
+    """Mini-batch gradient `sum_k grad total_k / sum_k count_k` (0 when nothing counts) + SumCounts."""
+    grads, loss, metrics = _accumulate(graphdef, cfg, trainable, frozen, mini, grad_shardings)
+    scale = jnp.where(loss.count > 0, 1.0 / jnp.where(loss.count > 0, loss.count, 1.0), 0.0)
+    return jax.tree.map(lambda g: g * scale, grads), loss, metrics
+
+
+def batch_gradients(params: Any, batch: TrainBatch, *, graphdef: nnx.GraphDef, opt_cfg: OptimizerConfig,
+                    cfg: StepConfig) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
+    """The gradient one optimizer update of `train_step` uses, for a whole TrainBatch as one mini-batch.
+
+    params: pure dict; batch: TrainBatch `[M, mb, ...]`. Returns (gradients as a pure dict of the
+    trainable parameters only, float32; the loss value; token-mean metrics), all over all M micro-batches.
+    """
+    _, trainable, frozen = _split_params(params, opt_cfg)
+    grads, loss, metrics = _mean_gradients(graphdef, cfg, trainable, frozen, batch, None)
+    return _unflat(grads), loss.value(), {k: v.value() for k, v in metrics.items()}
+
+
+def micro_batch_order(rng: jax.Array, epoch: jax.Array | int, num_micro: int) -> jax.Array:
+    """The micro-batch order of PPO epoch `epoch` when `StepConfig.shuffle` is on.
+
+    rng: the state's key data (uint32 [2]) *before* the step. Returns int32 [num_micro], a permutation.
+    """
+    shuffle_key = jax.random.split(jax.random.wrap_key_data(rng))[1]
+    return jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), num_micro)
+
+
+def train_step(state: TrainState, batch: TrainBatch, *, graphdef: nnx.GraphDef, opt_cfg: OptimizerConfig,
+               cfg: StepConfig, param_shardings: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """All optimizer updates of one RL step; pure (jit it with `make_train_step`).
+
+    state: TrainState with pure-dict params; batch: TrainBatch `[M, mb, ...]` (see its docstring);
+    graphdef: `nnx.split(model, nnx.Param)[0]`; param_shardings: optional tree of NamedSharding
+    matching the params (pins gradient accumulators to the parameters' layout).
+    Returns the new state and a dict of float32 scalar metrics.
+    """
+    optimizer = make_optimizer(opt_cfg, state.params)
+    schedule = lr_schedule(opt_cfg)
+    flat, trainable, frozen = _split_params(state.params, opt_cfg)
+    grad_shardings = None
+    if param_shardings is not None:
+        grad_shardings = {k: s for k, s in _flat(param_shardings).items() if k in trainable}
+    m, k = cfg.num_micro, cfg.num_micro // cfg.num_mini
+    next_rng = jax.random.split(jax.random.wrap_key_data(state.rng))[0]
+
+    def update(carry, u):
+        trainable, opt_state, applied, skipped, pooled, norm_sum, _ = carry
+        epoch, j = u // cfg.num_mini, u % cfg.num_mini
+        order = jnp.arange(m)
+        if cfg.shuffle:
+            order = micro_batch_order(state.rng, epoch, m)
+        index = jax.lax.dynamic_slice_in_dim(order, j * k, k)
+        mini = jax.tree.map(lambda x: jnp.take(x, index, axis=0), batch)
+        grads, loss, metrics = _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings)
+        grad_norm = optax.global_norm(grads)
+        full_grads = _unflat({**grads, **jax.tree.map(jnp.zeros_like, frozen)})
+        full_params = _unflat({**trainable, **frozen})
+        updates, new_opt_state = optimizer.update(full_grads, opt_state, full_params)
+        updates = _flat(updates)
+        new_trainable = {n: (p + updates[n]).astype(p.dtype) for n, p in trainable.items()}
+        ok = jnp.isfinite(loss.total) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        pooled = jax.tree.map(jnp.add, pooled, {"loss": loss, **metrics})
+        lr = jnp.asarray(schedule(applied), jnp.float32)
+        carry = (keep(new_trainable, trainable), keep(new_opt_state, opt_state), applied + ok.astype(jnp.int32),
+                 skipped + (~ok).astype(jnp.int32), pooled, norm_sum + grad_norm, lr)
+        return carry, None
+
+    first = jax.tree.map(lambda x: x[:k], batch)
+    _, loss_shape, metric_shape = jax.eval_shape(
+        lambda tr, mb: _accumulate(graphdef, cfg, tr, frozen, mb, None), trainable, first)
+    pooled0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), {"loss": loss_shape, **metric_shape})
+    applied0 = state.step - state.skipped
+    carry0 = (trainable, state.opt_state, applied0, jnp.zeros((), jnp.int32), pooled0, jnp.zeros((), jnp.float32),
+              jnp.zeros((), jnp.float32))
+    (trainable, opt_state, applied, skipped, pooled, norm_sum, lr), _ = jax.lax.scan(
+        update, carry0, jnp.arange(cfg.num_updates))
+
+    params = _unflat({**flat, **trainable})
+    new_state = TrainState(params, opt_state, state.step + cfg.num_updates, state.skipped + skipped,
+                           jax.random.key_data(next_rng))
+    metrics = {name: sc.value() for name, sc in pooled.items()}
+    metrics.update(grad_norm=norm_sum / cfg.num_updates, learning_rate=jnp.asarray(lr, jnp.float32),
+                   tokens=batch.loss_mask.astype(jnp.float32).sum(), updates=jnp.float32(cfg.num_updates),
+                   skipped_updates=skipped.astype(jnp.float32))
+    return new_state, metrics
+
+
+def make_train_step(graphdef: nnx.GraphDef, opt_cfg: OptimizerConfig, cfg: StepConfig, *, mesh: Mesh | None = None,
+                    state_shardings: TrainState | None = None, batch_shardings: TrainBatch | None = None,
+                    donate: bool = True) -> Callable[[TrainState, TrainBatch], tuple[TrainState, dict]]:
+    """`step(state, batch) -> (state, metrics)`, jitted, the state donated.
+
+    With a mesh, `state_shardings` (e.g. `train_state.train_state_shardings(state)`) and
+    `batch_shardings` (`batch_shardings(example_batch, mesh)`) pin inputs and outputs; metrics come
+    back replicated. Config and shape errors are raised on the host before anything compiles.
+    """
+    cfg.check_mesh(mesh)
+    params_sh = None if state_shardings is None else state_shardings.params
+    fn = lambda state, batch: train_step(state, batch, graphdef=graphdef, opt_cfg=opt_cfg, cfg=cfg,  # noqa: E731
+                                         param_shardings=params_sh)
+    kwargs: dict[str, Any] = dict(donate_argnums=(0,) if donate else ())
+    if mesh is not None:
+        if state_shardings is None or batch_shardings is None:
+            raise ValueError("make_train_step: with a mesh, pass state_shardings and batch_shardings")
+        kwargs.update(in_shardings=(state_shardings, batch_shardings),
+                      out_shardings=(state_shardings, NamedSharding(mesh, P())))
+    jitted = jax.jit(fn, **kwargs)
+
+    def step(state: TrainState, batch: TrainBatch):
+        cfg.check_batch(batch)
+        return jitted(state, batch)
+
+    step.jitted = jitted  # for lowering / cost analysis
+    return step
