@@ -154,8 +154,8 @@ def _text_config(raw: dict, source: str) -> TextConfig:
     section = tuple(int(s) for s in rope.get("mrope_section", ()))
     if not section:
         section = (head_dim // 2, 0, 0)  # plain 1-D rotary: every frequency from the temporal axis
-    if sum(section) != head_dim // 2:
-        raise ConfigError(f"{source}: mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}")
+    if min(section) < 0 or sum(section) != head_dim // 2:
+        raise ConfigError(f"{source}: mrope_section {list(section)} must be non-negative and sum to head_dim/2 = {head_dim // 2}")
     return TextConfig(
         vocab_size=_int(raw, "vocab_size", source), hidden_size=hidden,
         intermediate_size=_int(raw, "intermediate_size", source), num_layers=_int(raw, "num_hidden_layers", source),

@@ -24,13 +24,15 @@ IMAGE_PAD = "<|image_pad|>"
 class ModelInputs(NamedTuple):
     """A batch of prompts: input_ids, attention_mask int32 [B, L] (left padded), positions int32 [3, B, L],
     next_position int32 [B] (where decoding continues), vision (packed patches, always present so that
-    text-only and image batches share one compiled shape)."""
+    text-only and image batches share one compiled shape), row_images (host only: each row's
+    ProcessedImages, for re-packing rows into training micro-batches)."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     positions: np.ndarray
     next_position: np.ndarray
     vision: VisionBatch
+    row_images: tuple = ()
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -103,14 +105,18 @@ class VLProcessor:
         types = token_types(ids, self.config.image_token_id, self.config.video_token_id)
         grids = np.array([im.grid_thw for im in flat], np.int64).reshape(-1, 3)
         positions, next_position = rope_positions(types, mask, grids, self.config.vision.merge_size)
-        return ModelInputs(ids, mask, positions, next_position, self.pack(flat))
+        return ModelInputs(ids, mask, positions, next_position, self.pack(flat), tuple(map(tuple, processed)))
 
-    def pack(self, images: list[ProcessedImage]) -> VisionBatch:
+    def encode_examples(self, examples: Sequence[dict]) -> ModelInputs:
+        """The data pipeline's `encode_fn`: per-example dicts with `prompt_messages` and `images`."""
+        return self.encode([e["prompt_messages"] for e in examples], [e["images"] for e in examples])
+
+    def pack(self, images: list[ProcessedImage], buckets: Sequence[int] | None = None) -> VisionBatch:
         """Packs a batch's images into the smallest patch bucket; an all-padding buffer when there are none."""
         v = self.config.vision
+        buckets = tuple(buckets or self.patch_buckets)
         if images:
-            return pack_images(images, self.patch_buckets, v.window_size, patch_size=v.patch_size,
-                               merge_size=v.merge_size)
-        p = min(self.patch_buckets)
+            return pack_images(images, buckets, v.window_size, patch_size=v.patch_size, merge_size=v.merge_size)
+        p = min(buckets)
         return VisionBatch(np.zeros((p, v.patch_dim), np.float32), np.zeros((p, 2), np.int32),
                            np.full((p,), -1, np.int32), np.full((p,), -1, np.int32), np.zeros((0, 3), np.int32))

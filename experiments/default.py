@@ -1,0 +1,94 @@
+r"""The embedded default: the synthetic geometry benchmark and a tiny Qwen2.5-VL, on a CPU, offline.
+
+  python -m vrl_jax.train --config experiments/default.py --workdir workdirs/default
+
+Nothing is downloaded: the data is generated (`vrl_jax.data.synthgeo`), and the model is a small
+random Qwen2.5-VL with a tokenizer trained on that data, written as an ordinary HF directory in the
+workdir and loaded through the same code as a real checkpoint. A random model never answers
+correctly, so reward-only RL has nothing to learn from: the default runs a short SFT stage on the
+reference rationales, then GRPO (the two-stage baseline of DyME's paper). Variants:
+
+  experiments/default.py:grpo    GRPO only        experiments/default.py:sft    SFT only
+  experiments/default.py:dyme    DyME             experiments/default.py:smoke  a few seconds, for tests
+"""
+
+from vrl_jax.configs import base_config
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.name = "default"
+    c.algorithm = "grpo"
+    c.seed = 0
+
+    c.model.path = ""  # empty: build the tiny model below in the workdir
+    c.model.tiny.hidden = 128
+    c.model.tiny.layers = 4
+    c.model.tiny.intermediate = 384
+
+    c.data.source = "synthgeo"
+    c.data.synthgeo.train = 3000
+    c.data.synthgeo.val = 100
+    c.data.synthgeo.test = 200
+    c.data.template = "plain"
+    c.data.length_buckets = (96, 128)
+    c.data.patch_buckets = (512, 1024, 2048)
+
+    c.sft.steps = 120
+    c.sft.batch_size = 32
+    c.sft.learning_rate = 2e-3
+
+    c.rl_steps = 30
+    c.prompts_per_step = 8
+    c.rollout.num_samples = 8
+    c.rollout.max_new_tokens = 160
+    c.num_micro = 4
+    c.optim.learning_rate = 2e-4
+    c.optim.warmup_ratio = 0.0
+    c.optim.train_vit = True
+    c.optim.train_connector = True
+    c.loss.agg_mode = "seq_mean_token_mean"
+
+    c.rewards.weights = {"accuracy": 1.0}
+    c.eval.every_steps = 15
+    c.eval.splits = ("val", "test_iid")
+    c.eval.max_examples = 100
+    c.eval.settings = ("low", "medium", "high")
+    c.eval.pass_k = 4
+    c.checkpoint.every_steps = 10
+
+    if arg in (None, "", "sft_grpo"):
+        pass
+    elif arg == "grpo":
+        c.sft.steps = 0
+    elif arg == "sft":
+        c.algorithm = "sft"
+        c.rl_steps = 0
+        c.sft.steps = 240
+    elif arg == "dyme":
+        c.algorithm = "dyme"
+        c.sft.steps = 0
+        c.data.template = "dyme_answer"
+        c.dyme.answer_format = "flag"
+    elif arg == "smoke":  # a few seconds end to end: tests and first contact
+        c.data.synthgeo.train = 64
+        c.data.synthgeo.val = 8
+        c.data.synthgeo.test = 8
+        c.model.tiny.hidden = 32
+        c.model.tiny.layers = 1
+        c.model.tiny.intermediate = 64
+        c.sft.steps = 2
+        c.sft.batch_size = 4
+        c.rl_steps = 2
+        c.prompts_per_step = 2
+        c.rollout.num_samples = 2
+        c.rollout.max_new_tokens = 8
+        c.num_micro = 2
+        c.eval.every_steps = 2
+        c.eval.max_examples = 4
+        c.eval.pass_k = 2
+        c.eval.batch_size = 4
+        c.checkpoint.every_steps = 1
+    else:
+        raise ValueError(f"experiments/default.py: unknown variant {arg!r}; expected sft_grpo, grpo, sft, dyme, smoke")
+    return c

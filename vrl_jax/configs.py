@@ -1,0 +1,200 @@
+"""The experiment config: every key with its default, validation, and the typed configs built from it.
+
+Experiments (`experiments/*.py`) start from `base_config()` and change what they need. The config is
+locked before command-line overrides apply, so `--config.typo=1` fails, and ml_collections checks
+types on assignment. `validate` then checks values and combinations and names the key, before any
+model is loaded or anything compiles.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from vrl_jax.rl.losses import AGG_MODES, KL_ESTIMATORS, RATIO_LEVELS, PolicyLossConfig
+from vrl_jax.rl.train_state import OptimizerConfig
+
+ALGORITHMS = ("grpo", "reinforce_pp", "dyme", "sft")
+ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")
+DATA_SOURCES = ("synthgeo", "maye", "easyr1", "dyme")
+EVAL_SETTINGS = ("low", "medium", "high")
+
+
+class ConfigValidationError(ValueError):
+    """A config value or combination that cannot run; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "experiment"
+    c.seed = 0
+    c.algorithm = "grpo"  # grpo | reinforce_pp | dyme | sft
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # HF or vrl_jax model directory; empty: build the tiny model in the workdir
+    c.model.dtype = "float32"  # compute dtype
+    c.model.param_dtype = "float32"
+    c.model.remat = False
+    c.model.tiny = ml_collections.ConfigDict(dict(hidden=128, layers=4, intermediate=384, vision_width=64,
+                                                  vision_depth=2, vocab_size=1024))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthgeo"  # synthgeo | maye | easyr1 | dyme (files on disk)
+    c.data.train = ""  # a file for maye/easyr1/dyme
+    c.data.eval = ml_collections.ConfigDict({"val": "", "test": ""})  # split name -> file
+    c.data.synthgeo = ml_collections.ConfigDict(dict(train=2000, val=100, test=200, seed=0))
+    c.data.template = "maye_cot"
+    c.data.length_buckets = (128, 256, 512)
+    c.data.patch_buckets = (256, 1024, 4096)
+    c.data.max_fault_share = 0.05
+    c.data.hint_field = "hint"
+
+    c.rollout = ml_collections.ConfigDict(dict(num_samples=8, max_new_tokens=256, temperature=1.0, top_p=1.0,
+                                               top_k=0))
+    c.prompts_per_step = 8
+    c.rl_steps = 100
+    c.num_micro = 1
+    c.num_mini = 1
+    c.ppo_epochs = 1
+
+    c.sft = ml_collections.ConfigDict(dict(steps=0, batch_size=16, learning_rate=1e-4))
+
+    c.optim = ml_collections.ConfigDict(dict(learning_rate=5e-6, warmup_ratio=0.1, final_lr_ratio=0.0, b1=0.9,
+                                             b2=0.95, eps=1e-5, weight_decay=0.01, clip_grad_norm=1.0,
+                                             train_vit=False, train_connector=False, train_llm=True))
+    c.loss = ml_collections.ConfigDict(dict(clip_low=0.2, clip_high=0.2, clip_c=0.0, ratio_level="token",
+                                            agg_mode="token_mean", kl_coef=0.0, kl_estimator="k3", kl_clamp=10.0,
+                                            entropy_coef=0.0, chunk_size=8192))
+    c.advantage = ml_collections.ConfigDict(dict(estimator="grpo", eps=1e-6, gamma=1.0, kl_reward_coef=0.0,
+                                                 whiten=True, shift_mean=True))
+    c.rewards = ml_collections.ConfigDict()
+    c.rewards.weights = {"accuracy": 1.0}
+    c.rewards.params = ml_collections.ConfigDict()
+    c.rewards.overrides = ml_collections.ConfigDict()
+    c.rewards.judge = ml_collections.ConfigDict(dict(mode="default", timeout_s=2.0))
+    c.dapo = ml_collections.ConfigDict(dict(dynamic_sampling=False, max_rounds=3))
+    c.dyme = ml_collections.ConfigDict(dict(visual=ml_collections.ConfigDict({"kind": "rule_based"}),
+                                            refine=True, answer_format="boxed", thinking_weight=0.0))
+
+    c.eval = ml_collections.ConfigDict(dict(every_steps=10, splits=("val", "test"), settings=EVAL_SETTINGS,
+                                            max_examples=0, batch_size=16, pass_k=8, max_new_tokens=0))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=3, best_metric="", export_hf=True))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True, wandb=False, wandb_project="vrl_jax",
+                                           samples_per_eval=16))
+    return c
+
+
+def _fail(key: str, message: str):
+    raise ConfigValidationError(f"config.{key}: {message}")
+
+
+def _choice(c, key: str, choices):
+    value = c
+    for part in key.split("."):
+        value = value[part]
+    if value not in choices:
+        _fail(key, f"{value!r} is not one of {tuple(choices)}")
+
+
+def _positive(c, *keys, allow_zero=False):
+    for key in keys:
+        value = c
+        for part in key.split("."):
+            value = value[part]
+        if value < 0 or (value == 0 and not allow_zero):
+            _fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Checks values and combinations; raises ConfigValidationError naming the key."""
+    _choice(c, "algorithm", ALGORITHMS)
+    _choice(c, "advantage.estimator", ESTIMATORS)
+    _choice(c, "data.source", DATA_SOURCES)
+    _choice(c, "loss.agg_mode", AGG_MODES)
+    _choice(c, "loss.ratio_level", RATIO_LEVELS)
+    _choice(c, "loss.kl_estimator", KL_ESTIMATORS)
+    _choice(c, "model.dtype", ("float32", "bfloat16"))
+    _choice(c, "model.param_dtype", ("float32", "bfloat16"))
+    _choice(c, "dyme.answer_format", ("boxed", "flag"))
+    for s in c.eval.settings:
+        if s not in EVAL_SETTINGS:
+            _fail("eval.settings", f"{s!r} is not one of {EVAL_SETTINGS}")
+    _positive(c, "prompts_per_step", "num_micro", "num_mini", "ppo_epochs", "rollout.num_samples",
+              "rollout.max_new_tokens", "eval.batch_size", "eval.pass_k", "sft.batch_size", "checkpoint.keep",
+              "log.every_steps")
+    _positive(c, "rl_steps", "sft.steps", "eval.every_steps", "checkpoint.every_steps", "eval.max_examples",
+              "rollout.temperature", allow_zero=True)
+    if c.algorithm == "sft" and c.sft.steps == 0:
+        _fail("sft.steps", "algorithm 'sft' needs sft.steps > 0")
+    if c.algorithm != "sft" and c.rl_steps == 0 and c.sft.steps == 0:
+        _fail("rl_steps", "nothing to run: rl_steps and sft.steps are both 0")
+    if c.algorithm in ("grpo", "dyme") and c.rollout.num_samples < 2:
+        _fail("rollout.num_samples", f"{c.algorithm} compares samples within a group: needs >= 2")
+    if c.algorithm == "reinforce_pp" and c.advantage.estimator != "reinforce_pp":
+        _fail("advantage.estimator", "algorithm 'reinforce_pp' needs advantage.estimator 'reinforce_pp'")
+    if c.algorithm == "dyme" and c.loss.kl_coef:
+        _fail("loss.kl_coef", "DyME trains without a reference model (its trainer asserts beta == 0)")
+    rows = c.prompts_per_step * c.rollout.num_samples
+    if rows % c.num_micro:
+        _fail("num_micro", f"prompts_per_step * rollout.num_samples = {rows} rows must divide by num_micro "
+                           f"= {c.num_micro}")
+    if c.num_micro % c.num_mini:
+        _fail("num_mini", f"num_micro = {c.num_micro} must divide by num_mini = {c.num_mini}")
+    if c.sft.batch_size % c.num_micro:
+        _fail("sft.batch_size", f"{c.sft.batch_size} must divide by num_micro = {c.num_micro}")
+    data_parallel = _data_parallel(c, num_devices)
+    micro_rows = rows // c.num_micro
+    if micro_rows % data_parallel:
+        _fail("mesh.data", f"a micro-batch of {micro_rows} rows does not split over {data_parallel} data-parallel "
+                           f"devices (mesh data x fsdp); change prompts_per_step, rollout.num_samples or num_micro")
+    if c.prompts_per_step % data_parallel:
+        _fail("prompts_per_step", f"{c.prompts_per_step} prompts do not split over {data_parallel} devices")
+    if c.eval.batch_size % data_parallel:
+        _fail("eval.batch_size", f"{c.eval.batch_size} does not split over {data_parallel} devices")
+    if c.data.source != "synthgeo" and not c.data.train and (c.rl_steps or c.sft.steps):
+        _fail("data.train", f"data.source {c.data.source!r} needs a training file")
+    if not c.rewards.weights:
+        _fail("rewards.weights", "no reward components")
+    for key in ("length_buckets", "patch_buckets"):
+        if not c.data[key] or any(b <= 0 for b in c.data[key]):
+            _fail(f"data.{key}", f"needs positive sizes, got {tuple(c.data[key])}")
+    if any(b % 4 for b in c.data.patch_buckets):
+        _fail("data.patch_buckets", "sizes must be multiples of 4 (one merge unit)")
+
+
+def _data_parallel(c, num_devices: int) -> int:
+    sizes = {k: c.mesh[k] for k in ("data", "fsdp", "tensor")}
+    fixed = 1
+    for k, v in sizes.items():
+        if v == 0 or v < -1:
+            _fail(f"mesh.{k}", f"must be a positive size or -1, got {v}")
+        fixed *= v if v > 0 else 1
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        _fail("mesh", f"only one axis may be -1, got {free}")
+    if num_devices % fixed:
+        _fail("mesh", f"axis sizes {sizes} do not divide the {num_devices} devices")
+    if free:
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        _fail("mesh", f"axis sizes {sizes} multiply to {fixed}, but there are {num_devices} devices")
+    return sizes["data"] * sizes["fsdp"]
+
+
+def optimizer_config(c, total_updates: int, learning_rate: float | None = None) -> OptimizerConfig:
+    o = c.optim
+    return OptimizerConfig(
+        learning_rate=o.learning_rate if learning_rate is None else learning_rate,
+        warmup_steps=int(round(o.warmup_ratio * total_updates)), total_steps=max(total_updates, 1),
+        final_lr_ratio=o.final_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+        clip_grad_norm=o.clip_grad_norm or None, train_vit=o.train_vit, train_connector=o.train_connector,
+        train_llm=o.train_llm)
+
+
+def loss_config(c, max_len: int | None = None) -> PolicyLossConfig:
+    lo = c.loss
+    return PolicyLossConfig(
+        clip_low=lo.clip_low, clip_high=lo.clip_high, clip_c=lo.clip_c or None, ratio_level=lo.ratio_level,
+        agg_mode=lo.agg_mode, max_len=max_len if lo.agg_mode == "seq_mean_token_sum_norm" else None,
+        kl_coef=lo.kl_coef, kl_estimator=lo.kl_estimator, kl_clamp=lo.kl_clamp or None,
+        entropy_coef=lo.entropy_coef, sft_coef=1.0)

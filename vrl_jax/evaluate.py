@@ -1,0 +1,143 @@
+"""MAYE's evaluation scheme: accuracy on a split under three generation settings.
+
+  python -m vrl_jax.evaluate --model DIR --data FILE [--format maye] [--settings low,medium,high] [--k 8]
+
+Settings (MAYE `eval()`): pass@1 at temperature 0.01 (top-p 0.001), pass@1 at 0.6, and pass@k at 1.0.
+For the last, MAYE counts a problem solved when any of its k samples is (reported as `pass@k`,
+MAYE's name); the unbiased estimator over the same samples is reported beside it as
+`unbiased_pass@k`, with pass@1 from the same k samples. The trainer calls `evaluate_split`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from vrl_jax.evaluation.passk import MAYE_HIGH, MAYE_LOW, MAYE_MEDIUM, GenerationSetting, mean_pass_at_k
+from vrl_jax.sampling.sampler import Sampler, SamplerConfig
+
+SETTINGS = {"low": MAYE_LOW, "medium": MAYE_MEDIUM, "high": MAYE_HIGH}
+
+
+def settings_from_names(names: Sequence[str], k: int, max_new_tokens: int) -> list[GenerationSetting]:
+    out = []
+    for name in names:
+        s = SETTINGS[name]
+        out.append(dataclasses.replace(s, k=k if s.k > 1 else 1, max_tokens=max_new_tokens))
+    return out
+
+
+def decode_responses(tokenizer, tokens, mask) -> list[str]:
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    return tokenizer.batch_decode([t[m > 0].tolist() for t, m in zip(tokens, mask)], skip_special_tokens=True)
+
+
+class Evaluator:
+    """Runs the settings over a split's batches. One compiled sampler per distinct k (the temperature
+    and top-p are traced), so the three settings compile twice per prompt-length bucket."""
+
+    def __init__(self, graphdef, processor, reward_set, settings: Sequence[GenerationSetting], stop_ids, pad_id):
+        self.processor = processor
+        self.reward_set = reward_set
+        self.settings = list(settings)
+        self.samplers = {}
+        for s in self.settings:
+            if s.k not in self.samplers:
+                self.samplers[s.k] = Sampler(graphdef, SamplerConfig(
+                    max_new_tokens=s.max_tokens, num_samples=s.k, stop_token_ids=tuple(stop_ids), pad_token_id=pad_id))
+
+    def evaluate_split(self, params, batches, key, split: str, keep_samples: int = 0):
+        """batches: iterable of pipeline `Batch`es. Returns (metrics {key: float}, sample dicts)."""
+        correct = {s.name: [] for s in self.settings}
+        samples = []
+        for i, batch in enumerate(batches):
+            valid = np.asarray(batch.valid)
+            for j, s in enumerate(self.settings):
+                out = self.samplers[s.k](params, batch.inputs, jax.random.fold_in(key, i * 16 + j),
+                                         temperature=s.temperature, top_p=s.top_p)
+                texts = decode_responses(self.processor.tokenizer, out.tokens, out.mask)
+                examples = [e for e in batch.examples for _ in range(s.k)]
+                acc = self.reward_set(texts, examples)["accuracy"] if self.reward_set else np.zeros(len(texts))
+                per_problem = np.asarray(acc).reshape(-1, s.k) > 0.5
+                correct[s.name].append(per_problem[valid])
+                if j == 0 and len(samples) < keep_samples:
+                    for e, text, ok, v in zip(batch.examples, texts[::s.k], per_problem[:, 0], valid):
+                        if v and len(samples) < keep_samples:
+                            samples.append({"id": e["id"], "prompt": e["prompt_messages"][-1]["content"][-1].get(
+                                "text", ""), "image_id": e["id"], "response": text, "answer": e["answer"],
+                                "reward": float(ok), "correct": bool(ok), "setting": s.label})
+        metrics = {}
+        for s in self.settings:
+            hits = np.concatenate(correct[s.name]) if correct[s.name] else np.zeros((0, s.k), bool)
+            metrics[s.metric_key(split)] = float(hits.any(1).mean()) if len(hits) else 0.0
+            if s.k > 1 and len(hits):
+                n = np.full(len(hits), s.k)
+                metrics[f"eval/{split}/unbiased_pass@{s.k} T={s.temperature}"] = mean_pass_at_k(n, hits.sum(1), s.k)
+                metrics[f"eval/{split}/pass@1 from {s.k} samples T={s.temperature}"] = mean_pass_at_k(
+                    n, hits.sum(1), 1)
+            metrics[f"eval/{split}/num_problems"] = float(len(hits))
+        return metrics, samples
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vrl_jax.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF or vrl_jax model directory (with tokenizer files)")
+    parser.add_argument("--data", required=True, help="a MAYE jsonl, EasyR1 parquet or DyME json file")
+    parser.add_argument("--format", default=None, choices=[None, "maye", "easyr1", "dyme"])
+    parser.add_argument("--split-name", default="test")
+    parser.add_argument("--template", default="maye_cot")
+    parser.add_argument("--settings", default="low,medium,high")
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-examples", type=int, default=0)
+    parser.add_argument("--judge-mode", default="default", choices=["default", "maye_compat", "chartqa"])
+    parser.add_argument("--out", default=None, help="write metrics JSON and samples JSONL here")
+    args = parser.parse_args(argv)
+
+    from vrl_jax.data.formats import load_examples
+    from vrl_jax.data.pipeline import eval_dataset
+    from vrl_jax.models.loading import load_model
+    from vrl_jax.models.processor import VLProcessor
+    from vrl_jax.rewards import RewardSet
+    from flax import nnx
+
+    names = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown:
+        parser.error(f"--settings: unknown {unknown}; expected some of {sorted(SETTINGS)}")
+    processor = VLProcessor.from_pretrained(args.model)
+    model = load_model(args.model)
+    graphdef, params = nnx.split(model, nnx.Param)
+    examples = load_examples(args.data, format=args.format)
+    if args.max_examples:
+        examples = examples[:args.max_examples]
+    rewards = RewardSet({"weights": {"accuracy": 1.0}, "judge": {"mode": args.judge_mode}})
+    stop = list(processor.config.eos_token_ids) or [processor.tokenizer.eos_token_id]
+    evaluator = Evaluator(graphdef, processor, rewards, settings_from_names(names, args.k, args.max_new_tokens),
+                          stop, processor.pad_token_id)
+    batches = eval_dataset(examples, processor.encode_examples, batch_size=args.batch_size, template=args.template,
+                           process_index=0, process_count=1)
+    metrics, samples = evaluator.evaluate_split(params.to_pure_dict(), batches, jax.random.key(0), args.split_name,
+                                                keep_samples=10**9)
+    rewards.close()
+    for k, v in metrics.items():
+        print(f"{k}: {v:.4f}")
+    if args.out:
+        with open(args.out + ".json", "w") as f:
+            json.dump(metrics, f, indent=2)
+        with open(args.out + ".samples.jsonl", "w") as f:
+            for s in samples:
+                f.write(json.dumps(s) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

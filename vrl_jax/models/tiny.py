@@ -1,0 +1,73 @@
+"""A tiny Qwen2.5-VL, created offline: the embedded default's model.
+
+No weights can be downloaded, so the default experiment builds a small model of the Qwen2.5-VL
+architecture with random weights and a tokenizer trained on the synthetic data, and saves them as an
+ordinary Hugging Face directory (config.json, model.safetensors, tokenizer files,
+preprocessor_config.json). Training then loads it through exactly the code a real checkpoint uses.
+Nothing here needs PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from vrl_jax.models.config import ModelConfig
+from vrl_jax.models.loading import export_hf
+from vrl_jax.models.qwen_vl import QwenVL
+
+
+def tiny_hf_config(vocab_size: int, special: dict[str, int], *, hidden: int = 128, layers: int = 4,
+                   heads: int = 4, kv_heads: int = 2, intermediate: int = 384, vision_width: int = 64,
+                   vision_depth: int = 2) -> dict:
+    """A Qwen2.5-VL config.json dict (transformers 5.x nested layout)."""
+    from transformers import Qwen2_5_VLConfig
+    head_dim = hidden // heads
+    half = head_dim // 2  # M-RoPE sections in Qwen's 2:3:3 proportion ([16, 24, 24] for half = 64)
+    spatial = half * 3 // 8
+    section = [half - 2 * spatial, spatial, spatial]
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
+                         pad_token_id=special["<|endoftext|>"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_width, out_hidden_size=hidden,
+                           intermediate_size=2 * vision_width, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1],
+                           tokens_per_second=2),
+        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
+        eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"], tie_word_embeddings=True)
+    raw = cfg.to_dict()
+    raw["model_type"] = "qwen2_5_vl"
+    return raw
+
+
+def build_tiny_model(out_dir: str, texts: Iterable[str], *, seed: int = 0, image_size: int = 112,
+                     vocab_size: int = 1024, **sizes) -> str:
+    """Writes a tiny random Qwen2.5-VL with a tokenizer trained on `texts` to `out_dir`; returns it.
+
+    Images of `image_size` pixels a side pass the processor unchanged (min = max pixels).
+    """
+    from vrl_jax.data.synthgeo.tokenizer import build_tokenizer, special_token_ids
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = build_tokenizer(texts, out_dir, vocab_size=vocab_size)
+    special = special_token_ids(tokenizer)
+    vocab = -(-len(tokenizer) // 64) * 64  # a multiple of 64 keeps matmuls aligned
+    raw = tiny_hf_config(vocab, special, **sizes)
+    config = ModelConfig.from_dict(raw)
+    model = QwenVL(config, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    export_hf(model, out_dir)
+    side = image_size - image_size % 28
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": side * side,
+                   "max_pixels": side * side, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                   "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711]}, f, indent=2)
+    return out_dir

@@ -1,0 +1,102 @@
+"""Trajectories: prompts plus sampled responses laid out as the train step's micro-batched `TrainBatch`.
+
+Host-side NumPy. A row is one (prompt, response) pair: the left-padded prompt in slots [0, L), the
+response in [L, L + N). Position t predicts token t + 1, so the loss covers targets in
+[L - 1, L + N - 1) where the response mask is set. Rows are prompt-major (row b*n + j is sample j of
+prompt b), the order the sampler returns.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from vrl_jax.models.image_processing import choose_bucket
+from vrl_jax.models.qwen_vl import VisionInputs
+from vrl_jax.rl.train_step import TrainBatch
+
+
+class Sequences(NamedTuple):
+    """Rows of prompt + response, [R, T] with T = L + N (positions [3, R, T])."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    positions: np.ndarray
+    targets: np.ndarray
+    loss_mask: np.ndarray
+    old_logprobs: np.ndarray
+    prompt_index: np.ndarray  # int [R]: the prompt each row answers
+
+
+def build_sequences(prompts, tokens, response_mask, logprobs, num_samples: int, pad_id: int) -> Sequences:
+    """prompts: ModelInputs of B prompts (input_ids [B, L], positions [3, B, L], next_position [B]);
+    tokens, response_mask, logprobs: [B*n, N] from the sampler (or replaced rows). Returns Sequences."""
+    tokens = np.asarray(tokens, np.int32)
+    rows, n_new = tokens.shape
+    index = np.repeat(np.arange(len(prompts.input_ids)), num_samples)
+    if len(index) != rows:
+        raise ValueError(f"{rows} response rows for {len(prompts.input_ids)} prompts x {num_samples} samples")
+    mask = np.asarray(response_mask, np.int32)
+    ids = np.concatenate([prompts.input_ids[index], np.where(mask > 0, tokens, pad_id)], axis=1)
+    attention = np.concatenate([prompts.attention_mask[index], mask], axis=1)
+    new_pos = prompts.next_position[index][:, None] + np.arange(n_new)[None]
+    positions = np.concatenate([prompts.positions[:, index], np.broadcast_to(new_pos, (3, rows, n_new))], axis=2)
+    length = prompts.input_ids.shape[1]
+    targets = np.concatenate([ids[:, 1:], np.full((rows, 1), pad_id, np.int32)], axis=1)
+    loss_mask = np.zeros(ids.shape, np.float32)
+    loss_mask[:, length - 1:length - 1 + n_new] = mask
+    old = np.zeros(ids.shape, np.float32)
+    old[:, length - 1:length - 1 + n_new] = np.asarray(logprobs, np.float32) * mask
+    return Sequences(ids.astype(np.int32), attention.astype(np.int32), positions.astype(np.int32),
+                     targets.astype(np.int32), loss_mask, old, index)
+
+
+def replace_responses(tokens, mask, logprobs, rows: Sequence[int], targets: Sequence[Sequence[int]]):
+    """Puts reference token sequences in place of the sampled responses of `rows` (DyME memorization,
+    SFT): tokens are truncated to N, the rest of the row masked; their logprobs are 0 (they train with
+    the supervised term, not the ratio). Returns new (tokens, mask, logprobs)."""
+    tokens, mask, logprobs = np.array(tokens), np.array(mask), np.array(logprobs)
+    n_new = tokens.shape[1]
+    for r, target in zip(rows, targets):
+        t = list(target)[:n_new]
+        tokens[r] = 0
+        tokens[r, :len(t)] = t
+        mask[r] = 0
+        mask[r, :len(t)] = 1
+        logprobs[r] = 0.0
+    return tokens, mask, logprobs
+
+
+def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray, num_micro: int, processor,
+                       buckets: Sequence[int]) -> VisionInputs:
+    """Packs each micro-batch's images (its rows' prompts' images, in row order) into one shared patch
+    bucket, so the micro-batches stack: VisionInputs of [M, P, ...]."""
+    rows = len(prompt_index)
+    per = rows // num_micro
+    groups = [[im for r in range(m * per, (m + 1) * per) for im in row_images[prompt_index[r]]]
+              for m in range(num_micro)]
+    need = max(sum(int(np.prod(im.grid_thw)) for im in g) for g in groups)
+    bucket = choose_bucket(max(need, 1), buckets)
+    packed = [processor.pack(g, [bucket]) for g in groups]
+    return VisionInputs(*(np.stack([getattr(p, f) for p in packed])
+                          for f in ("pixel_values", "hw_pos", "segment_ids", "window_ids")))
+
+
+def to_train_batch(seqs: Sequences, advantages, sft_weights, num_micro: int, vision: VisionInputs | None,
+                   ref_logprobs=None) -> TrainBatch:
+    """Splits rows into `num_micro` micro-batches. advantages: [R] (broadcast over tokens) or [R, T];
+    sft_weights: [R]. Returns a NumPy TrainBatch with leading [M, mb] axes (positions [M, 3, mb, T])."""
+    rows, length = seqs.input_ids.shape
+    if rows % num_micro:
+        raise ValueError(f"{rows} rows do not split into num_micro={num_micro} micro-batches")
+    adv = np.asarray(advantages, np.float32)
+    if adv.ndim == 1:
+        adv = np.broadcast_to(adv[:, None], (rows, length))
+    split = lambda x: np.asarray(x).reshape(num_micro, rows // num_micro, *np.asarray(x).shape[1:])  # noqa: E731
+    pos = seqs.positions.reshape(3, num_micro, rows // num_micro, length).transpose(1, 0, 2, 3)
+    return TrainBatch(
+        input_ids=split(seqs.input_ids), attention_mask=split(seqs.attention_mask), positions=pos,
+        targets=split(seqs.targets), loss_mask=split(seqs.loss_mask), old_logprobs=split(seqs.old_logprobs),
+        advantages=split(adv * seqs.loss_mask), sft_weights=split(np.asarray(sft_weights, np.float32)),
+        ref_logprobs=None if ref_logprobs is None else split(ref_logprobs), vision=vision)

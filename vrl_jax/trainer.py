@@ -1,0 +1,263 @@
+"""The training loop: MAYE's four steps, one optional SFT stage before them, evaluation and checkpoints.
+
+Read `train` top to bottom. One step of RL is `rl_step`:
+  1. data flow   a batch of prompts from the grain pipeline (images already packed into a bucket);
+  2. rollout     n samples per prompt from the compiled sampler (one prefill per prompt);
+  3. trajectory and reward   decode, score with the reward set, turn rewards into credit
+                 (GRPO / Dr.GRPO / RLOO / REINFORCE++ advantages, or DyME's per-group modes);
+  4. policy update   lay the rows out as micro-batches and run the jitted, sharded train step.
+Every source of randomness is a function of (seed, step) or lives in the checkpointed state, so a
+run killed at any step and restarted resumes exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vrl_jax import configs, sharding
+from vrl_jax.checkpointing import Checkpointer, PreemptionGuard, config_fingerprint
+from vrl_jax.evaluate import Evaluator, decode_responses, settings_from_names
+from vrl_jax.evaluation.metrics import step_metrics
+from vrl_jax.evaluation.progress import Progress
+from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
+from vrl_jax.evaluation.writers import MetricWriter
+from vrl_jax.rl import algorithms, rollout
+from vrl_jax.rl.logprobs import make_logprob_fn
+from vrl_jax.rl.train_state import create_train_state
+from vrl_jax.rl.train_step import StepConfig, make_train_step
+from vrl_jax.run_setup import RunSetup, prepare_run
+from vrl_jax.sampling.sampler import Sampler, SamplerConfig
+
+
+def _device_batch(batch):
+    return jax.tree.map(jnp.asarray, batch)
+
+
+class Loop:
+    """The pieces one run needs, built once: model graph, samplers, compiled steps, writers."""
+
+    def __init__(self, config, workdir: str, setup: RunSetup):
+        self.c, self.workdir, self.s = config, workdir, setup
+        c = config
+        self.stop_ids = tuple(setup.processor.config.eos_token_ids) or (setup.processor.tokenizer.eos_token_id,)
+        self.pad_id = setup.processor.pad_token_id
+        n_new = c.rollout.max_new_tokens
+        self.sampler = Sampler(setup.graphdef, SamplerConfig(
+            max_new_tokens=n_new, num_samples=c.rollout.num_samples, top_k=c.rollout.top_k,
+            stop_token_ids=self.stop_ids, pad_token_id=self.pad_id))
+        loss = configs.loss_config(c, max_len=n_new)
+        self.rl_cfg = StepConfig(batch_size=c.prompts_per_step * c.rollout.num_samples, num_micro=c.num_micro,
+                                 num_mini=c.num_mini, ppo_epochs=c.ppo_epochs, loss=loss, remat=c.model.remat,
+                                 chunk_size=c.loss.chunk_size, temperature=c.rollout.temperature or 1.0,
+                                 with_entropy=True)
+        self.sft_cfg = StepConfig(batch_size=c.sft.batch_size, num_micro=c.num_micro, loss=loss,
+                                  remat=c.model.remat, chunk_size=c.loss.chunk_size, with_entropy=False)
+        self.needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and
+                                                  c.advantage.kl_reward_coef))
+        self.logprob_fn = make_logprob_fn(setup.graphdef, chunk_size=c.loss.chunk_size,
+                                          temperature=self.rl_cfg.temperature) if self.needs_ref else None
+        self.evaluator = Evaluator(setup.graphdef, setup.processor, setup.rewards,
+                                   settings_from_names(c.eval.settings, c.eval.pass_k,
+                                                       c.eval.max_new_tokens or n_new),
+                                   self.stop_ids, self.pad_id)
+        self.key = jax.random.key(c.seed)
+
+    # -- the update's inputs ------------------------------------------------------------------
+
+    def sft_targets(self, examples, refine: bool = False) -> list[list[int]]:
+        """Reference rationale + final answer + EOS, tokenized (DyME memorization, SFT)."""
+        c, tok = self.c, self.s.processor.tokenizer
+        texts = None
+        if refine and self.s.visual is not None:
+            texts = list(self.s.visual.refiner.refine(examples).texts)
+        out = []
+        for i, e in enumerate(examples):
+            if texts is not None:
+                text = texts[i]
+            elif c.dyme.answer_format == "flag" or c.data.template == "dyme_answer":
+                text = f"{e['hint']}\nAnswer: {e['answer']}".strip()
+            else:
+                final = e["solution"] or "\\boxed{" + e["answer"] + "}"
+                text = f"{e['hint']}\n{final}".strip()
+            out.append(tok(text, add_special_tokens=False)["input_ids"] + [self.stop_ids[0]])
+        return out
+
+    def train_batch(self, prompts, tokens, mask, logprobs, num_samples, advantages, sft_weights, params=None):
+        c = self.c
+        seqs = rollout.build_sequences(prompts, tokens, mask, logprobs, num_samples, self.pad_id)
+        vision = rollout.pack_micro_batches(prompts.row_images, seqs.prompt_index, c.num_micro, self.s.processor,
+                                            self.s.processor.patch_buckets)
+        batch = rollout.to_train_batch(seqs, advantages, sft_weights, c.num_micro, vision)
+        if self.needs_ref and params is not None:
+            ref = self.logprob_fn(self.s.ref_params, _device_batch(batch._replace(ref_logprobs=None)))
+            batch = batch._replace(ref_logprobs=np.asarray(ref.logprobs))
+        return batch, seqs
+
+    # -- one step of each stage ---------------------------------------------------------------
+
+    def sft_step(self, state, step_fn, batch):
+        targets = self.sft_targets(batch.examples)
+        rows = len(targets)
+        n_new = self.c.rollout.max_new_tokens
+        tokens, mask, lp = rollout.replace_responses(np.zeros((rows, n_new), np.int32),
+                                                     np.zeros((rows, n_new), np.int32),
+                                                     np.zeros((rows, n_new), np.float32), range(rows), targets)
+        weights = np.asarray(batch.valid, np.float32)
+        tb, _ = self.train_batch(batch.inputs, tokens, mask, lp, 1, np.zeros(rows), weights)
+        state, metrics = step_fn(state, _device_batch(tb))
+        return state, {f"sft/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+
+    def rl_step(self, state, step_fn, batch, step: int):
+        c, s = self.c, self.s
+        n = c.rollout.num_samples
+        t0 = time.perf_counter()
+        # 2. rollout
+        out = jax.device_get(self.sampler(state.params, batch.inputs, jax.random.fold_in(self.key, step),
+                                          temperature=c.rollout.temperature, top_p=c.rollout.top_p))
+        t1 = time.perf_counter()
+        # 3. trajectory and reward
+        texts = decode_responses(s.processor.tokenizer, out.tokens, out.mask)
+        examples = [e for e in batch.examples for _ in range(n)]
+        rewards = s.rewards(texts, examples, lengths=out.lengths, truncated=~out.stopped)
+        correct = np.asarray(rewards["accuracy"], np.float32)
+        total = np.asarray(rewards["total"], np.float32)
+        if c.algorithm == "dyme" and c.dyme.thinking_weight and s.visual is not None:
+            thinking = np.nan_to_num(s.visual.checker.check(texts, examples).scores)
+            rewards["thinking"] = thinking
+            total = total + c.dyme.thinking_weight * thinking
+            rewards["total"] = total
+        valid = np.repeat(np.asarray(batch.valid), n)
+        cred = algorithms.credit(c.algorithm, c.advantage.estimator, total, correct, n, eps=c.advantage.eps,
+                                 response_mask=out.mask, logprobs=out.logprobs, ref_logprobs=None,
+                                 gamma=c.advantage.gamma, whiten=c.advantage.whiten,
+                                 shift_mean=c.advantage.shift_mean)
+        tokens, mask, logprobs = out.tokens, out.mask, out.logprobs
+        sft_weights = np.zeros(len(texts), np.float32)
+        if cred.sft_rows.any():
+            rows = np.flatnonzero(cred.sft_rows)
+            targets = self.sft_targets([examples[r] for r in rows], refine=c.dyme.refine)
+            tokens, mask, logprobs = rollout.replace_responses(tokens, mask, logprobs, rows, targets)
+            sft_weights[rows] = 1.0
+        advantages = cred.advantages
+        if advantages.ndim == 2:  # token level over the response -> over the whole row later
+            full = np.zeros((len(texts), batch.inputs.input_ids.shape[1] + advantages.shape[1]), np.float32)
+            full[:, batch.inputs.input_ids.shape[1] - 1:-1] = advantages
+            advantages = full
+        advantages = advantages * (valid[:, None] if advantages.ndim == 2 else valid)
+        sft_weights = sft_weights * valid
+        t2 = time.perf_counter()
+        # 4. policy update
+        tb, _ = self.train_batch(batch.inputs, tokens, mask, logprobs, n, advantages, sft_weights, state.params)
+        state, update = step_fn(state, _device_batch(tb))
+        update = jax.device_get(update)
+        t3 = time.perf_counter()
+        reflection = analyze_reflection(texts, correct)
+        metrics = step_metrics(
+            rewards=rewards, response_lengths=out.lengths, max_tokens=c.rollout.max_new_tokens, correct=correct,
+            stopped=out.stopped, group_size=n, modes=cred.modes, update=update, lr=update.get("learning_rate"),
+            grad_norm=update.get("grad_norm"), temperature=c.rollout.temperature,
+            timings={"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2},
+            rollout_tokens=int(np.asarray(out.lengths).sum()), update_tokens=int(tb.loss_mask.sum()),
+            num_devices=jax.device_count(), generation_step=step, gradient_step=int(state.step), epoch=batch.epoch)
+        metrics.update(reflection_metrics(reflection.counts))
+        metrics.update(cred.stats)
+        sample = texts[reflection.example] if reflection.example is not None else None
+        return state, metrics, correct[valid], sample
+
+
+def train(config, workdir: str) -> dict:
+    """Runs an experiment in `workdir` (resuming it if it holds checkpoints). Returns the last eval."""
+    c = config
+    configs.validate(c, jax.device_count())
+    os.makedirs(workdir, exist_ok=True)
+    setup = prepare_run(c, workdir)
+    loop = Loop(c, workdir, setup)
+    mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh)) if jax.device_count() > 1 else None
+    total_steps = c.sft.steps + c.rl_steps
+
+    def new_state(stage: str, params=None):
+        updates = (c.sft.steps if stage == "sft" else c.rl_steps * c.num_mini * c.ppo_epochs)
+        lr = c.sft.learning_rate if stage == "sft" else None
+        model = setup.model if params is None else nnx.merge(setup.graphdef, params)
+        state, _, _ = create_train_state(model, configs.optimizer_config(c, updates, lr), seed=c.seed, mesh=mesh)
+        step_cfg = loop.sft_cfg if stage == "sft" else loop.rl_cfg
+        return state, make_train_step(setup.graphdef, configs.optimizer_config(c, updates, lr), step_cfg,
+                                      donate=True)
+
+    stage = "sft" if c.sft.steps else "rl"
+    state, step_fn = new_state(stage)
+    iters = {name: (iter(ds) if ds is not None else None) for name, ds in (("sft", setup.sft_data), ("rl", setup.rl_data))}
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep,
+                        best_metric=c.checkpoint.best_metric or None, fingerprint=config_fingerprint(c.to_dict()))
+    start = 0
+    if ckpt.latest_step() is not None:
+        restored = ckpt.restore(abstract_state=jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state))
+        start, state = restored.step, restored.state
+        stage = restored.extra["stage"]
+        if stage == "rl" and c.sft.steps:
+            _, step_fn = new_state("rl")
+        for name, st in (restored.data_state or {}).items():
+            if iters.get(name) is not None and st is not None:
+                iters[name].set_state(st)
+        print(f"resumed {workdir} at step {start} ({stage})", flush=True)
+    writer = MetricWriter(workdir, process_index=jax.process_index(), resume_step=start if start else None,
+                          tensorboard=c.log.tensorboard, wandb=c.log.wandb, wandb_project=c.log.wandb_project,
+                          run_name=c.name, config=c.to_dict())
+    last_eval: dict = {}
+
+    def evaluate(step: int):
+        nonlocal last_eval
+        last_eval = {}
+        for split, batches in setup.eval_data.items():
+            metrics, samples = loop.evaluator.evaluate_split(state.params, batches(), jax.random.fold_in(
+                jax.random.key(c.seed + 1), step), split, keep_samples=c.log.samples_per_eval)
+            last_eval.update(metrics)
+            writer.write_samples(split, step, samples)
+        writer.write(step, last_eval, split="eval", kind="eval")
+        return last_eval
+
+    with PreemptionGuard() as guard, Progress(total_steps, desc=c.name, initial=start) as bar:
+        if start == 0 and c.eval.every_steps:
+            evaluate(0)
+        for step in range(start, total_steps):
+            if stage == "sft" and step >= c.sft.steps:
+                stage = "rl"
+                state, step_fn = new_state("rl", state.params)
+            batch = next(iters[stage])
+            if stage == "sft":
+                state, metrics = loop.sft_step(state, step_fn, batch)
+            else:
+                state, metrics, _, sample = loop.rl_step(state, step_fn, batch, step)
+                if sample and step % c.log.every_steps == 0:
+                    writer.write_text(step + 1, "reflective_correct_sample", sample)
+            done = step + 1
+            metrics["stage"] = 0.0 if stage == "sft" else 1.0
+            writer.write(done, metrics, split="train")
+            if c.eval.every_steps and (done % c.eval.every_steps == 0 or done == total_steps):
+                evaluate(done)
+            bar.update(1, metrics)
+            data_state = {k: (it.get_state() if it is not None else None) for k, it in iters.items()}
+            extra = {"stage": stage, "eval": last_eval}
+            if done % c.checkpoint.every_steps == 0 or done == total_steps or guard.requested:
+                writer.flush()
+                ranked = last_eval if ckpt.best_metric and ckpt.best_metric in last_eval else None
+                ckpt.save(done, state, data_state, extra, metrics=ranked, force=True)
+            if guard.requested:
+                ckpt.wait()
+                writer.close()
+                raise SystemExit(f"stopped by signal at step {done}: checkpoint saved in {workdir}/checkpoints")
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if c.checkpoint.export_hf and jax.process_index() == 0:
+        from vrl_jax.models.loading import export_hf
+        export_hf(nnx.merge(setup.graphdef, state.params), os.path.join(workdir, "export"), source_dir=setup.model_dir)
+    setup.close()
+    return last_eval
