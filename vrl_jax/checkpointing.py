@@ -1,0 +1,390 @@
+"""Checkpoints of a training run (orbax) and preemption handling.
+
+A checkpoint is one orbax step directory `<directory>/<step>/` with three items:
+  "state"  the train state pytree (jax arrays, possibly sharded), restored straight into an abstract
+           target (`jax.ShapeDtypeStruct`s carrying shardings), so a restore on the same or on a
+           different mesh lands in place without a host round trip;
+  "data"   the input iterator's state (grain's `get_state()`: a dict for `DatasetIterator`, bytes
+           for `DataLoader` iterators), one JSON file per process: every host reads its own shard
+           of the data, so every host saves and restores its own position;
+  "extra"  a JSON dict from the trainer (epoch accumulators, counters, the step's metrics).
+The config fingerprint goes into orbax's step metadata (`custom_metadata`), next to the items.
+
+Atomicity, retention and async writes are orbax's `CheckpointManager`: a step is written under
+`<step>.orbax-checkpoint-tmp-<timestamp>` and renamed when complete (on object stores, where rename
+is not atomic, a `commit_success.txt` marks completion), so a process killed mid-save leaves a
+directory that is never listed as a step; leftovers are deleted when the next manager opens.
+Retention is orbax's `preservation_policy`: `AnyPreservationPolicy(LatestN(max_to_keep),
+BestN(keep_best))` keeps a checkpoint that either policy keeps, i.e. "the last N plus the best K"
+(one checkpoint can be both). A checkpoint saved without metrics is only ever kept as one of the
+last N. Saving follows orbax's default decision policy: every `save_interval_steps`-th step, the
+first save of a fresh manager, orbax preemption points, and any `force=True` save.
+
+Preemption: `PreemptionGuard` turns SIGTERM / SIGINT into a flag; the trainer polls it once per step
+(`guard.should_stop(step, checkpointer)`, which also asks orbax/JAX about multi-host TPU preemption
+notices), then saves with `force=True`, `wait()`s and exits.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import threading
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+
+FINGERPRINT_KEY = "config_fingerprint"  # key in the step's orbax custom_metadata
+
+
+class ConfigMismatchError(ValueError):
+    """The checkpoint was written under a different config fingerprint."""
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any
+    data_state: dict | bytes | None
+    extra: dict
+    fingerprint: str | None = None
+
+
+def config_fingerprint(config: Any) -> str:
+    """A short stable hash of a config (dataclass, dict, ... anything `json` can print after
+    `dataclasses.asdict`); unknown leaf types are hashed by their repr."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    text = json.dumps(config, sort_keys=True, default=repr, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+    """`jax.ShapeDtypeStruct`s for a pytree of arrays, with `shardings` (a matching pytree) or the
+    arrays' own shardings: the `abstract_state` that `Checkpointer.restore` fills."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def to_json(value: Any, where: str) -> Any:
+    """A fresh JSON-able copy of `value` (so later mutation by the caller cannot leak into an async
+    write). numpy / jax scalars become Python numbers, arrays become (nested) lists; dict keys must
+    be strings (JSON would silently turn 1 into "1"). Errors name the offending path."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return np.asarray(value).tolist()
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: key {k!r} is a {type(k).__name__}; JSON keys must be str")
+            out[k] = to_json(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{where}: {type(value).__name__} is not JSON-serialisable")
+
+
+# ---------------------------------------------------------------------------------------------
+# "data": the iterator state, one JSON file per process.
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Writes `process_<i>-of-<n>.json` = {"format": "dict"|"bytes"|"none", "state": ...} on every
+    process (orbax's JsonCheckpointHandler writes on the primary host only, which would lose the
+    other hosts' positions). Bytes are base64 so that any payload survives JSON. Synchronous: the
+    file is tiny, and the state is then captured at the moment `save` is called."""
+
+    def save(self, directory: epath.Path, args: DataStateSave):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / _process_file()).write_text(json.dumps(args.envelope))
+
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> Any:
+        path = directory / _process_file()
+        if not path.exists():
+            found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+            raise FileNotFoundError(f"no data-iterator state for this process at {path} (found {found}); "
+                                    "was the checkpoint written with a different number of processes?")
+        return _decode_data_state(json.loads(path.read_text()), str(path))
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def structure(self, directory: epath.Path) -> None:
+        return None
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    envelope: dict
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def _process_file() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _encode_data_state(state: dict | bytes | None) -> dict:
+    if state is None:
+        return {"format": "none", "state": None}
+    if isinstance(state, (bytes, bytearray)):
+        return {"format": "bytes", "state": base64.b64encode(bytes(state)).decode("ascii")}
+    if isinstance(state, dict):
+        return {"format": "dict", "state": to_json(state, "data_state")}
+    raise TypeError(f"data_state must be a dict (grain DatasetIterator.get_state()), bytes (grain DataLoader "
+                    f"iterator) or None; got {type(state).__name__}")
+
+
+def _decode_data_state(envelope: dict, where: str) -> dict | bytes | None:
+    fmt = envelope.get("format")
+    if fmt == "none":
+        return None
+    if fmt == "bytes":
+        return base64.b64decode(envelope["state"])
+    if fmt == "dict":
+        return envelope["state"]
+    raise ValueError(f"{where}: unknown data-state format {fmt!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores (state, data iterator state, extra) under `directory` with orbax.
+
+    max_to_keep: the most recent checkpoints kept (None = all).
+    best_metric: key of `metrics` (passed to `save`) that ranks checkpoints; None = no ranking.
+    best_mode: "max" or "min". keep_best: the best checkpoints kept in addition to the last N.
+    save_interval_steps: `save` writes only on multiples of it (plus the first save and `force`).
+    async_save: write in a background thread; `save` returns once the arrays are copied to host,
+      so the caller may donate / overwrite its buffers right away. `wait()` blocks until written.
+    fingerprint: this run's config fingerprint (`config_fingerprint(cfg)`), stored with every save
+      and compared on restore; None = neither stored nor checked.
+    """
+
+    def __init__(self, directory: str | epath.PathLike, *, max_to_keep: int | None = 3, best_metric: str | None = None,
+                 best_mode: str = "max", keep_best: int = 1, save_interval_steps: int = 1, async_save: bool = True,
+                 fingerprint: str | None = None):
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+            raise ValueError(f"Checkpointer: max_to_keep must be a positive int or None; got {max_to_keep!r}")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"Checkpointer: best_mode must be 'max' or 'min'; got {best_mode!r}")
+        if not isinstance(keep_best, int) or keep_best < 1:
+            raise ValueError(f"Checkpointer: keep_best must be a positive int; got {keep_best!r}")
+        if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
+            raise ValueError(f"Checkpointer: save_interval_steps must be a positive int; got {save_interval_steps!r}")
+        path = epath.Path(directory)
+        if "://" not in str(directory):
+            path = path.expanduser().resolve()  # orbax wants absolute local paths
+        self.directory = path
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.fingerprint = fingerprint
+
+        policies: list[Any] = [ocm.LatestN(n=max_to_keep)]
+        if best_metric is not None:
+            # BestN sorts ascending and keeps the tail; reverse=True for "min" keeps the smallest.
+            policies.append(ocm.BestN(get_metric_fn=self._metric_value, reverse=(best_mode == "min"), n=keep_best,
+                                      keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps,
+            best_fn=self._metric_value if best_metric is not None else None,  # for best_step() and metric writes
+            best_mode=best_mode,
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # delete half-written steps left by a killed process
+            create=True,
+        )
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": DataStateHandler(),
+                    "extra": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(path, options=options, item_handlers=handlers)
+
+    def _metric_value(self, metrics: dict) -> float:
+        """Ranking value; a missing or NaN metric ranks worst, so it can never evict a real best."""
+        worst = -math.inf if self.best_mode == "max" else math.inf
+        value = metrics.get(self.best_metric) if isinstance(metrics, dict) else None
+        if value is None:
+            return worst
+        value = float(value)
+        return worst if math.isnan(value) else value
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, data_state: dict | bytes | None, extra: dict,
+             metrics: dict | None = None, force: bool = False) -> bool:
+        """Saves if the interval (or `force`) says so; returns whether a save was started. With
+        `force`, a step that is already saved is not an error (a preemption right after a regular
+        save) and returns False. Arrays must be fully addressable or globally sharded jax arrays."""
+        step = int(step)
+        if not isinstance(extra, dict):
+            raise TypeError(f"extra must be a dict; got {type(extra).__name__}")
+        envelope = _encode_data_state(data_state)
+        extra = to_json(extra, "extra")
+        if metrics is not None:
+            if not isinstance(metrics, dict):
+                raise TypeError(f"metrics must be a dict or None; got {type(metrics).__name__}")
+            metrics = to_json(metrics, "metrics")
+            if self.best_metric is not None and self.best_metric not in metrics:
+                raise KeyError(f"Checkpointer.save(step={step}): metrics lack best_metric {self.best_metric!r}; "
+                               f"got keys {sorted(metrics)}")
+        if force and step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataStateSave(envelope),
+                                  extra=ocp.args.JsonSave(extra))
+        custom = {FINGERPRINT_KEY: self.fingerprint} if self.fingerprint is not None else None
+        return bool(self._manager.save(step, args=args, metrics=metrics, force=force, custom_metadata=custom))
+
+    def wait(self) -> None:
+        """Blocks until every started save is on disk (and old checkpoints are pruned)."""
+        self._manager.wait_until_finished()
+
+    # -- listing --------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The best step by `best_metric` among those with metrics; without a best_metric, the
+        latest step (orbax's convention)."""
+        return self._manager.best_step()
+
+    def step_path(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step where JAX's preemption sync manager (multi-host TPU maintenance events,
+        set up by `jax.distributed.initialize`) asks every host to checkpoint; False elsewhere."""
+        return bool(self._manager.reached_preemption(step))
+
+    # -- restoring ------------------------------------------------------------------------------
+
+    def restore(self, step: int | None = None, *, abstract_state: Any, allow_config_change: bool = False) -> Restored:
+        """Restores `step` (default: the latest) into `abstract_state`, a pytree of
+        `jax.ShapeDtypeStruct`s with shardings (see `abstract_like`): arrays come back with those
+        shardings, whatever mesh they were saved from. Shapes must match the saved ones."""
+        self.wait()  # a save of this very step may still be in flight
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {steps}")
+        path = self.step_path(step)
+        saved_fp = (self._manager.metadata(step).custom_metadata or {}).get(FINGERPRINT_KEY)
+        if self.fingerprint is not None and saved_fp != self.fingerprint and not allow_config_change:
+            raise ConfigMismatchError(
+                f"checkpoint {path} was written with config fingerprint {saved_fp!r}, this run has "
+                f"{self.fingerprint!r}; restore with allow_config_change=True to resume anyway")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore(),
+                                  extra=ocp.args.JsonRestore())
+        try:
+            out = self._manager.restore(step, args=args)
+        except (ValueError, KeyError, TypeError) as e:  # orbax's messages do not name the checkpoint
+            raise ValueError(f"restoring {path} failed: {type(e).__name__}: {e}") from e
+        return Restored(step, out["state"], out["data"], out["extra"], saved_fp)
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class PreemptionGuard:
+    """Turns SIGTERM / SIGINT into a flag the trainer polls once per step.
+
+    The handlers only record the signal: saving from inside a handler would run orbax and JAX at an
+    arbitrary bytecode of the main thread. A second SIGINT while a stop is already pending raises
+    KeyboardInterrupt, so a stuck run can still be interrupted from the keyboard. Handlers are
+    installed on construction (main thread only) and the previous ones restored by `close()` /
+    leaving the `with` block.
+
+        with PreemptionGuard() as guard, Checkpointer(dir) as ckpt:
+            for step in ...:
+                ...
+                if guard.should_stop(step, ckpt):
+                    ckpt.save(step, state, it.get_state(), extra, force=True); ckpt.wait()
+                    raise SystemExit(f"{guard.reason} at step {step}: saved {ckpt.step_path(step)}")
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionGuard must be created in the main thread (Python delivers signals there)")
+        self._signum: int | None = None
+        self._elsewhere: str | None = None  # why should_stop said stop when no signal came here
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame):
+        if self._signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._signum = signum
+
+    @property
+    def requested(self) -> bool:
+        """A stop signal arrived on this process."""
+        return self._signum is not None
+
+    @property
+    def reason(self) -> str | None:
+        """"SIGTERM" / "SIGINT" for a local signal, else why `should_stop` stopped, else None."""
+        return self._elsewhere if self._signum is None else signal.Signals(self._signum).name
+
+    def should_stop(self, step: int, checkpointer: Checkpointer | None = None) -> bool:
+        """Whether to save and exit now. Multi-process: every process must take the same branch
+        (the save is collective), so the local flags are OR-ed over processes (one tiny host
+        all-gather per call), and orbax's preemption sync point is consulted."""
+        stop = self.requested
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            if bool(np.any(multihost_utils.process_allgather(np.int32(stop)))) and not stop:
+                stop, self._elsewhere = True, "stop signal on another process"
+        if checkpointer is not None and checkpointer.reached_preemption(step):
+            if not stop:
+                self._elsewhere = "JAX preemption sync point"
+            stop = True
+        return stop
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __enter__(self) -> PreemptionGuard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
