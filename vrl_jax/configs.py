@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_mini = 1
     c.ppo_epochs = 1
 
-    c.sft = ml_collections.ConfigDict(dict(steps=0, batch_size=16, learning_rate=1e-4))
+    # max_target_tokens: reference rationale + answer length for SFT rows (longer ones are truncated).
+    c.sft = ml_collections.ConfigDict(dict(steps=0, batch_size=16, learning_rate=1e-4, max_target_tokens=256))
 
     c.optim = ml_collections.ConfigDict(dict(learning_rate=5e-6, warmup_ratio=0.1, final_lr_ratio=0.0, b1=0.9,
                                              b2=0.95, eps=1e-5, weight_decay=0.01, clip_grad_norm=1.0,
@@ -120,7 +121,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         if s not in EVAL_SETTINGS:
             _fail("eval.settings", f"{s!r} is not one of {EVAL_SETTINGS}")
     _positive(c, "prompts_per_step", "num_micro", "num_mini", "ppo_epochs", "rollout.num_samples",
-              "rollout.max_new_tokens", "eval.batch_size", "eval.pass_k", "sft.batch_size", "checkpoint.keep",
+              "rollout.max_new_tokens", "eval.batch_size", "eval.pass_k", "sft.batch_size", "sft.max_target_tokens",
+              "checkpoint.keep",
               "log.every_steps")
     _positive(c, "rl_steps", "sft.steps", "eval.every_steps", "checkpoint.every_steps", "eval.max_examples",
               "rollout.temperature", allow_zero=True)
@@ -140,7 +142,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                            f"= {c.num_micro}")
     if c.num_micro % c.num_mini:
         _fail("num_mini", f"num_micro = {c.num_micro} must divide by num_mini = {c.num_mini}")
-    if c.sft.batch_size % c.num_micro:
+    if c.sft.steps and c.sft.batch_size % c.num_micro:
         _fail("sft.batch_size", f"{c.sft.batch_size} must divide by num_micro = {c.num_micro}")
     data_parallel = _data_parallel(c, num_devices)
     micro_rows = rows // c.num_micro

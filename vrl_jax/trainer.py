@@ -104,7 +104,7 @@ class Loop:
     def sft_step(self, state, step_fn, batch):
         targets = self.sft_targets(batch.examples)
         rows = len(targets)
-        n_new = self.c.rollout.max_new_tokens
+        n_new = self.c.sft.max_target_tokens
         tokens, mask, lp = rollout.replace_responses(np.zeros((rows, n_new), np.int32),
                                                      np.zeros((rows, n_new), np.int32),
                                                      np.zeros((rows, n_new), np.float32), range(rows), targets)
@@ -224,7 +224,7 @@ def train(config, workdir: str) -> dict:
         return last_eval
 
     with PreemptionGuard() as guard, Progress(total_steps, desc=c.name, initial=start) as bar:
-        if start == 0 and c.eval.every_steps:
+        if start == 0 and setup.eval_data:
             evaluate(0)
         for step in range(start, total_steps):
             if stage == "sft" and step >= c.sft.steps:
@@ -240,16 +240,19 @@ def train(config, workdir: str) -> dict:
             done = step + 1
             metrics["stage"] = 0.0 if stage == "sft" else 1.0
             writer.write(done, metrics, split="train")
-            if c.eval.every_steps and (done % c.eval.every_steps == 0 or done == total_steps):
+            # Evaluate at the start, at the SFT -> RL boundary, at the end, and every N steps.
+            if setup.eval_data and (done in (c.sft.steps, total_steps) or
+                                    (c.eval.every_steps and done % c.eval.every_steps == 0)):
                 evaluate(done)
             bar.update(1, metrics)
             data_state = {k: (it.get_state() if it is not None else None) for k, it in iters.items()}
             extra = {"stage": stage, "eval": last_eval}
-            if done % c.checkpoint.every_steps == 0 or done == total_steps or guard.requested:
+            if done % c.checkpoint.every_steps == 0 or done == total_steps:
                 writer.flush()
                 ranked = last_eval if ckpt.best_metric and ckpt.best_metric in last_eval else None
                 ckpt.save(done, state, data_state, extra, metrics=ranked, force=True)
-            if guard.requested:
+            if guard.should_stop(done, ckpt):
+                ckpt.save(done, state, data_state, extra, force=True)
                 ckpt.wait()
                 writer.close()
                 raise SystemExit(f"stopped by signal at step {done}: checkpoint saved in {workdir}/checkpoints")

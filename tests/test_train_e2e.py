@@ -1,0 +1,162 @@
+"""The training loop end to end on the tiny default (`experiments/default.py:smoke`): every algorithm
+runs, a run killed with SIGKILL resumes exactly, SIGTERM saves, and config mistakes fail before compiling."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "experiments", "default.py") + ":smoke"
+# Cheaper evaluation than the smoke default: one split, two settings.
+FAST = ["--config.eval.splits=('val',)", "--config.eval.settings=('low','high')", "--report=false"]
+VOLATILE = ("time/", "speed/", "timestamp", "time")
+
+
+def run_train(workdir, *overrides, wait=True, env=None):
+    cmd = [sys.executable, "-m", "vrl_jax.train", f"--config={SMOKE}", f"--workdir={workdir}", *FAST, *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def rows(workdir, split="train"):
+    out = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("split") == split:
+                out.append({k: v for k, v in r.items() if not k.startswith(VOLATILE)})
+    return out
+
+
+def load_config(path_and_arg):
+    path, _, arg = path_and_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("exp", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("full"))
+    out = run_train(wd, "--config.rl_steps=4")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return wd
+
+
+def test_sft_then_grpo_runs_and_writes_everything(uninterrupted):
+    wd = uninterrupted
+    train = rows(wd)
+    assert [r["step"] for r in train] == list(range(1, 7))  # 2 SFT + 4 GRPO steps
+    assert "sft/loss" in train[0] and "rews/acc_rewards" in train[-1] and "training/clipfrac" in train[-1]
+    assert "reflection_analysis/reflection_ratio" in train[-1] or any("reflection" in k for k in train[-1])
+    evals = rows(wd, "eval")
+    assert [r["step"] for r in evals] == [0, 2, 6]  # start, after SFT, end
+    assert os.path.exists(os.path.join(wd, "export", "model.safetensors"))
+    assert os.listdir(os.path.join(wd, "samples")) and os.listdir(os.path.join(wd, "tensorboard"))
+
+
+def test_sigkill_then_restart_resumes_exactly(uninterrupted, tmp_path):
+    wd = str(tmp_path / "killed")
+    proc = run_train(wd, "--config.rl_steps=4", wait=False)
+    metrics = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill during the RL stage, after a checkpoint exists
+        if os.path.exists(metrics) and any(r["step"] >= 4 for r in rows(wd)):
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed:\n" + proc.stdout.read()[-3000:])
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run_train(wd, "--config.rl_steps=4")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resumed" in out.stdout
+    assert rows(wd) == rows(uninterrupted)
+    assert rows(wd, "eval") == rows(uninterrupted, "eval")
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path):
+    wd = str(tmp_path / "term")
+    proc = run_train(wd, "--config.rl_steps=50", "--config.checkpoint.every_steps=1000", wait=False)
+    metrics = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + 600
+    while time.time() < deadline and not (os.path.exists(metrics) and any(r["step"] >= 3 for r in rows(wd))):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert "stopped by signal" in output, output[-3000:]
+    saved = [int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
+    assert saved and max(saved) >= 3
+
+
+@pytest.mark.parametrize("variant", ["sft", "dyme"])
+def test_other_algorithms_run(tmp_path, variant):
+    overrides = {"sft": [f"--config={SMOKE.replace(':smoke', ':sft')}", "--config.sft.steps=2",
+                         "--config.sft.batch_size=4", "--config.data.synthgeo.train=64",
+                         "--config.model.tiny.hidden=32", "--config.model.tiny.layers=1",
+                         "--config.model.tiny.intermediate=64", "--config.sft.max_target_tokens=16",
+                         "--config.eval.max_examples=4", "--config.eval.batch_size=4", "--config.eval.pass_k=2",
+                         "--config.rollout.max_new_tokens=8", "--config.num_micro=2"],
+                 "dyme": ["--config.algorithm=dyme", "--config.data.template=dyme_answer",
+                          "--config.dyme.answer_format=flag", "--config.sft.steps=0"]}[variant]
+    wd = str(tmp_path / variant)
+    out = run_train(wd, *overrides)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    train = rows(wd)
+    assert train
+    if variant == "dyme":
+        assert all("dyme/memorize_share" in r for r in train)
+        # A random model gets nothing right, so every group is in memorization mode.
+        assert all(r["dyme/memorize_share"] == 1.0 for r in train)
+        assert all(r["loss/sft_loss"] > 0 for r in train)
+
+
+def test_reinforce_pp_runs(tmp_path):
+    wd = str(tmp_path / "rpp")
+    out = run_train(wd, "--config.algorithm=reinforce_pp", "--config.advantage.estimator=reinforce_pp",
+                    "--config.advantage.kl_reward_coef=0.01", "--config.loss.kl_coef=0.001",
+                    "--config.sft.steps=0", "--config.rl_steps=2")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    train = rows(wd)
+    assert len(train) == 2 and all("loss/kl_loss" in r for r in train)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--config.num_micro=3", "config.num_micro"),
+    ("--config.algorithm=ppo", "config.algorithm"),
+    ("--config.mesh.data=3", "config.mesh"),
+    ("--config.rollout.num_samples=1", "config.rollout.num_samples"),
+])
+def test_config_mistakes_fail_fast_naming_the_key(tmp_path, override, key):
+    t0 = time.time()
+    out = run_train(str(tmp_path / "bad"), override)
+    assert out.returncode != 0 and key in out.stderr, out.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "bad" / "model")  # nothing was built, loaded or compiled
+    assert time.time() - t0 < 60
+
+
+@pytest.mark.parametrize("override", ["--config.no_such_key=1", "--config.rl_steps=abc"])
+def test_unknown_keys_and_wrong_types_are_rejected(tmp_path, override):
+    out = run_train(str(tmp_path / "bad"), override)
+    assert out.returncode != 0
+    assert ("no_such_key" in out.stderr) or ("rl_steps" in out.stderr), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("experiment", ["default.py", "default.py:grpo", "default.py:sft", "default.py:dyme",
+                                        "geo.py", "mmmath.py", "dyme.py", "ablation.py"])
+def test_every_experiment_config_validates(experiment):
+    from vrl_jax import configs
+    config = load_config(os.path.join(ROOT, "experiments", experiment))
+    configs.validate(config, num_devices=1)
