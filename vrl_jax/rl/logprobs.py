@@ -58,7 +58,8 @@ def batch_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Any, *, chunk_siz
 
 def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int = 8192, temperature: float = 1.0,
                     with_entropy: bool = False, param_shardings: Any = None, batch_shardings: Any = None,
-                    out_sharding: Any = None) -> Callable[[Any, Any], TokenStats]:
+                    out_sharding: Any = None, compiler_options: dict[str, Any] | None = None
+                    ) -> Callable[[Any, Any], TokenStats]:
     """Compiled `fn(params, batch) -> TokenStats [M, mb, T]` for old-policy / reference log-probs.
 
     The shardings are optional: given, they pin the inputs (params as placed for training, the
@@ -69,6 +70,7 @@ def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int = 8192, temperatu
                               with_entropy=with_entropy)
 
     if param_shardings is None and batch_shardings is None:
-        return jax.jit(fn)
+        return jax.jit(fn, compiler_options=compiler_options)
     out = None if out_sharding is None else TokenStats(out_sharding, out_sharding if with_entropy else None)
-    return jax.jit(fn, in_shardings=(param_shardings, batch_shardings), out_shardings=out)
+    return jax.jit(fn, in_shardings=(param_shardings, batch_shardings), out_shardings=out,
+                   compiler_options=compiler_options)

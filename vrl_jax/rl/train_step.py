@@ -329,18 +329,21 @@ def train_step(state: TrainState, batch: TrainBatch, *, graphdef: nnx.GraphDef, 
 
 def make_train_step(graphdef: nnx.GraphDef, opt_cfg: OptimizerConfig, cfg: StepConfig, *, mesh: Mesh | None = None,
                     state_shardings: TrainState | None = None, batch_shardings: TrainBatch | None = None,
-                    donate: bool = True) -> Callable[[TrainState, TrainBatch], tuple[TrainState, dict]]:
+                    donate: bool = True, compiler_options: dict[str, Any] | None = None
+                    ) -> Callable[[TrainState, TrainBatch], tuple[TrainState, dict]]:
     """`step(state, batch) -> (state, metrics)`, jitted, the state donated.
 
     With a mesh, `state_shardings` (e.g. `train_state.train_state_shardings(state)`) and
     `batch_shardings` (`batch_shardings(example_batch, mesh)`) pin inputs and outputs; metrics come
     back replicated. Config and shape errors are raised on the host before anything compiles.
+    compiler_options: passed to XLA (e.g. {"xla_backend_optimization_level": 0} halves CPU compile
+    time for tests and debugging; the HLO program is the same).
     """
     cfg.check_mesh(mesh)
     params_sh = None if state_shardings is None else state_shardings.params
     fn = lambda state, batch: train_step(state, batch, graphdef=graphdef, opt_cfg=opt_cfg, cfg=cfg,  # noqa: E731
                                          param_shardings=params_sh)
-    kwargs: dict[str, Any] = dict(donate_argnums=(0,) if donate else ())
+    kwargs: dict[str, Any] = dict(donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
     if mesh is not None:
         if state_shardings is None or batch_shardings is None:
             raise ValueError("make_train_step: with a mesh, pass state_shardings and batch_shardings")
