@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "synthgeo"  # synthgeo | maye | easyr1 | dyme (files on disk)
     c.data.train = ""  # a file for maye/easyr1/dyme
     c.data.eval = ml_collections.ConfigDict({"val": "", "test": ""})  # split name -> file
-    c.data.synthgeo = ml_collections.ConfigDict(dict(train=2000, val=100, test=200, seed=0))
+    # families: empty = all; levels: difficulty levels of train/val/test_iid (test_ood uses level 3).
+    c.data.synthgeo = ml_collections.ConfigDict(dict(train=2000, val=100, test=200, seed=0, families=(),
+                                                     levels=(0, 1, 2), text_fraction=0.25))
     c.data.template = "maye_cot"
     c.data.length_buckets = (128, 256, 512)
     c.data.patch_buckets = (256, 1024, 4096)

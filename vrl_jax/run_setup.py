@@ -56,7 +56,9 @@ def synthgeo_data(c, workdir: str, faults: FaultCounter) -> tuple[list[Example],
     s = c.data.synthgeo
     sizes = {"train": s.train, "val": s.val, "test_iid": s.test, "test_ood": s.test}
     if not os.path.exists(os.path.join(out, "manifest.json")):
-        export_dataset(out, sizes, GeneratorConfig(seed=s.seed), formats=("maye",), progress=True)
+        gen = GeneratorConfig(seed=s.seed, levels=tuple(s.levels), text_fraction=s.text_fraction,
+                              **({"families": tuple(s.families)} if s.families else {}))
+        export_dataset(out, sizes, gen, formats=("maye",), progress=True)
     load = lambda split: [_with_hint(e) for e in load_examples(os.path.join(out, f"maye_{split}.jsonl"),  # noqa
                                                                  faults=faults)]
     return load("train"), {split: load(split) for split in SYNTHGEO_EVAL_SPLITS}

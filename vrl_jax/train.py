@@ -39,6 +39,10 @@ def main(argv):
         return 2
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # A restarted (preempted, killed) run reuses the compiled steps instead of compiling again.
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=2, default=str)
     from vrl_jax.trainer import train

@@ -88,16 +88,13 @@ class Loop:
             out.append(tok(text, add_special_tokens=False)["input_ids"] + [self.stop_ids[0]])
         return out
 
-    def train_batch(self, prompts, tokens, mask, logprobs, num_samples, advantages, sft_weights, params=None):
+    def train_batch(self, prompts, tokens, mask, logprobs, num_samples, advantages, sft_weights, row_images,
+                    ref_logprobs=None):
         c = self.c
         seqs = rollout.build_sequences(prompts, tokens, mask, logprobs, num_samples, self.pad_id)
-        vision = rollout.pack_micro_batches(prompts.row_images, seqs.prompt_index, c.num_micro, self.s.processor,
+        vision = rollout.pack_micro_batches(row_images, seqs.prompt_index, c.num_micro, self.s.processor,
                                             self.s.processor.patch_buckets)
-        batch = rollout.to_train_batch(seqs, advantages, sft_weights, c.num_micro, vision)
-        if self.needs_ref and params is not None:
-            ref = self.logprob_fn(self.s.ref_params, _device_batch(batch._replace(ref_logprobs=None)))
-            batch = batch._replace(ref_logprobs=np.asarray(ref.logprobs))
-        return batch, seqs
+        return rollout.to_train_batch(seqs, advantages, sft_weights, c.num_micro, vision, ref_logprobs), seqs
 
     # -- one step of each stage ---------------------------------------------------------------
 
@@ -109,65 +106,102 @@ class Loop:
                                                      np.zeros((rows, n_new), np.int32),
                                                      np.zeros((rows, n_new), np.float32), range(rows), targets)
         weights = np.asarray(batch.valid, np.float32)
-        tb, _ = self.train_batch(batch.inputs, tokens, mask, lp, 1, np.zeros(rows), weights)
+        tb, _ = self.train_batch(batch.inputs, tokens, mask, lp, 1, np.zeros(rows), weights, batch.inputs.row_images)
         state, metrics = step_fn(state, _device_batch(tb))
         return state, {f"sft/{k}": float(v) for k, v in jax.device_get(metrics).items()}
 
-    def rl_step(self, state, step_fn, batch, step: int):
+    def rollout_round(self, params, batch, key) -> rollout.Rollouts:
+        """Steps 2 and 3 for one batch of prompts: sample n responses each, decode, score."""
         c, s = self.c, self.s
         n = c.rollout.num_samples
-        t0 = time.perf_counter()
-        # 2. rollout
-        out = jax.device_get(self.sampler(state.params, batch.inputs, jax.random.fold_in(self.key, step),
-                                          temperature=c.rollout.temperature, top_p=c.rollout.top_p))
-        t1 = time.perf_counter()
-        # 3. trajectory and reward
+        out = jax.device_get(self.sampler(params, batch.inputs, key, temperature=c.rollout.temperature,
+                                          top_p=c.rollout.top_p))
         texts = decode_responses(s.processor.tokenizer, out.tokens, out.mask)
         examples = [e for e in batch.examples for _ in range(n)]
         rewards = s.rewards(texts, examples, lengths=out.lengths, truncated=~out.stopped)
-        correct = np.asarray(rewards["accuracy"], np.float32)
-        total = np.asarray(rewards["total"], np.float32)
         if c.algorithm == "dyme" and c.dyme.thinking_weight and s.visual is not None:
             thinking = np.nan_to_num(s.visual.checker.check(texts, examples).scores)
             rewards["thinking"] = thinking
-            total = total + c.dyme.thinking_weight * thinking
-            rewards["total"] = total
-        valid = np.repeat(np.asarray(batch.valid), n)
+            rewards["total"] = np.asarray(rewards["total"], np.float32) + c.dyme.thinking_weight * thinking
+        return rollout.Rollouts(batch.inputs, list(batch.examples), np.asarray(batch.valid), out.tokens, out.mask,
+                                out.logprobs, out.lengths, out.stopped, texts,
+                                {k: np.asarray(v, np.float32) for k, v in rewards.items()})
+
+    def collect(self, params, next_batch, first_batch, step: int) -> tuple[rollout.Rollouts, int]:
+        """Rollouts for one step. With DAPO's dynamic sampling, groups whose rewards are all equal are
+        dropped and more prompts are drawn until the batch is full (at most `dapo.max_rounds` rounds);
+        if it is still short, dropped groups fill it back (they carry no advantage)."""
+        c, n = self.c, self.c.rollout.num_samples
+        key = jax.random.fold_in(self.key, step)
+        first = self.rollout_round(params, first_batch, jax.random.fold_in(key, 0))
+        if not c.dapo.dynamic_sampling:
+            return first, 1
+        kept, dropped, rounds, batch = [], [], 0, first
+        while True:
+            flat = algorithms.zero_variance_groups(batch.rewards["total"], n) | ~batch.valid
+            kept += [(batch, g) for g in np.flatnonzero(~flat)]
+            dropped += [(batch, g) for g in np.flatnonzero(flat)]
+            rounds += 1
+            if len(kept) >= c.prompts_per_step or rounds >= c.dapo.max_rounds:
+                break
+            batch = self.rollout_round(params, next_batch(), jax.random.fold_in(key, rounds))
+        chosen = (kept + dropped)[:c.prompts_per_step]
+        return rollout.select_groups(chosen, n, self.pad_id), rounds
+
+    def rl_step(self, state, step_fn, batch, step: int, next_batch=None):
+        c = self.c
+        n = c.rollout.num_samples
+        t0 = time.perf_counter()
+        # 2. rollout and 3. trajectory and reward (steps 1-3 repeat under dynamic sampling)
+        ro, rounds = self.collect(state.params, next_batch, batch, step)
+        t1 = time.perf_counter()
+        correct, total = ro.rewards["accuracy"], ro.rewards["total"]
+        valid = np.repeat(ro.valid, n)
+        tokens, mask, logprobs = ro.tokens, ro.mask, ro.logprobs
+        ref = None
+        if self.needs_ref:  # the reference policy's log-probs of the sampled tokens (KL reward / KL loss)
+            tb, _ = self.train_batch(ro.inputs, tokens, mask, logprobs, n, np.zeros(len(total)), np.zeros(len(total)),
+                                     ro.row_images)
+            ref_full = np.asarray(self.logprob_fn(self.s.ref_params, _device_batch(tb)).logprobs)
+            ref = rollout.response_slice(ref_full.reshape(len(total), -1), ro.inputs.input_ids.shape[1],
+                                         tokens.shape[1]) * mask
         cred = algorithms.credit(c.algorithm, c.advantage.estimator, total, correct, n, eps=c.advantage.eps,
-                                 response_mask=out.mask, logprobs=out.logprobs, ref_logprobs=None,
-                                 gamma=c.advantage.gamma, whiten=c.advantage.whiten,
-                                 shift_mean=c.advantage.shift_mean)
-        tokens, mask, logprobs = out.tokens, out.mask, out.logprobs
-        sft_weights = np.zeros(len(texts), np.float32)
+                                 response_mask=mask, logprobs=logprobs, ref_logprobs=ref,
+                                 kl_reward_coef=c.advantage.kl_reward_coef, gamma=c.advantage.gamma,
+                                 whiten=c.advantage.whiten, shift_mean=c.advantage.shift_mean)
+        sft_weights = np.zeros(len(total), np.float32)
         if cred.sft_rows.any():
             rows = np.flatnonzero(cred.sft_rows)
+            examples = [e for e in ro.examples for _ in range(n)]
             targets = self.sft_targets([examples[r] for r in rows], refine=c.dyme.refine)
             tokens, mask, logprobs = rollout.replace_responses(tokens, mask, logprobs, rows, targets)
             sft_weights[rows] = 1.0
         advantages = cred.advantages
-        if advantages.ndim == 2:  # token level over the response -> over the whole row later
-            full = np.zeros((len(texts), batch.inputs.input_ids.shape[1] + advantages.shape[1]), np.float32)
-            full[:, batch.inputs.input_ids.shape[1] - 1:-1] = advantages
-            advantages = full
+        if advantages.ndim == 2:  # token level over the response -> over the whole row
+            advantages = rollout.response_to_row(advantages, ro.inputs.input_ids.shape[1])
         advantages = advantages * (valid[:, None] if advantages.ndim == 2 else valid)
         sft_weights = sft_weights * valid
         t2 = time.perf_counter()
         # 4. policy update
-        tb, _ = self.train_batch(batch.inputs, tokens, mask, logprobs, n, advantages, sft_weights, state.params)
+        tb, _ = self.train_batch(ro.inputs, tokens, mask, logprobs, n, advantages, sft_weights, ro.row_images,
+                                 ref_logprobs=None if ref is None else rollout.response_to_row(
+                                     ref, ro.inputs.input_ids.shape[1]))
         state, update = step_fn(state, _device_batch(tb))
         update = jax.device_get(update)
         t3 = time.perf_counter()
-        reflection = analyze_reflection(texts, correct)
+        reflection = analyze_reflection(ro.texts, correct)
+        kl_seq = None if ref is None else ((logprobs - ref) * mask).sum(-1)
         metrics = step_metrics(
-            rewards=rewards, response_lengths=out.lengths, max_tokens=c.rollout.max_new_tokens, correct=correct,
-            stopped=out.stopped, group_size=n, modes=cred.modes, update=update, lr=update.get("learning_rate"),
-            grad_norm=update.get("grad_norm"), temperature=c.rollout.temperature,
+            rewards=ro.rewards, response_lengths=ro.lengths, max_tokens=c.rollout.max_new_tokens, correct=correct,
+            stopped=ro.stopped, group_size=n, modes=cred.modes, update=update, lr=update.get("learning_rate"),
+            grad_norm=update.get("grad_norm"), temperature=c.rollout.temperature, kl_per_sequence=kl_seq,
             timings={"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2},
-            rollout_tokens=int(np.asarray(out.lengths).sum()), update_tokens=int(tb.loss_mask.sum()),
+            rollout_tokens=int(np.asarray(ro.lengths).sum()), update_tokens=int(tb.loss_mask.sum()),
             num_devices=jax.device_count(), generation_step=step, gradient_step=int(state.step), epoch=batch.epoch)
         metrics.update(reflection_metrics(reflection.counts))
         metrics.update(cred.stats)
-        sample = texts[reflection.example] if reflection.example is not None else None
+        metrics["dapo/sampling_rounds"] = float(rounds)
+        sample = ro.texts[reflection.example] if reflection.example is not None else None
         return state, metrics, correct[valid], sample
 
 
@@ -234,7 +268,8 @@ def train(config, workdir: str) -> dict:
             if stage == "sft":
                 state, metrics = loop.sft_step(state, step_fn, batch)
             else:
-                state, metrics, _, sample = loop.rl_step(state, step_fn, batch, step)
+                state, metrics, _, sample = loop.rl_step(state, step_fn, batch, step,
+                                                         next_batch=lambda: next(iters["rl"]))
                 if sample and step % c.log.every_steps == 0:
                     writer.write_text(step + 1, "reflective_correct_sample", sample)
             done = step + 1

@@ -100,3 +100,70 @@ def to_train_batch(seqs: Sequences, advantages, sft_weights, num_micro: int, vis
         targets=split(seqs.targets), loss_mask=split(seqs.loss_mask), old_logprobs=split(seqs.old_logprobs),
         advantages=split(adv * seqs.loss_mask), sft_weights=split(np.asarray(sft_weights, np.float32)),
         ref_logprobs=None if ref_logprobs is None else split(ref_logprobs), vision=vision)
+
+
+class Rollouts(NamedTuple):
+    """One step's prompts and their sampled, scored responses (prompt-major rows, n per prompt).
+
+    inputs: ModelInputs of B prompts; examples: B dicts; valid: bool [B]; tokens, mask, logprobs:
+    [B*n, N]; lengths int [B*n]; stopped bool [B*n]; texts: B*n strings; rewards: name -> float [B*n].
+    """
+
+    inputs: object
+    examples: list
+    valid: np.ndarray
+    tokens: np.ndarray
+    mask: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    stopped: np.ndarray
+    texts: list
+    rewards: dict
+
+    @property
+    def row_images(self):
+        return self.inputs.row_images
+
+
+def _left_pad(x: np.ndarray, length: int, axis: int, value=0) -> np.ndarray:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (length - x.shape[axis], 0)
+    return np.pad(x, pad, constant_values=value)
+
+
+def select_groups(chosen: Sequence[tuple[Rollouts, int]], num_samples: int, pad_id: int) -> Rollouts:
+    """Builds one Rollouts from (rollouts, group index) pairs drawn from several rounds; prompts of
+    different length buckets are left-padded to the longest (padding positions are 0 and masked)."""
+    length = max(r.inputs.input_ids.shape[1] for r, _ in chosen)
+    ids, masks, pos, nxt, images, examples, valid = [], [], [], [], [], [], []
+    for r, g in chosen:
+        ids.append(_left_pad(r.inputs.input_ids[g:g + 1], length, 1, pad_id))
+        masks.append(_left_pad(r.inputs.attention_mask[g:g + 1], length, 1))
+        pos.append(_left_pad(r.inputs.positions[:, g:g + 1], length, 2))
+        nxt.append(r.inputs.next_position[g:g + 1])
+        images.append(r.inputs.row_images[g])
+        examples.append(r.examples[g])
+        valid.append(r.valid[g])
+    first = chosen[0][0].inputs
+    inputs = first._replace(input_ids=np.concatenate(ids), attention_mask=np.concatenate(masks),
+                            positions=np.concatenate(pos, axis=1), next_position=np.concatenate(nxt),
+                            vision=None, row_images=tuple(images))
+    rows = lambda r, g: slice(g * num_samples, (g + 1) * num_samples)  # noqa: E731
+    cat = lambda field: np.concatenate([np.asarray(getattr(r, field))[rows(r, g)] for r, g in chosen])  # noqa
+    texts = [t for r, g in chosen for t in r.texts[rows(r, g)]]
+    rewards = {k: np.concatenate([r.rewards[k][rows(r, g)] for r, g in chosen]) for k in chosen[0][0].rewards}
+    return Rollouts(inputs, examples, np.asarray(valid), cat("tokens"), cat("mask"), cat("logprobs"),
+                    cat("lengths"), cat("stopped"), texts, rewards)
+
+
+def response_slice(full: np.ndarray, prompt_length: int, n_new: int) -> np.ndarray:
+    """[R, T] per-position values (position t predicts token t + 1) -> [R, N] per response token."""
+    return full[:, prompt_length - 1:prompt_length - 1 + n_new]
+
+
+def response_to_row(values: np.ndarray, prompt_length: int) -> np.ndarray:
+    """[R, N] per response token -> [R, L + N] at the positions that predict them (0 elsewhere)."""
+    rows, n_new = values.shape
+    out = np.zeros((rows, prompt_length + n_new), np.float32)
+    out[:, prompt_length - 1:prompt_length - 1 + n_new] = values
+    return out
