@@ -287,11 +287,13 @@ def train_step(state: TrainState, batch: TrainBatch, *, graphdef: nnx.GraphDef, 
     def update(carry, u):
         trainable, opt_state, applied, skipped, pooled, norm_sum, _ = carry
         epoch, j = u // cfg.num_mini, u % cfg.num_mini
-        order = jnp.arange(m)
-        if cfg.shuffle:
-            order = micro_batch_order(state.rng, epoch, m)
-        index = jax.lax.dynamic_slice_in_dim(order, j * k, k)
-        mini = jax.tree.map(lambda x: jnp.take(x, index, axis=0), batch)
+        if k == m:  # one mini-batch: the whole batch, no copy (micro-batch order only reorders a sum)
+            mini = batch
+        elif not cfg.shuffle:
+            mini = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, j * k, k), batch)
+        else:
+            index = jax.lax.dynamic_slice_in_dim(micro_batch_order(state.rng, epoch, m), j * k, k)
+            mini = jax.tree.map(lambda x: jnp.take(x, index, axis=0), batch)
         grads, loss, metrics = _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings)
         grad_norm = optax.global_norm(grads)
         full_grads = _unflat({**grads, **jax.tree.map(jnp.zeros_like, frozen)})
