@@ -13,7 +13,7 @@ from tests.tiny_models import build_hf_model
 from vrl_jax import sharding as shd
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.weights import load_hf_params
-from vrl_jax.rl.train_state import OptimizerConfig, create_train_state
+from vrl_jax.rl.train_state import OptimizerConfig, create_train_state, train_state_shardings
 
 
 @pytest.mark.parametrize("sizes,want", [
@@ -127,3 +127,9 @@ def test_train_state_on_a_mesh_shards_moments_like_their_parameters(checkpoint):
     for x in (state.step, state.skipped, state.rng):
         assert x.sharding.is_fully_replicated
     assert jnp.asarray(state.step) == 0
+    # The same layout from shapes alone (what a sharded checkpoint restore needs).
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    from_shapes = train_state_shardings(abstract, mesh)
+    assert jax.tree.structure(from_shapes) == jax.tree.structure(train_state_shardings(state))
+    for want, got in zip(jax.tree.leaves(train_state_shardings(state)), jax.tree.leaves(from_shapes)):
+        assert want == got

@@ -192,6 +192,17 @@ def opt_state_shardings(opt_state: Any, param_shardings: Any, mesh: jax.sharding
     return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
-def train_state_shardings(state: TrainState) -> TrainState:
-    """The sharding of every leaf of a placed state (for jit in/out shardings)."""
-    return shd.shardings_of(state)
+def train_state_shardings(state: TrainState, mesh: jax.sharding.Mesh | None = None,
+                          rules=shd.PARAM_RULES) -> TrainState:
+    """Shardings for every leaf of a TrainState (for jit in/out shardings or a sharded restore).
+
+    Without a mesh: the shardings the placed arrays already have. With a mesh: the layout
+    `create_train_state(..., mesh=mesh)` gives, computed from shapes alone, so `state` may be
+    abstract (`jax.ShapeDtypeStruct` leaves, e.g. `jax.eval_shape` of a state or a checkpoint's
+    metadata): params by `rules`, Adam moments like their parameter, counters and key replicated.
+    """
+    if mesh is None:
+        return shd.shardings_of(state)
+    p_shard = shd.param_shardings(state.params, mesh, rules)
+    rep = shd.replicated(mesh)
+    return TrainState(p_shard, opt_state_shardings(state.opt_state, p_shard, mesh), rep, rep, rep)
