@@ -1,6 +1,6 @@
 """One RL optimizer step: vrl_jax's compiled train step vs a PyTorch step on the transformers model.
 
-  python benchmarks/train_step.py [--batch 32] [--prompt 64] [--response 128] [--repeats 5]
+  python benchmarks/train_step.py [--batch 32] [--prompt 64] [--response 128] [--repeats 5] [--torch-threads N]
 
 Model: a randomly initialised Qwen2.5-VL-shaped model of ~3.7 M language parameters (text hidden
 256, 4 layers, intermediate 768, 4 heads / 2 KV heads, vocabulary 1024: performance.md's shape),
@@ -83,6 +83,9 @@ def main():
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--response", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="PyTorch intra-op threads (0 = one per core, its default). Its OpenMP threads slow "
+                             "down sharply when another process holds a core; 1 is robust to that")
     args = parser.parse_args()
 
     import jax
@@ -95,7 +98,7 @@ def main():
     from vrl_jax.rl.train_state import OptimizerConfig, create_train_state
     from vrl_jax.rl.train_step import StepConfig, TrainBatch, make_train_step
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as d:
         hf = build_checkpoint(d)
         config = ModelConfig.from_pretrained(d)
