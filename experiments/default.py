@@ -73,6 +73,7 @@ def get_config(arg: str | None = None):
         c.algorithm = "dyme"
         c.sft.steps = 0
         c.data.template = "dyme_answer"
+        c.data.length_buckets = (128, 192)  # DyME's instruction adds ~40 tokens
         c.dyme.answer_format = "flag"
     elif arg == "smoke":  # a few seconds end to end: tests and first contact
         c.data.synthgeo.train = 64

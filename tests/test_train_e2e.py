@@ -122,6 +122,7 @@ def test_sigterm_saves_then_sigkill_then_restart_resumes_exactly(uninterrupted, 
 def test_other_algorithms_run(tmp_path, variant):
     overrides = {"sft": ["--config.algorithm=sft", "--config.rl_steps=0"],
                  "dyme": ["--config.algorithm=dyme", "--config.data.template=dyme_answer",
+                          "--config.data.length_buckets=(128,192)",
                           "--config.dyme.answer_format=flag", "--config.sft.steps=0"]}[variant]
     wd = str(tmp_path / variant)
     out = run_train(wd, *overrides)
