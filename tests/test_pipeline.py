@@ -115,7 +115,8 @@ def test_batches_hold_contract_dicts_with_rgb_images_and_messages():
 
     batch = next(iter(pipeline.train_dataset(examples, encode, batch_size=2, seed=0, process_index=0,
                                              process_count=1, template="maye_cot", shuffle=False)))
-    assert batch.inputs == 2 and batch.examples == seen[0]
+    # Prefetching may already have encoded later batches: the first batch is one of those encoded.
+    assert batch.inputs == 2 and any(batch.examples == s for s in seen)
     first = batch.examples[0]
     assert set(first) == {"id", "prompt_messages", "images", "answer", "solution", "hint", "meta", "source"}
     assert first["id"] == "im0" and first["meta"] == {"family": "count"} and first["hint"] == "h"
