@@ -20,21 +20,7 @@ import time
 
 import numpy as np
 
-
-def build_checkpoint(directory: str):
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    torch.manual_seed(0)
-    text = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
-    vision = dict(depth=2, hidden_size=64, out_hidden_size=256, intermediate_size=128, num_heads=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, image_token_id=1000,
-                           video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    model.save_pretrained(directory)
-    return model
+from common import build_checkpoint, matmul_flops_per_s  # benchmarks/common.py
 
 
 def main():
@@ -103,6 +89,7 @@ def main():
                    vrl_jax_tokens_per_s=round(jax_tps, 1), transformers_tokens_per_s=round(hf_tps, 1),
                    vrl_jax_compile_s=round(compile_s, 2), vrl_jax_step_s=[round(t, 3) for t in jax_times],
                    transformers_step_s=[round(t, 3) for t in hf_times], devices=str(jax.devices()[0].platform),
+                   matmul_gflops=round(matmul_flops_per_s() / 1e9, 1),
                    cpu_count=os.cpu_count())
     print(f"vrl_jax:      {jax_tps:10.1f} tokens/s   (compile {compile_s:.1f} s, once per bucket)")
     print(f"transformers: {hf_tps:10.1f} tokens/s")

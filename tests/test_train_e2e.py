@@ -118,6 +118,19 @@ def test_sigterm_saves_then_sigkill_then_restart_resumes_exactly(uninterrupted, 
     assert rows(wd, "eval") == rows(uninterrupted, "eval")
 
 
+def test_two_device_mesh_run_equals_the_single_device_run(uninterrupted, tmp_path):
+    """The whole loop on a (2, 1, 1) mesh: sampler, SFT and GRPO steps sharded over the data axis."""
+    wd = str(tmp_path / "mesh")
+    out = run_train(wd, "--config.rl_steps=4", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sharded, single = rows(wd), rows(uninterrupted)
+    assert [r["step"] for r in sharded] == [r["step"] for r in single]
+    for a, b in zip(sharded, single):
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert abs(a[key] - value) <= 1e-5 * max(1.0, abs(value)), (a["step"], key, a[key], value)
+
+
 @pytest.mark.parametrize("variant", ["sft", "dyme"])
 def test_other_algorithms_run(tmp_path, variant):
     overrides = {"sft": ["--config.algorithm=sft", "--config.rl_steps=0"],

@@ -29,14 +29,32 @@ from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
 from vrl_jax.evaluation.writers import MetricWriter
 from vrl_jax.rl import algorithms, rollout
 from vrl_jax.rl.logprobs import make_logprob_fn
-from vrl_jax.rl.train_state import create_train_state
-from vrl_jax.rl.train_step import StepConfig, make_train_step
+from vrl_jax.rl.train_state import create_train_state, train_state_shardings
+from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step
 from vrl_jax.run_setup import RunSetup, prepare_run
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 
 
 def _device_batch(batch):
     return jax.tree.map(jnp.asarray, batch)
+
+
+class MeshStep:
+    """The train step under a mesh: the state keeps its placement (explicit in/out shardings) and each
+    batch is placed with its rows over ("data", "fsdp"). Batch shardings depend on the batch's rank,
+    not its sizes, so they are fixed from the first batch; new length buckets only recompile."""
+
+    def __init__(self, make_step, state, mesh):
+        self.make_step, self.mesh = make_step, mesh
+        self.state_shardings = train_state_shardings(state)
+        self.fn = self.batch_shardings = None
+
+    def __call__(self, state, batch):
+        if self.fn is None:
+            self.batch_shardings = batch_shardings(batch, self.mesh)
+            self.fn = self.make_step(mesh=self.mesh, state_shardings=self.state_shardings,
+                                     batch_shardings=self.batch_shardings)
+        return self.fn(state, sharding.put(batch, self.batch_shardings))
 
 
 class Loop:
@@ -107,7 +125,7 @@ class Loop:
                                                      np.zeros((rows, n_new), np.float32), range(rows), targets)
         weights = np.asarray(batch.valid, np.float32)
         tb, _ = self.train_batch(batch.inputs, tokens, mask, lp, 1, np.zeros(rows), weights, batch.inputs.row_images)
-        state, metrics = step_fn(state, _device_batch(tb))
+        state, metrics = step_fn(state, tb)
         return state, {f"sft/{k}": float(v) for k, v in jax.device_get(metrics).items()}
 
     def rollout_round(self, params, batch, key) -> rollout.Rollouts:
@@ -186,7 +204,7 @@ class Loop:
         tb, _ = self.train_batch(ro.inputs, tokens, mask, logprobs, n, advantages, sft_weights, ro.row_images,
                                  ref_logprobs=None if ref is None else rollout.response_to_row(
                                      ref, ro.inputs.input_ids.shape[1]))
-        state, update = step_fn(state, _device_batch(tb))
+        state, update = step_fn(state, tb)
         update = jax.device_get(update)
         t3 = time.perf_counter()
         reflection = analyze_reflection(ro.texts, correct)
@@ -219,10 +237,14 @@ def train(config, workdir: str) -> dict:
         updates = (c.sft.steps if stage == "sft" else c.rl_steps * c.num_mini * c.ppo_epochs)
         lr = c.sft.learning_rate if stage == "sft" else None
         model = setup.model if params is None else nnx.merge(setup.graphdef, params)
-        state, _, _ = create_train_state(model, configs.optimizer_config(c, updates, lr), seed=c.seed, mesh=mesh)
+        opt_cfg = configs.optimizer_config(c, updates, lr)
+        state, _, _ = create_train_state(model, opt_cfg, seed=c.seed, mesh=mesh)
         step_cfg = loop.sft_cfg if stage == "sft" else loop.rl_cfg
-        return state, make_train_step(setup.graphdef, configs.optimizer_config(c, updates, lr), step_cfg,
-                                      donate=True)
+        if mesh is None:  # step functions take host batches either way
+            fn = make_train_step(setup.graphdef, opt_cfg, step_cfg, donate=True)
+            return state, lambda st, batch: fn(st, _device_batch(batch))
+        return state, MeshStep(lambda **kw: make_train_step(setup.graphdef, opt_cfg, step_cfg, donate=True, **kw),
+                               state, mesh)
 
     stage = "sft" if c.sft.steps else "rl"
     state, step_fn = new_state(stage)
