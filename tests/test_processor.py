@@ -84,3 +84,29 @@ def test_errors_name_the_problem(model_dir, tmp_path):
         proc.encode([user("Count.", 1)], [[]])
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         VLProcessor.from_pretrained(str(tmp_path))
+
+
+def test_over_long_prompts_are_counted_and_skipped_with_their_source(model_dir, tmp_path):
+    from PIL import Image
+
+    from vrl_jax.data.faults import FaultCounter
+    from vrl_jax.data.formats import Example, ImageRef
+    from vrl_jax.run_setup import drop_long_prompts, prompt_length
+    d, _ = model_dir
+    proc = VLProcessor.from_pretrained(d, length_buckets=(64,), patch_buckets=(128,))
+    proc.image_processor = ImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    path = tmp_path / "img.png"
+    random_image(np.random.RandomState(0), 90, 130).save(path)
+    short = Example(id="a", question="<image>Count.", images=(ImageRef(path=str(path)),), answer="1",
+                    solution="", source="data.jsonl:1")
+    long = Example(id="b", question="What is the area? " * 12, images=(), answer="1", solution="",
+                   source="data.jsonl:2")
+    # The estimate equals the real encoded length, image tokens included.
+    encoded = proc.encode([[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count."}]}]],
+                          [[Image.open(path)]])
+    assert prompt_length(short, proc, "plain") == int(encoded.attention_mask.sum())
+    faults = FaultCounter(max_share=0.9, min_seen=1)
+    faults.ok(2)
+    kept = drop_long_prompts([short, long], proc, "plain", 64, faults)
+    assert [e.id for e in kept] == ["a"]
+    assert faults.counts["prompt_too_long"] == 1 and "data.jsonl:2" in str(faults.examples[0])

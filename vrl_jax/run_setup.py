@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vrl_jax.data.faults import FaultCounter
-from vrl_jax.data.formats import Example, load_examples
+from vrl_jax.data.formats import Example, load_examples, load_image
 from vrl_jax.data.pipeline import eval_dataset, train_dataset
 from vrl_jax.models.loading import load_model
 from vrl_jax.models.processor import VLProcessor
@@ -87,6 +87,41 @@ def prepare_model(c, workdir: str, train_examples: list[Example]) -> str:
     return model_dir
 
 
+def prompt_length(example: Example, processor: VLProcessor, template) -> int:
+    """Tokens of the rendered prompt with every image placeholder expanded (image headers only are read)."""
+    from PIL import Image
+
+    from vrl_jax.data.prompts import build_messages
+    from vrl_jax.models.image_processing import num_image_tokens
+    text = processor.render(build_messages(example, template))
+    n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    ip = processor.image_processor
+    for ref in example.images:
+        if ref.path is not None:
+            with Image.open(ref.path) as im:
+                w, h = im.size
+        else:
+            w, h = load_image(ref).size
+        rh, rw = ip.target_size(h, w)
+        n += int(num_image_tokens((1, rh // ip.patch_size, rw // ip.patch_size), ip.merge_size)) - 1
+    return n
+
+
+def drop_long_prompts(examples: list[Example], processor: VLProcessor, template, limit: int,
+                      faults: FaultCounter) -> list[Example]:
+    """Counts and reports (with the sample's file and line) prompts longer than the largest length
+    bucket, and leaves them out, instead of letting one sample fail a whole batch mid-run."""
+    kept = []
+    for ex in examples:
+        n = prompt_length(ex, processor, template)
+        if n > limit:  # the loader already counted the sample as read; this turns it into a fault
+            faults.record("prompt_too_long", ex.source, f"prompt has {n} tokens, the largest length bucket is {limit}")
+        else:
+            kept.append(ex)
+    faults.check(final=True)
+    return kept
+
+
 def reward_spec(c) -> dict:
     weights = dict(c.rewards.weights)
     weights.setdefault("accuracy", 0.0)  # correctness is always measured, whether or not it is rewarded
@@ -106,6 +141,9 @@ def prepare_run(c, workdir: str) -> RunSetup:
     model_dir = prepare_model(c, workdir, train)
     processor = VLProcessor.from_pretrained(model_dir, length_buckets=tuple(c.data.length_buckets),
                                             patch_buckets=tuple(c.data.patch_buckets))
+    limit = max(c.data.length_buckets)
+    train = drop_long_prompts(train, processor, c.data.template, limit, faults)
+    evals = {k: drop_long_prompts(v, processor, c.data.template, limit, faults) for k, v in evals.items()}
     model = load_model(model_dir, dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype))
     graphdef, params = nnx.split(model, nnx.Param)
     needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef))
