@@ -290,8 +290,11 @@ def make_report(workdirs: Sequence[str | Path], out: str | Path | None = None, g
     figures = []
     acc = accuracy_keys(runs)
     if acc and plots:
-        figures.append(plot_panels(out / "accuracy.png", "Accuracy per epoch (mean ± std over runs)", groups, acc,
-                                   split=None, x="epoch", xlabel="epoch", scale=100.0, ylabel="accuracy (%)",
+        # Runs that evaluate every N steps log no epoch on their eval rows: then the axis is the step.
+        per_epoch = any("epoch" in row for r in runs for row in r.rows if any(k in row for k in acc))
+        unit = "epoch" if per_epoch else "step"
+        figures.append(plot_panels(out / "accuracy.png", f"Accuracy per {unit} (mean ± std over runs)", groups, acc,
+                                   split=None, x="epoch", xlabel=unit, scale=100.0, ylabel="accuracy (%)",
                                    titles={k: _title(k) for k in acc}))
     train_keys = [k for k in dict.fromkeys(k for r in runs for row in r.rows if row.get("split") == "train"
                                            for k in row) if k not in acc]
