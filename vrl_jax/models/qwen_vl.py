@@ -1,7 +1,7 @@
 """Qwen2-VL / Qwen2.5-VL: the vision tower, the decoder, and the merge of image features into text.
 
 The module holds parameters; the forward is a pure function of them once the module is split with
-`nnx.split` (see `vrl_jax.models.functional`). Image features replace the embeddings of image
+`nnx.split` (the train step and the sampler merge it back inside `jax.jit`). Image features replace the embeddings of image
 placeholder tokens in reading order (batch row, then position), which is the order the processor
 packs images in, so the merge is a static gather.
 """
