@@ -31,22 +31,22 @@ def get_config(arg: str | None = None):
     c.data.synthgeo.val = 100
     c.data.synthgeo.test = 200
     c.data.synthgeo.levels = (0, 1)  # the two easiest levels: a 1M-parameter model learns them in minutes
-    c.data.synthgeo.text_fraction = 0.4
+    c.data.synthgeo.text_fraction = 0.5
     c.data.template = "plain"
     c.data.length_buckets = (96, 128)
     c.data.patch_buckets = (512, 1024, 2048, 4096)
 
-    c.sft.steps = 200
+    c.sft.steps = 250
     c.sft.batch_size = 16
-    c.sft.learning_rate = 3e-3
+    c.sft.learning_rate = 2e-3
     c.sft.max_target_tokens = 224
 
-    c.rl_steps = 20
+    c.rl_steps = 15
     c.prompts_per_step = 8
     c.rollout.num_samples = 8
     c.rollout.max_new_tokens = 224
     c.num_micro = 4
-    c.optim.learning_rate = 2e-4
+    c.optim.learning_rate = 5e-5  # 2e-4 undid what SFT taught
     c.optim.warmup_ratio = 0.0
     c.optim.train_vit = True
     c.optim.train_connector = True
