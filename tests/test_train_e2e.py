@@ -95,7 +95,10 @@ def test_sigterm_saves_then_sigkill_then_restart_resumes_exactly(uninterrupted, 
     """Preempt with SIGTERM during SFT (a checkpoint is saved), restart, SIGKILL during GRPO, restart:
     the metrics of the whole run equal those of the uninterrupted run."""
     wd = str(tmp_path / "killed")
-    same = ("--config.rl_steps=4", "--config.checkpoint.every_steps=1000")
+    # Regular checkpoints every 3 steps: SIGTERM (at step 1 or 2) must save on its own, and SIGKILL (at
+    # step >= 4) sends the restart back to step 3, one RL batch into the data, so the data iterator's
+    # state must be restored too. The same config on every restart (its fingerprint is checked).
+    same = ("--config.rl_steps=4", "--config.checkpoint.every_steps=3")
     proc = run_train(wd, *same, wait=False)
     wait_for_step(proc, wd, 1)
     proc.send_signal(signal.SIGTERM)
@@ -104,9 +107,8 @@ def test_sigterm_saves_then_sigkill_then_restart_resumes_exactly(uninterrupted, 
     saved = [int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
     last_logged = max(r["step"] for r in rows(wd))
     assert saved and max(saved) == last_logged  # SIGTERM saved the step it was on
+    assert last_logged < 3, "SIGTERM arrived too late to be told apart from a regular checkpoint"
 
-    # Same config on restart (the checkpoint's fingerprint is checked); no regular checkpoints, so the
-    # SIGKILL below sends the restart back to SIGTERM's checkpoint and logged steps are rewritten.
     proc = run_train(wd, *same, wait=False)
     wait_for_step(proc, wd, 4)
     proc.send_signal(signal.SIGKILL)
