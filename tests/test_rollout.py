@@ -1,0 +1,101 @@
+"""Trajectory layout: sampler output -> rows the train step consumes, checked against the training forward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.tiny_models import build_hf_model, make_batch, random_image
+from vrl_jax.models.config import ModelConfig
+from vrl_jax.models.image_processing import ImageProcessor, pack_images
+from vrl_jax.models.processor import ModelInputs
+from vrl_jax.models.weights import load_hf_params
+from vrl_jax.rl import rollout
+from vrl_jax.rl.logprobs import sequence_stats
+from vrl_jax.sampling.sampler import Sampler, SamplerConfig
+
+N_NEW, N_SAMPLES, TEMPERATURE = 10, 2, 0.8
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("rollout"))
+    build_hf_model(d, "qwen2_5_vl", tie=False, seed=11, wide=True)
+    config = ModelConfig.from_pretrained(d)
+    model = load_hf_params(d, config)
+    rs = np.random.RandomState(0)
+    proc = ImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    images = [proc(random_image(rs, 90, 130)), proc(random_image(rs, 150, 70))]
+    b = make_batch([[5, 6, ("img", 0), 7, 8, 9], [11, ("img", 1), 12, 13, 14, 15, 16, 17, 18, 19]], images, config)
+    vb = pack_images(b["images"], [256], config.vision.window_size)
+    inputs = ModelInputs(b["input_ids"], b["attention_mask"], b["positions"], b["next_position"], vb,
+                         row_images=((images[0],), (images[1],)))
+    sampler, params = Sampler.for_model(model, SamplerConfig(max_new_tokens=N_NEW, num_samples=N_SAMPLES,
+                                                             stop_token_ids=(1023,)))
+    out = jax.device_get(sampler(params, inputs, jax.random.key(0), temperature=TEMPERATURE))
+    graphdef, state = nnx.split(model, nnx.Param)
+    return config, graphdef, state.to_pure_dict(), inputs, out
+
+
+def forward_logprobs(config, graphdef, params, seqs, row_images):
+    """The training forward over the laid-out rows, images packed in row order."""
+    flat = [im for b in seqs.prompt_index for im in row_images[b]]
+    vb = pack_images(flat, [512], config.vision.window_size)
+    vision = tuple(jnp.asarray(x) for x in (vb.pixel_values, vb.hw_pos, vb.segment_ids, vb.window_ids))
+    from vrl_jax.models.qwen_vl import VisionInputs
+    stats = sequence_stats(graphdef, params, jnp.asarray(seqs.input_ids), jnp.asarray(seqs.positions),
+                           jnp.asarray(seqs.attention_mask), jnp.asarray(seqs.targets), VisionInputs(*vision),
+                           chunk_size=256, temperature=TEMPERATURE)
+    return np.asarray(stats.logprobs)
+
+
+def test_sampled_rows_line_up_with_the_training_forward(sampled):
+    config, graphdef, params, inputs, out = sampled
+    seqs = rollout.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
+    length = inputs.input_ids.shape[1]
+    assert seqs.input_ids.shape == (4, length + N_NEW)
+    np.testing.assert_array_equal(seqs.prompt_index, [0, 0, 1, 1])
+    # Each loss position's target is the sampled token, and the loss covers exactly the response.
+    mask = seqs.loss_mask > 0
+    np.testing.assert_array_equal(seqs.targets[mask], np.asarray(out.tokens)[np.asarray(out.mask) > 0])
+    np.testing.assert_array_equal(mask.sum(1), np.asarray(out.lengths))
+    # Response positions continue each prompt's M-RoPE positions.
+    np.testing.assert_array_equal(seqs.positions[0, :, length], np.repeat(inputs.next_position, N_SAMPLES))
+    # The rollout policy's log-probs equal a fresh training forward's (on-policy ratio 1).
+    fresh = forward_logprobs(config, graphdef, params, seqs, inputs.row_images)
+    assert np.abs(fresh[mask] - seqs.old_logprobs[mask]).max() <= 1e-4
+    # response_slice / response_to_row are inverse layouts.
+    back = rollout.response_slice(rollout.response_to_row(np.asarray(out.logprobs), length), length, N_NEW)
+    np.testing.assert_array_equal(back, np.asarray(out.logprobs))
+
+
+def test_replaced_rows_train_on_the_reference_tokens(sampled):
+    config, graphdef, params, inputs, out = sampled
+    reference = [7, 8, 9, 1023]
+    tokens, mask, logprobs = rollout.replace_responses(out.tokens, out.mask, out.logprobs, [2], [reference])
+    seqs = rollout.build_sequences(inputs, tokens, mask, logprobs, N_SAMPLES, pad_id=0)
+    row = seqs.loss_mask[2] > 0
+    np.testing.assert_array_equal(seqs.targets[2][row], reference)
+    assert (seqs.old_logprobs[2] == 0).all()
+    np.testing.assert_array_equal(seqs.targets[0][seqs.loss_mask[0] > 0],
+                                  np.asarray(out.tokens)[0][np.asarray(out.mask)[0] > 0])  # others untouched
+
+
+def test_groups_from_rounds_of_different_lengths_are_left_padded(sampled):
+    config, graphdef, params, inputs, out = sampled
+    texts = ["t"] * 4
+    rewards = {"total": np.arange(4, dtype=np.float32)}
+    first = rollout.Rollouts(inputs, [{"id": 0}, {"id": 1}], np.array([True, True]), out.tokens, out.mask,
+                             out.logprobs, out.lengths, out.stopped, texts, rewards)
+    shorter = first._replace(inputs=inputs._replace(input_ids=inputs.input_ids[:, 3:],
+                                                    attention_mask=inputs.attention_mask[:, 3:],
+                                                    positions=inputs.positions[:, :, 3:]))
+    picked = rollout.select_groups([(shorter, 1), (first, 0)], N_SAMPLES, pad_id=0)
+    assert picked.inputs.input_ids.shape == inputs.input_ids.shape
+    np.testing.assert_array_equal(picked.inputs.input_ids[0, 3:], inputs.input_ids[1, 3:])
+    assert (picked.inputs.attention_mask[0, :3] == 0).all()
+    np.testing.assert_array_equal(picked.rewards["total"], [2, 3, 0, 1])
+    assert [e["id"] for e in picked.examples] == [1, 0]
