@@ -1,13 +1,25 @@
 r"""The DyME comparison on the synthetic benchmark: SFT, GRPO, SFT then GRPO, and DyME from the same
-tiny random model, equal budgets of optimizer steps, several seeds.
+start, equal budgets of optimizer steps, three seeds.
 
-  for a in sft grpo sft_grpo dyme; do for s in 0 1 2; do
+  python -m vrl_jax.train --config experiments/ablation.py:start --workdir workdirs/ablation/start
+  for s in 0 1 2; do for a in sft grpo sft_grpo dyme; do
     python -m vrl_jax.train --config experiments/ablation.py:$a,$s --workdir workdirs/ablation/$a-$s
   done; done
   python -m vrl_jax.report --workdir workdirs/ablation/* --out workdirs/ablation/report
 
-The variant is `algorithm,seed`. Every run has the same total number of optimizer steps
-(`BUDGET`); SFT then GRPO splits it. The name groups the seeds in the report.
+(`tools/ablation.sh` runs exactly this, two runs at a time.)
+
+Why a shared start: DyME's claim is about small *pretrained* models that are weak at the task, and a
+random model never answers correctly, so reward-only RL would have nothing to learn from. The
+`start` run gives every arm the same weak model: the tiny Qwen2.5-VL after WARMUP SFT steps
+(a few percent accuracy), exported as an HF directory that the arms load through `model.path`
+(override it with `--config.model.path=...` if the workdir lives elsewhere). Its final evaluation
+is every arm's step-0 point, so the arms skip their own.
+
+The variant is `algorithm,seed`: every arm takes BUDGET optimizer steps (SFT then GRPO splits them
+2:1), with the prompt template, data, rewards and hyperparameters of `default.py`. DyME's reference
+answers use the same `\boxed{}` format as SFT, so only the algorithm differs. The seed varies the
+data order and the sampling; the data itself is the same for every run.
 """
 
 import importlib.util
@@ -17,23 +29,42 @@ _spec = importlib.util.spec_from_file_location("default", os.path.join(os.path.d
 _default = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_default)
 
-BUDGET = 120  # optimizer steps per run
+WARMUP = 200  # SFT steps of the shared start
+BUDGET = 60  # optimizer steps per arm
+START_DIR = "workdirs/ablation/start/export"
 ALGORITHMS = ("sft", "grpo", "sft_grpo", "dyme")
 
 
+def _common(c):
+    c.data.synthgeo.seed = 0  # the same data for every run
+    c.data.template = "plain"
+    c.eval.splits = ("test_iid",)
+    c.eval.max_examples = 96
+    c.checkpoint.every_steps = 20
+    return c
+
+
 def get_config(arg: str | None = None):
+    if arg == "start":
+        c = _common(_default.get_config("sft"))
+        c.name = "ablation_start"
+        c.sft.steps = WARMUP
+        return c
     algorithm, _, seed = (arg or "sft_grpo,0").partition(",")
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"experiments/ablation.py: algorithm {algorithm!r} not in {ALGORITHMS}")
-    c = _default.get_config({"sft_grpo": None}.get(algorithm, algorithm))
+        raise ValueError(f"experiments/ablation.py: variant {arg!r}: expected 'start' or ALGORITHM,SEED with "
+                         f"ALGORITHM in {ALGORITHMS}")
+    c = _common(_default.get_config({"sft_grpo": None}.get(algorithm, algorithm)))
     c.seed = int(seed or 0)
     c.name = f"ablation_{algorithm}"
-    c.data.synthgeo.seed = 0  # the same data for every run; the seed varies model init, order and sampling
-    c.eval.max_examples = 64
+    c.model.path = START_DIR
+    c.eval.at_start = False
+    if algorithm == "dyme":
+        c.data.template = "plain"
+        c.data.length_buckets = (96, 128)
+        c.dyme.answer_format = "boxed"
     if algorithm == "sft":
         c.sft.steps, c.rl_steps = BUDGET, 0
-    elif algorithm == "grpo":
-        c.sft.steps, c.rl_steps = 0, BUDGET
     elif algorithm == "sft_grpo":
         c.sft.steps, c.rl_steps = BUDGET * 2 // 3, BUDGET // 3
     else:

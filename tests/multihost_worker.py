@@ -60,16 +60,32 @@ def main(process_id: int, port: int, work_dir: str, local_devices: int, mesh_sha
     outputs = jax.jit(lambda t: t, out_shardings=shd.replicated(mesh))(
         (new_state.params, metrics, (new_state.step, new_state.skipped)))
     params, metrics, counters = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), outputs)
+    pooled = pool_host_metrics(inputs["texts"], inputs["correct"], inputs["values"], process_id)
+    log("host metrics pooled")
     if process_id == 0:
         result = dict(params=jax.tree.map(np.asarray, params), metrics=jax.tree.map(np.asarray, metrics),
                       step=int(counters[0]), skipped=int(counters[1]),
-                      local_devices=[d.id for d in jax.local_devices()])
+                      local_devices=[d.id for d in jax.local_devices()], pooled=pooled)
         with open(os.path.join(work_dir, "result.pkl.tmp"), "wb") as f:
             pickle.dump(result, f)
         os.replace(os.path.join(work_dir, "result.pkl.tmp"), os.path.join(work_dir, "result.pkl"))
     log("results written")
     multihost_utils.sync_global_devices("done")
     jax.distributed.shutdown()
+
+
+def pool_host_metrics(texts, correct, values, process_id: int) -> dict:
+    """Each process analyses its own half of the rollouts (the second process holds more of them);
+    the pooled reflection ratios and epoch accumulator must equal one process analysing all."""
+    from vrl_jax.evaluation.metrics import EpochAccumulator
+    from vrl_jax.evaluation.pooling import pool_epoch, pool_reflection
+    from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
+
+    cut = len(texts) // 3
+    part = slice(0, cut) if process_id == 0 else slice(cut, None)
+    counts = analyze_reflection(texts[part], correct[part]).counts
+    acc = EpochAccumulator.create(("length", "score")).update(correct[part], {"length": values[part], "score": 0.25})
+    return dict(reflection=reflection_metrics(pool_reflection(counts)), epoch=pool_epoch(acc).result())
 
 
 if __name__ == "__main__":

@@ -99,3 +99,9 @@ def test_groups_from_rounds_of_different_lengths_are_left_padded(sampled):
     assert (picked.inputs.attention_mask[0, :3] == 0).all()
     np.testing.assert_array_equal(picked.rewards["total"], [2, 3, 0, 1])
     assert [e["id"] for e in picked.examples] == [1, 0]
+
+
+def test_target_width_is_the_next_power_of_two_capped():
+    assert [rollout.target_width(n, 224) for n in (1, 32, 33, 74, 104, 128, 129, 300)] == [
+        32, 32, 64, 128, 128, 128, 224, 224]
+    assert rollout.target_width(5, 16) == 16  # the cap wins over the smallest width

@@ -59,10 +59,14 @@ def load_config(path_and_arg):
     return module.get_config(arg or None)
 
 
+# 6 training problems: 3 RL steps per epoch, so 4 RL steps cross an epoch boundary (epoch summaries).
+RUN = ("--config.rl_steps=4", "--config.data.synthgeo.train=6")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("full"))
-    out = run_train(wd, "--config.rl_steps=4")
+    out = run_train(wd, *RUN)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return wd
 
@@ -77,6 +81,13 @@ def test_sft_then_grpo_runs_and_writes_everything(uninterrupted):
     assert [r["step"] for r in evals] == [0, 2, 6]  # start, after SFT, end
     assert os.path.exists(os.path.join(wd, "export", "model.safetensors"))
     assert os.listdir(os.path.join(wd, "samples")) and os.listdir(os.path.join(wd, "tensorboard"))
+    # Epoch summaries: RL epoch 0 (3 steps x 2 prompts x 2 samples) ends at step 5, epoch 1 is partial.
+    epochs = rows(wd, "epoch")
+    assert [(r["step"], r["epoch"], r["epoch/complete"], r["epoch/samples"]) for r in epochs] == [
+        (5, 0, 1.0, 12.0), (6, 1, 0.0, 4.0)]
+    rl = [r for r in train if r["stage"] == 1.0]
+    assert epochs[0]["epoch_mean/response/response_lengths"] == pytest.approx(
+        sum(r["response/response_lengths"] for r in rl[:3]) / 3)
 
 
 def wait_for_step(proc, wd, step):
@@ -97,8 +108,9 @@ def test_sigterm_saves_then_sigkill_then_restart_resumes_exactly(uninterrupted, 
     wd = str(tmp_path / "killed")
     # Regular checkpoints every 3 steps: SIGTERM (at step 1 or 2) must save on its own, and SIGKILL (at
     # step >= 4) sends the restart back to step 3, one RL batch into the data, so the data iterator's
-    # state must be restored too. The same config on every restart (its fingerprint is checked).
-    same = ("--config.rl_steps=4", "--config.checkpoint.every_steps=3")
+    # state must be restored too, and the epoch accumulator (RL epoch 0 ends at step 5). The same config
+    # on every restart (its fingerprint is checked).
+    same = (*RUN, "--config.checkpoint.every_steps=3")
     proc = run_train(wd, *same, wait=False)
     wait_for_step(proc, wd, 1)
     proc.send_signal(signal.SIGTERM)
@@ -118,12 +130,13 @@ def test_sigterm_saves_then_sigkill_then_restart_resumes_exactly(uninterrupted, 
     assert "resumed" in out.stdout
     assert rows(wd) == rows(uninterrupted)
     assert rows(wd, "eval") == rows(uninterrupted, "eval")
+    assert rows(wd, "epoch") == rows(uninterrupted, "epoch")
 
 
 def test_two_device_mesh_run_equals_the_single_device_run(uninterrupted, tmp_path):
     """The whole loop on a (2, 1, 1) mesh: sampler, SFT and GRPO steps sharded over the data axis."""
     wd = str(tmp_path / "mesh")
-    out = run_train(wd, "--config.rl_steps=4", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    out = run_train(wd, *RUN, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sharded, single = rows(wd), rows(uninterrupted)
     assert [r["step"] for r in sharded] == [r["step"] for r in single]

@@ -58,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_mini = 1
     c.ppo_epochs = 1
 
-    # max_target_tokens: reference rationale + answer length for SFT rows (longer ones are truncated).
+    # max_target_tokens: the most response columns of an SFT row (reference rationale + answer; longer
+    # ones are truncated and counted); a batch takes the next power of two above its longest target.
     c.sft = ml_collections.ConfigDict(dict(steps=0, batch_size=16, learning_rate=1e-4, max_target_tokens=256))
 
     c.optim = ml_collections.ConfigDict(dict(learning_rate=5e-6, warmup_ratio=0.1, final_lr_ratio=0.0, b1=0.9,
@@ -79,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
                                             refine=True, answer_format="boxed", thinking_weight=0.0))
 
     c.eval = ml_collections.ConfigDict(dict(every_steps=10, splits=("val", "test"), settings=EVAL_SETTINGS,
-                                            max_examples=0, batch_size=16, pass_k=8, max_new_tokens=0))
+                                            max_examples=0, batch_size=16, pass_k=8, max_new_tokens=0,
+                                            at_start=True))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=3, best_metric="", export_hf=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True, wandb=False, wandb_project="vrl_jax",

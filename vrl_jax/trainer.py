@@ -23,7 +23,8 @@ from flax import nnx
 from vrl_jax import configs, sharding
 from vrl_jax.checkpointing import Checkpointer, PreemptionGuard, config_fingerprint
 from vrl_jax.evaluate import Evaluator, decode_responses, settings_from_names
-from vrl_jax.evaluation.metrics import step_metrics
+from vrl_jax.evaluation.metrics import EpochAccumulator, step_metrics
+from vrl_jax.evaluation.pooling import pool_epoch, pool_reflection
 from vrl_jax.evaluation.progress import Progress
 from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
 from vrl_jax.evaluation.writers import MetricWriter
@@ -119,14 +120,18 @@ class Loop:
     def sft_step(self, state, step_fn, batch):
         targets = self.sft_targets(batch.examples)
         rows = len(targets)
-        n_new = self.c.sft.max_target_tokens
+        longest = max(len(t) for t, ok in zip(targets, batch.valid) if ok) if np.any(batch.valid) else 1
+        n_new = rollout.target_width(longest, self.c.sft.max_target_tokens)
+        truncated = sum(len(t) > n_new for t, ok in zip(targets, batch.valid) if ok)
         tokens, mask, lp = rollout.replace_responses(np.zeros((rows, n_new), np.int32),
                                                      np.zeros((rows, n_new), np.int32),
                                                      np.zeros((rows, n_new), np.float32), range(rows), targets)
         weights = np.asarray(batch.valid, np.float32)
         tb, _ = self.train_batch(batch.inputs, tokens, mask, lp, 1, np.zeros(rows), weights, batch.inputs.row_images)
         state, metrics = step_fn(state, tb)
-        return state, {f"sft/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        out = {f"sft/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        out["sft/truncated_targets"] = float(truncated)  # longer than sft.max_target_tokens
+        return state, out
 
     def rollout_round(self, params, batch, key) -> rollout.Rollouts:
         """Steps 2 and 3 for one batch of prompts: sample n responses each, decode, score."""
@@ -216,11 +221,15 @@ class Loop:
             timings={"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2},
             rollout_tokens=int(np.asarray(ro.lengths).sum()), update_tokens=int(tb.loss_mask.sum()),
             num_devices=jax.device_count(), generation_step=step, gradient_step=int(state.step), epoch=batch.epoch)
-        metrics.update(reflection_metrics(reflection.counts))
+        metrics.update(reflection_metrics(pool_reflection(reflection.counts)))
         metrics.update(cred.stats)
         metrics["dapo/sampling_rounds"] = float(rounds)
         sample = ro.texts[reflection.example] if reflection.example is not None else None
         return state, metrics, correct[valid], sample
+
+
+# Per-step means kept over each RL epoch (with the training accuracy), summarised on the epoch's last step.
+EPOCH_KEYS = ("rews/scores", "response/response_lengths", "training/entropy", "health/zero_variance_groups")
 
 
 def train(config, workdir: str) -> dict:
@@ -252,11 +261,16 @@ def train(config, workdir: str) -> dict:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep,
                         best_metric=c.checkpoint.best_metric or None, fingerprint=config_fingerprint(c.to_dict()))
     start = 0
+    # The RL epoch being accumulated (None before the first RL step) and its running sums; both are in
+    # every checkpoint, so a resumed run summarises its epoch exactly as an uninterrupted one.
+    acc, acc_epoch = EpochAccumulator.create(EPOCH_KEYS), None
     if ckpt.latest_step() is not None:
         restored = ckpt.restore(abstract_state=jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state))
         start, state = restored.step, restored.state
         stage = restored.extra["stage"]
+        if restored.extra.get("epoch_acc") is not None:
+            acc, acc_epoch = EpochAccumulator.from_dict(restored.extra["epoch_acc"]), restored.extra["acc_epoch"]
         if stage == "rl" and c.sft.steps:
             _, step_fn = new_state("rl")
         for name, st in (restored.data_state or {}).items():
@@ -279,8 +293,13 @@ def train(config, workdir: str) -> dict:
         writer.write(step, last_eval, split="eval", kind="eval")
         return last_eval
 
+    def write_epoch(step: int, complete: bool):
+        # Pooled over processes: the epoch's accuracy is correct / samples of the whole run.
+        writer.write(step, {**pool_epoch(acc).result(), "epoch": acc_epoch, "epoch/complete": float(complete)},
+                     split="epoch", kind="epoch")
+
     with PreemptionGuard() as guard, Progress(total_steps, desc=c.name, initial=start) as bar:
-        if start == 0 and setup.eval_data:
+        if start == 0 and setup.eval_data and c.eval.at_start:
             evaluate(0)
         for step in range(start, total_steps):
             if stage == "sft" and step >= c.sft.steps:
@@ -290,20 +309,27 @@ def train(config, workdir: str) -> dict:
             if stage == "sft":
                 state, metrics = loop.sft_step(state, step_fn, batch)
             else:
-                state, metrics, _, sample = loop.rl_step(state, step_fn, batch, step,
-                                                         next_batch=lambda: next(iters["rl"]))
+                if acc_epoch is not None and batch.epoch != acc_epoch:  # the previous epoch ended at `step`
+                    write_epoch(step, complete=True)
+                    acc = acc.reset()
+                acc_epoch = int(batch.epoch)
+                state, metrics, correct, sample = loop.rl_step(state, step_fn, batch, step,
+                                                               next_batch=lambda: next(iters["rl"]))
+                acc = acc.update(correct, {k: metrics[k] for k in EPOCH_KEYS if k in metrics})
                 if sample and step % c.log.every_steps == 0:
                     writer.write_text(step + 1, "reflective_correct_sample", sample)
             done = step + 1
             metrics["stage"] = 0.0 if stage == "sft" else 1.0
             writer.write(done, metrics, split="train")
-            # Evaluate at the start, at the SFT -> RL boundary, at the end, and every N steps.
+            # Evaluate at the start (eval.at_start), at the SFT -> RL boundary, at the end, and every N steps.
             if setup.eval_data and (done in (c.sft.steps, total_steps) or
                                     (c.eval.every_steps and done % c.eval.every_steps == 0)):
                 evaluate(done)
             bar.update(1, metrics)
             data_state = {k: (it.get_state() if it is not None else None) for k, it in iters.items()}
-            extra = {"stage": stage, "eval": last_eval}
+            if done == total_steps and acc_epoch is not None:  # the last, possibly partial, epoch
+                write_epoch(done, complete=False)
+            extra = {"stage": stage, "eval": last_eval, "epoch_acc": acc.to_dict(), "acc_epoch": acc_epoch}
             if done % c.checkpoint.every_steps == 0 or done == total_steps:
                 writer.flush()
                 ranked = last_eval if ckpt.best_metric and ckpt.best_metric in last_eval else None

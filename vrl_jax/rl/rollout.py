@@ -52,6 +52,16 @@ def build_sequences(prompts, tokens, response_mask, logprobs, num_samples: int, 
                      targets.astype(np.int32), loss_mask, old, index)
 
 
+def target_width(longest: int, cap: int, smallest: int = 32) -> int:
+    """Response columns for a batch of reference targets: the next power of two >= `longest` (and
+    >= `smallest`), at most `cap`. A few static widths, so SFT batches do not pay for `cap` columns
+    when every target is short, at the price of one compilation per width."""
+    width = smallest
+    while width < longest:
+        width *= 2
+    return min(width, cap)
+
+
 def replace_responses(tokens, mask, logprobs, rows: Sequence[int], targets: Sequence[Sequence[int]]):
     """Puts reference token sequences in place of the sampled responses of `rows` (DyME memorization,
     SFT): tokens are truncated to N, the rest of the row masked; their logprobs are 0 (they train with
