@@ -18,14 +18,15 @@ from vrl_jax.models.config import TextConfig
 
 
 class KVCache(NamedTuple):
-    """A preallocated cache: k, v [layers, B, S, kv_heads, head_dim]; slot s holds token s of the row."""
+    """A preallocated cache: k, v [layers, B, kv_heads, S, head_dim]; slot s holds token s of the row.
+    kv-head major, the layout `layers.attention` contracts without transposing."""
 
     k: jax.Array
     v: jax.Array
 
     @classmethod
     def zeros(cls, config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
@@ -64,7 +65,7 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
     """One decoder block.
 
     w: this layer's parameters (unstacked); x: [B, T, H]; cos/sin: [B, T, hd]; mask: bool [B, T, S];
-    cache: the whole stack's KVCache [layers, B, S, K, hd] or None (then S == T and the block attends to
+    cache: the whole stack's KVCache [layers, B, K, S, hd] or None (then S == T and the block attends to
     its own keys); layer: int scalar, this block's index; write_index: int scalar slot where this call's
     T tokens go. Only those T slots of this layer are written, so a decode step moves one token's keys,
     not the cache. Returns x [B, T, H] and the updated cache.
@@ -77,8 +78,9 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
     k = (y @ w["k_w"].astype(dt) + w["k_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
     v = (y @ w["v_w"].astype(dt) + w["v_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
     q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]
     if cache is not None:
-        start = (layer, 0, write_index, 0, 0)
+        start = (layer, 0, 0, write_index, 0)
         cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
                         jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
         k = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False).astype(dt)
