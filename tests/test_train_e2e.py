@@ -81,10 +81,11 @@ def test_sft_then_grpo_runs_and_writes_everything(uninterrupted):
     assert [r["step"] for r in evals] == [0, 2, 6]  # start, after SFT, end
     assert os.path.exists(os.path.join(wd, "export", "model.safetensors"))
     assert os.listdir(os.path.join(wd, "samples")) and os.listdir(os.path.join(wd, "tensorboard"))
-    # Epoch summaries: RL epoch 0 (3 steps x 2 prompts x 2 samples) ends at step 5, epoch 1 is partial.
+    # Epoch summaries (epoch = epochs completed): the first RL epoch (3 steps x 2 prompts x 2 samples)
+    # ends at step 5, the second is partial.
     epochs = rows(wd, "epoch")
     assert [(r["step"], r["epoch"], r["epoch/complete"], r["epoch/samples"]) for r in epochs] == [
-        (5, 0, 1.0, 12.0), (6, 1, 0.0, 4.0)]
+        (5, 1, 1.0, 12.0), (6, 2, 0.0, 4.0)]
     rl = [r for r in train if r["stage"] == 1.0]
     assert epochs[0]["epoch_mean/response/response_lengths"] == pytest.approx(
         sum(r["response/response_lengths"] for r in rl[:3]) / 3)

@@ -294,8 +294,9 @@ def train(config, workdir: str) -> dict:
         return last_eval
 
     def write_epoch(step: int, complete: bool):
-        # Pooled over processes: the epoch's accuracy is correct / samples of the whole run.
-        writer.write(step, {**pool_epoch(acc).result(), "epoch": acc_epoch, "epoch/complete": float(complete)},
+        # Pooled over processes: the epoch's accuracy is correct / samples of the whole run. "epoch" counts
+        # completed epochs as the report reads it (0 = before training), so RL epoch 0 is logged as 1.
+        writer.write(step, {**pool_epoch(acc).result(), "epoch": acc_epoch + 1, "epoch/complete": float(complete)},
                      split="epoch", kind="epoch")
 
     with PreemptionGuard() as guard, Progress(total_steps, desc=c.name, initial=start) as bar:
