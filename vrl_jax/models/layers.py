@@ -93,12 +93,14 @@ def vision_cos_sin(hw_pos, head_dim: int, theta: float):
 def attention(q, k, v, mask, scale: float):
     """Grouped-query attention with an explicit boolean mask, softmax in float32.
 
-    q: [B, T, N, D]; k, v: [B, K, S, D], kv-head major (the KV cache's layout) with N % K == 0 (kv
-    head j serves query heads j*N/K ... (j+1)*N/K - 1, transformers' repeat_kv); mask: bool [B, T, S]
-    (True = attend). Returns [B, T, N, D] in q's dtype.
+    q: [B, T, N, D]; k: [B, K, S, D] and v: [B, K, D, S] (the KV cache's layouts) with N % K == 0
+    (kv head j serves query heads j*N/K ... (j+1)*N/K - 1, transformers' repeat_kv); mask: bool
+    [B, T, S] (True = attend). Returns [B, T, N, D] in q's dtype.
 
-    Keys and values kv-head major make (B, K) leading batch dimensions of both contractions, so a
-    decode step reads the cache in place instead of transposing all of it for every layer.
+    With (B, K) leading and values stored transposed, both contractions are plain GEMMs over the
+    cache as it lies (keys times queries, values times probabilities): a decode step, with one or two
+    query columns per kv head, would otherwise transpose the whole cache or fall back to a slow
+    transposed-operand GEMM for every layer (measured on XLA:CPU: 2.4x slower for the value product).
     """
     b, t, n, d = q.shape
     kv = k.shape[1]
@@ -106,7 +108,7 @@ def attention(q, k, v, mask, scale: float):
     scores = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bkds->btkgd", probs, v)
     return out.reshape(b, t, n, d)
 
 

@@ -18,8 +18,9 @@ from vrl_jax.models.config import TextConfig
 
 
 class KVCache(NamedTuple):
-    """A preallocated cache: k, v [layers, B, kv_heads, S, head_dim]; slot s holds token s of the row.
-    kv-head major, the layout `layers.attention` contracts without transposing."""
+    """A preallocated cache: k [layers, B, kv_heads, S, head_dim], v [layers, B, kv_heads, head_dim, S];
+    slot s holds token s of the row. These are the layouts `layers.attention` contracts as plain GEMMs
+    (keys times queries, values times probabilities) without transposing the cache."""
 
     k: jax.Array
     v: jax.Array
@@ -27,7 +28,7 @@ class KVCache(NamedTuple):
     @classmethod
     def zeros(cls, config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
         shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape[:3] + shape[4:] + shape[3:4], dtype))
 
 
 def _param(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -65,7 +66,7 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
     """One decoder block.
 
     w: this layer's parameters (unstacked); x: [B, T, H]; cos/sin: [B, T, hd]; mask: bool [B, T, S];
-    cache: the whole stack's KVCache [layers, B, K, S, hd] or None (then S == T and the block attends to
+    cache: the whole stack's KVCache (k [layers, B, K, S, hd], v [layers, B, K, hd, S]) or None (then S == T and the block attends to
     its own keys); layer: int scalar, this block's index; write_index: int scalar slot where this call's
     T tokens go. Only those T slots of this layer are written, so a decode step moves one token's keys,
     not the cache. Returns x [B, T, H] and the updated cache.
@@ -78,11 +79,12 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
     k = (y @ w["k_w"].astype(dt) + w["k_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
     v = (y @ w["v_w"].astype(dt) + w["v_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
     q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, K, T, hd], [B, K, hd, T]
     if cache is not None:
-        start = (layer, 0, 0, write_index, 0)
-        cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
-                        jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
+        cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype),
+                                                     (layer, 0, 0, write_index, 0)),
+                        jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype),
+                                                     (layer, 0, 0, 0, write_index)))
         k = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False).astype(dt)
         v = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False).astype(dt)
     attn = layers.attention(q, k, v, mask, hd**-0.5).reshape(b, t, -1)

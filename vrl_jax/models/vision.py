@@ -60,7 +60,7 @@ def vision_block(w: dict, x, cos, sin, mask, *, cfg: VisionConfig):
     # Vision rotary runs in float32 whatever the activation dtype, as transformers does.
     q = layers.apply_rotary(q.astype(jnp.float32)[None], cos[None], sin[None]).astype(dt)
     k = layers.apply_rotary(k.astype(jnp.float32)[None], cos[None], sin[None]).astype(dt)
-    attn = layers.attention(q, k.transpose(0, 2, 1, 3), v.transpose(1, 0, 2)[None], mask[None],
+    attn = layers.attention(q, k.transpose(0, 2, 1, 3), v.transpose(1, 2, 0)[None], mask[None],
                             cfg.head_dim**-0.5)[0].reshape(p, c)
     x = x + attn @ w["proj_w"] + w["proj_b"]
     y = _norm(x, w, "norm2", cfg)

@@ -45,7 +45,8 @@ def choose_tokens(key, logits, temperature, top_k: int, top_p):
     filtered = top_k_filter(scaled, top_k)
     # The sort behind top-p costs O(V log V) per token: skip it when top_p is off.
     filtered = jax.lax.cond(top_p < 1.0, lambda x: top_p_filter(x, top_p), lambda x: x, filtered)
-    sampled = jax.random.categorical(key, filtered, axis=-1)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    # One vocabulary reduction per token, not two: argmax when greedy, Gumbel-max otherwise.
+    tokens = jax.lax.cond(greedy, lambda: jnp.argmax(logits, axis=-1),
+                          lambda: jax.random.categorical(key, filtered, axis=-1)).astype(jnp.int32)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
