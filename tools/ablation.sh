@@ -29,5 +29,5 @@ for s in $SEEDS; do for a in $ALGOS; do
   if [ "$jobs_running" -ge "$PARALLEL" ]; then wait -n; jobs_running=$((jobs_running - 1)); fi
 done; done
 wait
-python -m vrl_jax.report --workdir "$ROOT"/start "$ROOT"/sft-* "$ROOT"/grpo-* "$ROOT"/sft_grpo-* "$ROOT"/dyme-* \
+python -m vrl_jax.report --workdir "$ROOT"/start "$ROOT"/sft-*/ "$ROOT"/grpo-*/ "$ROOT"/sft_grpo-*/ "$ROOT"/dyme-*/ \
   --out "$ROOT/report"
