@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
     c.data.length_buckets = (96, 128)
     c.data.patch_buckets = (512, 1024, 2048, 4096)
 
-    c.sft.steps = 250
+    c.sft.steps = 500
     c.sft.batch_size = 16
     c.sft.learning_rate = 2e-3
     c.sft.max_target_tokens = 224
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None):
     elif arg == "sft":
         c.algorithm = "sft"
         c.rl_steps = 0
-        c.sft.steps = 240
+        c.sft.steps = 515
     elif arg == "dyme":
         c.algorithm = "dyme"
         c.sft.steps = 0
