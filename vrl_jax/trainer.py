@@ -300,6 +300,8 @@ def train(config, workdir: str) -> dict:
                      split="epoch", kind="epoch")
 
     with PreemptionGuard() as guard, Progress(total_steps, desc=c.name, initial=start) as bar:
+        print(f"{c.name}: steps {start + 1}-{total_steps} in {workdir}; SIGTERM or Ctrl-C saves a checkpoint "
+              "after the current step and stops", flush=True)
         if start == 0 and setup.eval_data and c.eval.at_start:
             evaluate(0)
         for step in range(start, total_steps):
