@@ -208,3 +208,24 @@ def test_every_experiment_config_validates(experiment):
     from vrl_jax import configs
     config = load_config(os.path.join(ROOT, "experiments", experiment))
     configs.validate(config, num_devices=1)
+
+
+def test_evaluate_cli_scores_an_exported_policy(uninterrupted, tmp_path):
+    """`python -m vrl_jax.evaluate` on the run's HF export and its validation file: MAYE's settings,
+    a progress line with ETA, metrics and per-sample records that agree with each other."""
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "vrl_jax.evaluate", "--model", os.path.join(uninterrupted, "export"),
+           "--data", os.path.join(uninterrupted, "data", "maye_val.jsonl"), "--template", "plain",
+           "--settings", "low,high", "--k", "2", "--max-new-tokens", "8", "--batch-size", "4",
+           "--max-examples", "6", "--split-name", "val", "--out", str(out)]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": CACHE["dir"]}
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "eval val 4/4 (100.0%)" in run.stdout and "ETA" in run.stdout  # 2 batches x 2 settings
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert metrics["eval/val/num_problems"] == 6.0  # 6 of 8 examples; the padded slots are not counted
+    low = "acc/Validation Set Epoch Accuracy pass@1 Temperature=0.01"
+    assert low in metrics and "acc/Validation Set Epoch Accuracy pass@2 Temperature=1.0" in metrics
+    samples = [json.loads(line) for line in (tmp_path / "eval.samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and {s["setting"] for s in samples} == {samples[0]["setting"]}
+    assert metrics[low] == pytest.approx(sum(s["correct"] for s in samples) / 6)

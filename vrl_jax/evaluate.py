@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from vrl_jax.evaluation.passk import MAYE_HIGH, MAYE_LOW, MAYE_MEDIUM, GenerationSetting, mean_pass_at_k
+from vrl_jax.evaluation.progress import Progress
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 
 SETTINGS = {"low": MAYE_LOW, "medium": MAYE_MEDIUM, "high": MAYE_HIGH}
@@ -52,10 +53,16 @@ class Evaluator:
                 self.samplers[s.k] = Sampler(graphdef, SamplerConfig(
                     max_new_tokens=s.max_tokens, num_samples=s.k, stop_token_ids=tuple(stop_ids), pad_token_id=pad_id))
 
-    def evaluate_split(self, params, batches, key, split: str, keep_samples: int = 0):
-        """batches: iterable of pipeline `Batch`es. Returns (metrics {key: float}, sample dicts)."""
+    def evaluate_split(self, params, batches, key, split: str, keep_samples: int = 0, num_batches: int = 0,
+                       progress: bool = True):
+        """batches: iterable of pipeline `Batch`es (`num_batches` of them, for the progress bar's ETA).
+        Returns (metrics {key: float}, sample dicts)."""
         correct = {s.name: [] for s in self.settings}
         samples = []
+        bar = Progress(num_batches * len(self.settings), desc=f"eval {split}", keys={"acc": "accuracy"},
+                       log_every=max(1, num_batches * len(self.settings) // 4),
+                       enabled=progress and jax.process_index() == 0)
+        hits_so_far = [0, 0]
         for i, batch in enumerate(batches):
             valid = np.asarray(batch.valid)
             for j, s in enumerate(self.settings):
@@ -66,12 +73,16 @@ class Evaluator:
                 acc = self.reward_set(texts, examples)["accuracy"] if self.reward_set else np.zeros(len(texts))
                 per_problem = np.asarray(acc).reshape(-1, s.k) > 0.5
                 correct[s.name].append(per_problem[valid])
+                hits_so_far[0] += int(per_problem[valid].any(1).sum())
+                hits_so_far[1] += int(valid.sum())
+                bar.update(1, {"accuracy": hits_so_far[0] / max(hits_so_far[1], 1)})
                 if j == 0 and len(samples) < keep_samples:
                     for e, text, ok, v in zip(batch.examples, texts[::s.k], per_problem[:, 0], valid):
                         if v and len(samples) < keep_samples:
                             samples.append({"id": e["id"], "prompt": e["prompt_messages"][-1]["content"][-1].get(
                                 "text", ""), "image_id": e["id"], "response": text, "answer": e["answer"],
                                 "reward": float(ok), "correct": bool(ok), "setting": s.label})
+        bar.close()
         metrics = {}
         for s in self.settings:
             hits = np.concatenate(correct[s.name]) if correct[s.name] else np.zeros((0, s.k), bool)
@@ -103,7 +114,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from vrl_jax.data.formats import load_examples
-    from vrl_jax.data.pipeline import eval_dataset
+    from vrl_jax.data.pipeline import eval_dataset, eval_num_batches
     from vrl_jax.models.loading import load_model
     from vrl_jax.models.processor import VLProcessor
     from vrl_jax.rewards import RewardSet
@@ -126,7 +137,8 @@ def main(argv=None) -> int:
     batches = eval_dataset(examples, processor.encode_examples, batch_size=args.batch_size, template=args.template,
                            process_index=0, process_count=1)
     metrics, samples = evaluator.evaluate_split(params.to_pure_dict(), batches, jax.random.key(0), args.split_name,
-                                                keep_samples=10**9)
+                                                keep_samples=10**9,
+                                                num_batches=eval_num_batches(len(examples), args.batch_size))
     rewards.close()
     for k, v in metrics.items():
         print(f"{k}: {v:.4f}")

@@ -14,7 +14,7 @@ from flax import nnx
 
 from vrl_jax.data.faults import FaultCounter
 from vrl_jax.data.formats import Example, load_examples, load_image
-from vrl_jax.data.pipeline import eval_dataset, train_dataset
+from vrl_jax.data.pipeline import eval_dataset, eval_num_batches, train_dataset
 from vrl_jax.models.loading import load_model
 from vrl_jax.models.processor import VLProcessor
 from vrl_jax.rewards import RewardSet
@@ -35,6 +35,7 @@ class RunSetup:
     eval_data: dict[str, Callable[[], Any]]  # split -> a fresh pass over its batches
     ref_params: Any
     faults: FaultCounter
+    eval_batches: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> batches per pass
 
     def close(self):
         self.rewards.close()
@@ -161,5 +162,6 @@ def prepare_run(c, workdir: str) -> RunSetup:
         if c.sft.steps else None
     eval_data = {split: (lambda ex=ex: eval_dataset(ex, encode, batch_size=c.eval.batch_size, **common))
                  for split, ex in evals.items() if ex}
+    eval_batches = {split: eval_num_batches(len(ex), c.eval.batch_size, pc) for split, ex in evals.items() if ex}
     return RunSetup(model_dir, processor, model, graphdef, RewardSet(reward_spec(c)), visual, sft_data, rl_data,
-                    eval_data, ref_params, faults)
+                    eval_data, ref_params, faults, eval_batches)

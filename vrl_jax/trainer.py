@@ -287,7 +287,8 @@ def train(config, workdir: str) -> dict:
         last_eval = {}
         for split, batches in setup.eval_data.items():
             metrics, samples = loop.evaluator.evaluate_split(state.params, batches(), jax.random.fold_in(
-                jax.random.key(c.seed + 1), step), split, keep_samples=c.log.samples_per_eval)
+                jax.random.key(c.seed + 1), step), split, keep_samples=c.log.samples_per_eval,
+                num_batches=setup.eval_batches.get(split, 0))
             last_eval.update(metrics)
             writer.write_samples(split, step, samples)
         writer.write(step, last_eval, split="eval", kind="eval")
