@@ -160,3 +160,15 @@ def test_cli_subprocess(runs, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert str(empty) in proc.stderr and "metrics.jsonl" in proc.stderr
+
+
+def test_accuracy_axis_is_decided_by_eval_rows(runs, tmp_path):
+    loaded = report.load_runs([str(d) for d in runs[1]])
+    assert report.accuracy_axis(loaded) == "epoch"  # eval rows carry epochs
+    # A trainer run that evaluates every N steps: eval rows without epoch, epoch rows with one.
+    wd = tmp_path / "by_step"
+    with MetricWriter(str(wd), tensorboard=False) as w:
+        w.write(0, {MAYE_SETTINGS[0].metric_key("val"): 0.0}, split="eval", kind="eval")
+        w.write(3, {TRAIN_ACCURACY_KEY: 0.5, "epoch": 1}, split="epoch", kind="epoch")
+        w.write(4, {MAYE_SETTINGS[0].metric_key("val"): 0.5}, split="eval", kind="eval")
+    assert report.accuracy_axis(report.load_runs([str(wd)])) == "step"

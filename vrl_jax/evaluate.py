@@ -53,15 +53,14 @@ class Evaluator:
                 self.samplers[s.k] = Sampler(graphdef, SamplerConfig(
                     max_new_tokens=s.max_tokens, num_samples=s.k, stop_token_ids=tuple(stop_ids), pad_token_id=pad_id))
 
-    def evaluate_split(self, params, batches, key, split: str, keep_samples: int = 0, num_batches: int = 0,
-                       progress: bool = True):
+    def evaluate_split(self, params, batches, key, split: str, keep_samples: int = 0, num_batches: int = 0):
         """batches: iterable of pipeline `Batch`es (`num_batches` of them, for the progress bar's ETA).
         Returns (metrics {key: float}, sample dicts)."""
         correct = {s.name: [] for s in self.settings}
         samples = []
         bar = Progress(num_batches * len(self.settings), desc=f"eval {split}", keys={"acc": "accuracy"},
                        log_every=max(1, num_batches * len(self.settings) // 4),
-                       enabled=progress and jax.process_index() == 0)
+                       enabled=jax.process_index() == 0)
         hits_so_far = [0, 0]
         for i, batch in enumerate(batches):
             valid = np.asarray(batch.valid)

@@ -290,9 +290,7 @@ def make_report(workdirs: Sequence[str | Path], out: str | Path | None = None, g
     figures = []
     acc = accuracy_keys(runs)
     if acc and plots:
-        # Runs that evaluate every N steps log no epoch on their eval rows: then the axis is the step.
-        per_epoch = any("epoch" in row for r in runs for row in r.rows if any(k in row for k in acc))
-        unit = "epoch" if per_epoch else "step"
+        unit = accuracy_axis(runs)
         figures.append(plot_panels(out / "accuracy.png", f"Accuracy per {unit} (mean ± std over runs)", groups, acc,
                                    split=None, x="epoch", xlabel=unit, scale=100.0, ylabel="accuracy (%)",
                                    titles={k: _title(k) for k in acc}))
@@ -320,6 +318,13 @@ def make_report(workdirs: Sequence[str | Path], out: str | Path | None = None, g
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def accuracy_axis(runs) -> str:
+    """"epoch", or "step" when the runs' eval rows carry no epoch (evaluation every N steps). Only eval
+    rows decide: the trainer's epoch rows (training accuracy) always carry an epoch."""
+    eval_rows = [row for r in runs for row in r.rows if row.get("split") == "eval"]
+    return "step" if eval_rows and not any("epoch" in row for row in eval_rows) else "epoch"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

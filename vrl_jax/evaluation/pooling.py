@@ -40,7 +40,8 @@ def sum_over_processes(tree: Any) -> Any:
     gathered = multihost_utils.process_allgather([w for w, _, _ in encoded])  # each leaf: [P, words]
     out = []
     for (_, dtype, shape), g in zip(encoded, gathered):
-        per_process = np.ascontiguousarray(np.asarray(g, np.uint32)).view(dtype).reshape((jax.process_count(),) + shape)
+        words = np.ascontiguousarray(np.asarray(g, np.uint32))
+        per_process = words.view(dtype).reshape((jax.process_count(),) + shape)
         out.append(per_process.sum(axis=0, dtype=dtype))
     return jax.tree.unflatten(treedef, out)
 

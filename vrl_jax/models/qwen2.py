@@ -66,9 +66,9 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
     """One decoder block.
 
     w: this layer's parameters (unstacked); x: [B, T, H]; cos/sin: [B, T, hd]; mask: bool [B, T, S];
-    cache: the whole stack's KVCache (k [layers, B, K, S, hd], v [layers, B, K, hd, S]) or None (then S == T and the block attends to
-    its own keys); layer: int scalar, this block's index; write_index: int scalar slot where this call's
-    T tokens go. Only those T slots of this layer are written, so a decode step moves one token's keys,
+    cache: the whole stack's KVCache (k [layers, B, K, S, hd], v [layers, B, K, hd, S]) or None (then
+    S == T and the block attends to its own keys); layer: int scalar, this block's index; write_index:
+    int scalar slot where this call's T tokens go. Only those T slots of this layer are written, so a decode step moves one token's keys,
     not the cache. Returns x [B, T, H] and the updated cache.
     """
     b, t, _ = x.shape
