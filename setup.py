@@ -23,6 +23,7 @@ setup(
         "orbax-checkpoint>=0.12.8",
         "transformers>=5.23.0,<6",
         "tokenizers",
+        "jinja2>=3.1",  # transformers renders chat templates with it (and does not require it)
         "grain>=0.2.18",
         "ml-collections>=1.1.0",
         "numpy",
