@@ -166,6 +166,48 @@ def test_reward_set_reuses_its_judge_and_closes_it():
     rewards.close()
 
 
+# DyME's training reward (checker.get_answer_reward): split_initial_context, then eval_one_chart with
+# tolerance 0; its evaluation (eval_chartqa.py) and ChartQA's protocol keep 5%.
+DYME_TRAIN_JUDGE = {"mode": "chartqa", "relaxed_tol": 0.0, "chartqa_parser": "dyme"}
+CHARTQA_EVAL_JUDGE = {"mode": "chartqa"}
+DYME_EVAL_JUDGE = {"mode": "chartqa", "chartqa_parser": "dyme"}
+
+
+@pytest.mark.parametrize("response,gold,eval_ok,train_ok", [
+    ("The bar reads about 105.\nAnswer: 104.9", "100", True, False),     # 4.9% off: relaxed only
+    ("Answer: 105.1", "100", False, False),                              # 5.1% off: neither
+    ("Answer: 100.", "Answer: 100", True, True),                          # trailing dot, flagged gold
+    ("Answer: 100\nThe tallest bar is 100.", "100", True, False),         # DyME reads all the rest
+    ("Answer: 1,000", "1000", True, False),                               # float("1,000") fails
+    ("Answer: **2017**", "2017", True, False),                            # markdown stays in DyME's
+    ("Answer: 50%", "0.5", True, True),                                   # 50% is 0.5 for both
+    ("Answer: 50%", "50", True, False),                                   # ... and never 50 for DyME
+    ("Answer: 0.0", "0", True, False),                                    # a 0 prediction: text equality
+    ("answer: YES", "Yes", True, True),
+    ("Answer: b) Paris", "B", True, False),                               # ChartQA's letter rule only
+    ("The answer is 7", "7", False, False),                               # no flag: the whole text
+])
+def test_training_and_evaluation_judges_are_separate_settings(response, gold, eval_ok, train_ok):
+    """Relaxed accuracy changes which groups DyME memorises, so training must use DyME's exact judge
+    (`rewards.judge`) while evaluation keeps ChartQA's 5% relaxed accuracy (`eval.judge`)."""
+    with RewardSet({"weights": {"accuracy": 1.0}, "judge": DYME_TRAIN_JUDGE}) as train, \
+            RewardSet({"weights": {"accuracy": 1.0}, "judge": CHARTQA_EVAL_JUDGE}) as evaluate:
+        assert evaluate([response], [{"answer": gold}])["accuracy"][0] == float(eval_ok)
+        assert train([response], [{"answer": gold}])["accuracy"][0] == float(train_ok)
+
+
+def test_dyme_evaluation_measures_the_change_against_the_prediction():
+    """eval_chartqa.py calls relaxed_correctness(target=prediction, prediction=gold): the 5% is of the
+    prediction, so 95.1 against 100 (4.9% of the gold, 5.15% of the prediction) fails there."""
+    with AnswerJudge(CHARTQA_EVAL_JUDGE) as chartqa, AnswerJudge(DYME_EVAL_JUDGE) as dyme:
+        assert chartqa.judge("Answer: 95.1", "100").correct and not dyme.judge("Answer: 95.1", "100").correct
+        assert chartqa.judge("Answer: 104.9", "100").correct and dyme.judge("Answer: 104.9", "100").correct
+        verdict = dyme.judge("Reasoning.\nANSWER: 2017.", "Answer: 2017")
+        assert verdict.correct and verdict.extracted == "2017" and verdict.gold_normalized == "2017"
+    with pytest.raises(ValueError, match="chartqa_parser"):
+        AnswerJudge({"mode": "chartqa", "chartqa_parser": "strict"})
+
+
 def test_accuracy_answer_key(judge):
     out = compute_rewards([r"\boxed{20}"], [{"answer": "3", "solution": r"so \boxed{20}"}],
                           {"weights": {"accuracy": 1.0}, "params": {"accuracy": {"answer_key": "solution"}}},

@@ -48,7 +48,11 @@ class JudgeConfig:
       percent: "either" (25% is 25 or 0.25, as math-verify), "fraction" (0.25) or "strip" (25).
       rel_tol, abs_tol: tolerance ``max(abs_tol, rel_tol*|gold|)`` applied when a decimal is involved;
         integers and fractions are compared exactly.
-      relaxed_tol: relative tolerance of the chartqa mode (0.05 in the ChartQA protocol).
+      relaxed_tol: relative tolerance of the chartqa mode (0.05 in the ChartQA protocol and in DyME's
+        evaluation; DyME's training reward uses 0).
+      chartqa_parser: how the chartqa mode reads and compares answers, a name in
+        ``chartqa.SCORERS``: "chartqa" (ChartQA's parser) or "dyme" (DyME's: all the text after the
+        last flag, compared with ``float()`` or as text).
       symbolic: whether to call math-verify at all (False: undecided answers are incorrect).
       float_rounding: math-verify's decimal places.
       math_verify_targets: math-verify's extraction configs, a subset of ("latex", "expr").
@@ -65,6 +69,7 @@ class JudgeConfig:
     rel_tol: float = 0.0
     abs_tol: float = 1e-6
     relaxed_tol: float = 0.05
+    chartqa_parser: str = "chartqa"
     symbolic: bool = True
     float_rounding: int = 6
     math_verify_targets: tuple[str, ...] = EXTRACTION_TARGETS
@@ -75,7 +80,8 @@ class JudgeConfig:
         def bad(field: str, expected: str):
             raise ValueError(f"JudgeConfig.{field}: expected {expected}, got {getattr(self, field)!r}")
 
-        for field, choices in (("mode", MODES), ("percent", PERCENT_POLICIES), ("unanchored", UNANCHORED_POLICIES)):
+        for field, choices in (("mode", MODES), ("percent", PERCENT_POLICIES), ("unanchored", UNANCHORED_POLICIES),
+                               ("chartqa_parser", tuple(chartqa.SCORERS))):
             if getattr(self, field) not in choices:
                 bad(field, "one of " + ", ".join(repr(c) for c in choices))
         for field in ("timeout_s", "relaxed_tol", "rel_tol", "abs_tol"):
@@ -242,11 +248,10 @@ class AnswerJudge:
         return self._prepare_default(prediction, golds)
 
     def _prepare_chartqa(self, prediction: str, golds: list[str]) -> Verdict:
-        flag = self.config.answer_flag
-        answer = chartqa.chart_answer(prediction[-self.config.max_response_chars:], flag)
-        targets = [chartqa.chart_gold(g, flag) for g in golds]
-        ok = chartqa.relaxed_correct(answer, targets, self.config.relaxed_tol)
-        return Verdict(ok, "relaxed", answer, chartqa.prepare(answer).text, " | ".join(targets))
+        cfg = self.config
+        v = chartqa.SCORERS[cfg.chartqa_parser](prediction[-cfg.max_response_chars:], golds, cfg.answer_flag,
+                                                cfg.relaxed_tol)
+        return Verdict(v.correct, "relaxed", v.answer, v.normalized, " | ".join(v.targets))
 
     def _prepare_maye(self, prediction: str, golds: list[str]) -> tuple[Verdict | None, list]:
         pred = maye.maye_preprocess(prediction)
