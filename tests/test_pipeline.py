@@ -118,8 +118,10 @@ def test_batches_hold_contract_dicts_with_rgb_images_and_messages():
     # Prefetching may already have encoded later batches: the first batch is one of those encoded.
     assert batch.inputs == 2 and any(batch.examples == s for s in seen)
     first = batch.examples[0]
-    assert set(first) == {"id", "prompt_messages", "images", "answer", "solution", "hint", "meta", "source"}
+    assert set(first) == {"id", "question", "prompt_messages", "images", "answer", "solution", "hint", "meta",
+                          "source"}
     assert first["id"] == "im0" and first["meta"] == {"family": "count"} and first["hint"] == "h"
+    assert first["question"] == "<image>How many?"  # the dataset's question, without the template
     assert first["images"][0].mode == "RGB" and first["images"][0].getpixel((0, 0)) == (0, 2, 3)
     assert first["prompt_messages"][0]["content"][0] == {"type": "image"}
     assert first["prompt_messages"][0]["content"][1]["text"].startswith("How many?\nSolve the above")
@@ -184,3 +186,25 @@ def test_batches_per_epoch_matches_the_stream():
         assert [x.epoch for x in stream] == [i // per_epoch for i in range(30)]
         first_epoch = sum((x.inputs for x in stream[:per_epoch]), [])
         assert len(first_epoch) == per_epoch * b <= n // p
+
+
+def test_dyme_refiners_read_the_question_the_pipeline_carries(tmp_path):
+    """DyME's checker and refiner read `question_wo_prompt`: the raw question, not the templated
+    prompt. The pipeline's dicts carry it, so the rule-based refiner's Goal and the HTTP prompts
+    state the question (before, every Goal read "Answer the question.")."""
+    from vrl_jax.data.formats import load_examples
+    from vrl_jax.rewards.visual import as_visual_example, make_visual_supervision
+
+    records = [{"question": "Which year had the highest sales?", "answer": "2017", "hint": "The 2017 bar is tallest.",
+                "image": ""}, {"question": "What is 2+2?", "answer": "4", "hint": "Add them.", "image": ""}]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    examples = load_examples(str(path), format="dyme")
+    batch = next(iter(pipeline.train_dataset(examples, ids_encode, batch_size=2, seed=0, process_index=0,
+                                             process_count=1, template="dyme_answer", shuffle=False)))
+    first = batch.examples[0]
+    assert first["question"] == "Which year had the highest sales?"
+    assert "Your task is to answer" in first["prompt_messages"][0]["content"][-1]["text"]
+    assert as_visual_example(first).question == "Which year had the highest sales?"
+    refined = make_visual_supervision({"kind": "rule_based"}).refiner.refine(batch.examples).texts
+    assert refined[0].startswith("Goal: Which year had the highest sales?\n")

@@ -118,14 +118,16 @@ def eval_num_batches(num_examples: int, batch_size: int, process_count: int = 1)
 def prepare_example(example: Example, template: PromptTemplate, max_image_side: int | None) -> dict:
     """The per-example dict of CONTRACTS.md: decoded RGB images and the chat messages.
 
-    Returns `{"id", "prompt_messages", "images" (list of PIL RGB), "answer", "solution", "hint",
-    "meta", "source"}`. Raises `SampleFault` when an image cannot be loaded.
+    Returns `{"id", "question", "prompt_messages", "images" (list of PIL RGB), "answer", "solution",
+    "hint", "meta", "source"}`; `question` is the dataset's question without the prompt template
+    (DyME's `question_wo_prompt`, which its checker and refiner read). Raises `SampleFault` when an
+    image cannot be loaded.
     """
     messages = build_messages(example, template)
     images = [load_image(ref, max_image_side) for ref in example.images]
-    return {"id": example.id, "prompt_messages": messages, "images": images, "answer": example.answer,
-            "solution": example.solution, "hint": example.hint, "meta": dict(example.meta),
-            "source": example.source}
+    return {"id": example.id, "question": example.question, "prompt_messages": messages, "images": images,
+            "answer": example.answer, "solution": example.solution, "hint": example.hint,
+            "meta": dict(example.meta), "source": example.source}
 
 
 @dataclasses.dataclass(frozen=True)
