@@ -84,6 +84,34 @@ def test_replaced_rows_train_on_the_reference_tokens(sampled):
                                   np.asarray(out.tokens)[0][np.asarray(out.mask)[0] > 0])  # others untouched
 
 
+def test_long_targets_widen_the_rows_instead_of_losing_their_end(sampled):
+    """A DyME target longer than the N sampled columns used to be cut at N (answer line and end token
+    lost, silently). insert_targets widens every row with masked columns to the next power of two
+    (capped), keeps the sampled rows' training forward unchanged, and counts what still does not fit."""
+    config, graphdef, params, inputs, out = sampled
+    long_target = list(range(100, 113)) + [1023]  # 14 tokens > N_NEW = 10
+    got = rollout.insert_targets(out.tokens, out.mask, out.logprobs, [2], [long_target], max_width=64)
+    assert got.tokens.shape == got.mask.shape == got.logprobs.shape == (4, 32) and got.truncated == 0
+    seqs = rollout.build_sequences(inputs, got.tokens, got.mask, got.logprobs, N_SAMPLES, pad_id=0)
+    np.testing.assert_array_equal(seqs.targets[2][seqs.loss_mask[2] > 0], long_target)  # end token kept
+    mask = seqs.loss_mask > 0
+    sampled_rows = np.array([0, 1, 3])
+    np.testing.assert_array_equal(mask[sampled_rows].sum(1), np.asarray(out.lengths)[sampled_rows])
+    fresh = forward_logprobs(config, graphdef, params, seqs, inputs.row_images)
+    on_policy = mask.copy()
+    on_policy[2] = False
+    assert np.abs(fresh[on_policy] - seqs.old_logprobs[on_policy]).max() <= 1e-4  # the padding changes nothing
+    # The cap still binds: cut at the cap and counted; short targets keep the sampled width.
+    capped = rollout.insert_targets(out.tokens, out.mask, out.logprobs, [0, 2], [long_target, [5, 1023]],
+                                    max_width=12)
+    assert capped.tokens.shape == (4, 12) and capped.truncated == 1
+    np.testing.assert_array_equal(capped.tokens[0], long_target[:12])
+    short = rollout.insert_targets(out.tokens, out.mask, out.logprobs, [2], [[5, 6, 1023]], max_width=64)
+    assert short.tokens.shape == (4, N_NEW) and short.truncated == 0
+    np.testing.assert_array_equal(short.mask[2], [1, 1, 1] + [0] * (N_NEW - 3))
+    assert rollout.truncated_targets([[1] * 5, [1] * 11, [1] * 10], 10) == 1
+
+
 def test_groups_from_rounds_of_different_lengths_are_left_padded(sampled):
     config, graphdef, params, inputs, out = sampled
     texts = ["t"] * 4

@@ -78,6 +78,37 @@ def replace_responses(tokens, mask, logprobs, rows: Sequence[int], targets: Sequ
     return tokens, mask, logprobs
 
 
+def truncated_targets(targets: Sequence[Sequence[int]], width: int) -> int:
+    """How many targets are longer than `width` columns (they lose their answer line and end token)."""
+    return sum(len(t) > width for t in targets)
+
+
+class Replaced(NamedTuple):
+    """Rows after `insert_targets`: tokens, mask [R, W] and logprobs [R, W] with W >= N; `truncated`
+    counts the targets longer than W (cut at W)."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    logprobs: np.ndarray
+    truncated: int
+
+
+def insert_targets(tokens, mask, logprobs, rows: Sequence[int], targets: Sequence[Sequence[int]],
+                   max_width: int) -> Replaced:
+    """`replace_responses` for reference targets among sampled rows (DyME memorization): when a target
+    is longer than the N sampled columns, every row is widened with masked columns to
+    `target_width(longest, max_width)` (N itself if that is not wider), so the target keeps its answer
+    line and end token; W takes a few static values (N or a power of two up to `max_width`), each one
+    compilation of the train step. Targets still longer than W are cut and counted."""
+    tokens, mask, logprobs = np.asarray(tokens), np.asarray(mask), np.asarray(logprobs)
+    n_new = tokens.shape[1]
+    longest = max((len(t) for t in targets), default=0)
+    width = target_width(longest, max(max_width, n_new)) if longest > n_new else n_new
+    pad = ((0, 0), (0, width - n_new))
+    tokens, mask, logprobs = (np.pad(x, pad) for x in (tokens, mask, logprobs))
+    return Replaced(*replace_responses(tokens, mask, logprobs, rows, targets), truncated_targets(targets, width))
+
+
 def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray, num_micro: int, processor,
                        buckets: Sequence[int]) -> VisionInputs:
     """Packs each micro-batch's images (its rows' prompts' images, in row order) into one shared patch
