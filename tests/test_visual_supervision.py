@@ -18,9 +18,9 @@ from vrl_jax.data.synthgeo.export import write_split
 from vrl_jax.data.synthgeo.families import FAMILIES
 from vrl_jax.data.synthgeo.generator import generate_item
 from vrl_jax.rewards.formatting import answer_flag_format
-from vrl_jax.rewards.visual import (Checker, HttpConfig, Refiner, RuleBasedChecker, RuleBasedConfig,
-                                    RuleBasedRefiner, VisualSupervision, as_visual_example, assess, flatten_facts,
-                                    make_visual_supervision, strip_final_answer)
+from vrl_jax.rewards.visual import (DEFAULT_KIND, Checker, HttpConfig, IdentityRefiner, Refiner, RuleBasedChecker,
+                                    RuleBasedConfig, RuleBasedRefiner, VisualSupervision, as_visual_example,
+                                    assess, flatten_facts, make_visual_supervision, strip_final_answer)
 from vrl_jax.rewards.visual.http_client import parse_score
 from vrl_jax.rewards.visual.rule_based import find_mentions, normalize_text
 
@@ -215,6 +215,63 @@ def test_refiner_fallback_is_the_reference_with_its_answer_line():
     assert out.texts == ("Some steps.\nThe answer is \\boxed{5}.",) and out.fallback[0]
     assert refiner.stats.snapshot()["fallback.error"] == 1
     assert strip_final_answer("x\nAnswer: 5") == "x"
+
+
+def test_a_flag_inside_the_hint_keeps_the_rest_of_its_rationale():
+    """The rewriting refiner used to cut the hint at its first "answer:", so everything after a flag
+    in the middle of the rationale was lost. Only the hint's own final answer (a flag on its last
+    line) goes; an earlier flag is defused, so the target has exactly one flag, the one appended."""
+    example = {"question": "Which year had the highest sales?", "answer": "2017",
+               "hint": "Goal: Find the answer: the year with the highest sales.\n"
+                       "Observation: The 2017 bar is the tallest, at 45 million.\n"
+                       "Reasoning: Taller bars mean more sales. Answer: 2017"}
+    text = RuleBasedRefiner().refine([example]).texts[0]
+    assert "The 2017 bar is the tallest, at 45 million." in text and "Taller bars mean more sales." in text
+    assert text.endswith("\nAnswer: 2017") and answer_flag_format([text])[0] == 1.0  # the flag exactly once
+    assert strip_final_answer("Step one.\n**Answer:** 5") == "Step one."
+
+
+# ---------------------------------------------------------------------------------------------
+# DyME's released pair (lexical checker, identity refiner) and the run's answer format
+
+CHART = {"question": "Which year had the highest sales?", "answer": "2017",
+         "hint": "The 2017 bar is the tallest, at 45 million units.\nSo the answer is 2017."}
+
+
+def test_identity_refiner_is_dymes_hint_then_answer_line_and_the_default_kind():
+    """DyME's released run never rewrites a hint (ContextRefinerLocal returns it): its target is
+    hint + "\\n" + "Answer: X". That is the default kind's refiner, in the run's answer format."""
+    assert DEFAULT_KIND == "lexical"
+    pair = make_visual_supervision({"kind": DEFAULT_KIND, "backend": "approx"}, answer_format="flag")
+    assert isinstance(pair.refiner, IdentityRefiner)
+    out = pair.refiner.refine([CHART, {**CHART, "hint": ""}])
+    assert out.texts == (CHART["hint"] + "\nAnswer: 2017", "Answer: 2017") and not out.fallback.any()
+    boxed = make_visual_supervision({"kind": "lexical", "backend": "approx"}, answer_format="boxed")
+    assert boxed.refiner.refine([CHART]).texts[0] == CHART["hint"] + "\nThe answer is \\boxed{2017}."
+
+
+@pytest.mark.parametrize("kind", ["rule_based", "lexical"])
+def test_the_runs_answer_format_reaches_the_refiner(kind):
+    """A boxed run (the ablation's DyME arm) must memorise \\boxed{X}, not Answer: X, whatever the kind
+    (the examples carry no format of their own)."""
+    config = {"kind": kind, **({"backend": "approx"} if kind == "lexical" else {})}
+    text = make_visual_supervision(config, answer_format="boxed").refiner.refine([CHART]).texts[0]
+    assert text.endswith("\\boxed{2017}.") and "Answer:" not in text
+    with pytest.raises(ValueError, match="answer_format 'flag' contradicts the run's answer format 'boxed'"):
+        make_visual_supervision({**config, "answer_format": "flag"}, answer_format="boxed")
+
+
+def test_the_refiner_can_be_swapped_for_the_rewriting_one_or_the_identity():
+    mixed = make_visual_supervision({"kind": "lexical", "backend": "approx", "refiner": {"kind": "rule_based"}},
+                                    answer_format="boxed")
+    assert type(mixed.checker).__name__ == "LexicalChecker" and isinstance(mixed.refiner, RuleBasedRefiner)
+    assert mixed.refiner.refine([CHART]).texts[0].startswith("Goal: Which year had the highest sales?")
+    assert mixed.refiner.config.answer_format == "boxed"
+    kept = make_visual_supervision(ml_collections.ConfigDict({"kind": "rule_based", "refiner": "identity"}))
+    assert isinstance(kept.checker, RuleBasedChecker) and isinstance(kept.refiner, IdentityRefiner)
+    for bad in ("rewrite", {"kind": "rule_based", "refiner": "identity"}):
+        with pytest.raises(ValueError, match="refiner"):
+            make_visual_supervision({"kind": "rule_based", "refiner": bad})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """DyME's visual supervision as two pluggable batch interfaces, and the factory that picks one.
 
-- A ``Checker`` gives each sampled reasoning a *thinking reward* in [0, 1]: does it state the
-  image's facts correctly? (DyME's checker, reference 3.2.)
-- A ``Refiner`` rewrites an example's reference rationale (``hint``) into a memorisation target
-  grounded in the image that ends with the answer line in the task's format (DyME's refiner).
+- A ``Checker`` gives each sampled reasoning a *thinking reward* in [0, 1] (DyME's checker,
+  reference 3.2): how much of the reference rationale's vocabulary it uses (``lexical``, DyME's
+  released run), or does it state the image's facts correctly (``rule_based``, ``http``)?
+- A ``Refiner`` turns an example's reference rationale (``hint``) into a memorisation target that
+  ends with the answer line in the run's format: the hint as it is (``IdentityRefiner``, DyME's
+  released run) or rewritten to be grounded in the image (``rule_based``, ``http``).
 
 Both sit inside the training loop, so neither may raise or stall it. A sample that cannot be
 handled gets a documented fallback and is counted by reason in ``stats``:
@@ -13,7 +15,8 @@ handled gets a documented fallback and is counted by reason in ``stats``:
 - refiner: the reference rationale itself, only normalised to end with the answer line (so every
   refiner output is a complete SFT target whatever happened).
 
-Implementations: ``rule_based`` (offline, facts are the generator's parameters) and ``http`` (an
+Implementations: ``lexical`` (DyME's ``RewardCalculatorLocal`` + ``ContextRefinerLocal``, the
+default), ``rule_based`` (offline, facts are the generator's parameters) and ``http`` (an
 OpenAI-compatible server); ``make_visual_supervision(config)`` builds a pair from a plain dict.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -33,6 +37,8 @@ from vrl_jax.rewards.extract import boxed_spans
 ANSWER_FLAG = "Answer:"  # DyME's RL_CONFIG["answer_flag"]
 ANSWER_FORMATS = ("flag", "boxed")
 IMAGE_TAG = "<image>"
+# The answer flag in any case, also in markdown ("**Answer:**", "Answer**:").
+_FLAG = re.compile(re.escape(ANSWER_FLAG[:-1]) + r"\**\s*:", re.IGNORECASE)
 
 # Fallback reasons, the keys under which `SupervisionStats` counts them.
 NO_FACTS = "no_facts"        # checker: the example carries no visual facts to hold reasoning to
@@ -169,12 +175,15 @@ def answer_line(answer: str, fmt: str) -> str:
 
 
 def strip_final_answer(text: str) -> str:
-    """The text with its answer marks removed: cut at the first answer flag (DyME's format reward
-    wants exactly one flag, the one we append) and every ``\\boxed{X}`` unwrapped to ``X``."""
-    lowered = text.lower()
-    cut = lowered.find(ANSWER_FLAG.lower())
-    if cut >= 0:
-        text = text[:cut]
+    """The text with its answer marks removed and all of its reasoning kept: a flag on the last line
+    (the rationale's own final answer) cuts the text there, every earlier flag is defused
+    (``answer:`` -> ``answer``, so a target ends up with exactly one flag, the one appended, as
+    DyME's format reward wants), and every ``\\boxed{X}`` is unwrapped to ``X``."""
+    text = text.rstrip()
+    flags = list(_FLAG.finditer(text))
+    if flags and "\n" not in text[flags[-1].end():]:
+        text = text[:flags[-1].start()].rstrip(" *_")
+    text = _FLAG.sub(lambda m: m.group(0)[:-1].rstrip("* "), text)
     for start, end, content in reversed(boxed_spans(text)):
         text = text[:start] + (content or "") + text[end:]
     return text.strip()
@@ -199,6 +208,13 @@ def with_answer_line(body: str, answer: str, fmt: str) -> str:
     body = strip_final_answer(body)
     line = answer_line(answer, fmt)
     return f"{body}\n{line}" if body else line
+
+
+def hint_then_answer(hint: str, answer: str, fmt: str) -> str:
+    """DyME's memorisation target ``hint + "\\n" + "Answer: X"`` (before the end token), the hint
+    verbatim; the answer line alone when there is no hint."""
+    line = answer_line(answer, fmt)
+    return f"{hint}\n{line}" if hint.strip() else line
 
 
 def unchanged_reference(example: Any, default_format: str) -> str:
@@ -278,6 +294,43 @@ class Refiner(Protocol):
     def close(self) -> None: ...
 
 
+class IdentityRefiner:
+    """DyME's released refiner (``ContextRefinerLocal``) rewrites nothing: each target is the
+    example's hint verbatim, then the answer line in the run's format (``hint_then_answer``)."""
+
+    def __init__(self, answer_format: str = "flag"):
+        self.answer_format = check_answer_format(answer_format)
+        self.stats = SupervisionStats()
+
+    def refine_one(self, example: Any) -> str:
+        fmt = _get(example, "answer_format") or self.answer_format
+        return hint_then_answer(_hint_of(example), _answer_of(example), check_answer_format(fmt))
+
+    def refine(self, examples: Sequence[Any]) -> RefineResult:
+        return refine_each(examples, self.refine_one, self.answer_format, self.stats)
+
+    def close(self) -> None:
+        pass
+
+
+def refine_each(examples: Sequence[Any], refine_one: Any, default_format: str,
+                stats: SupervisionStats) -> RefineResult:
+    """``refine_one(example) -> text`` over a batch; an example it raises on gets
+    ``unchanged_reference`` and is counted as ``fallback.error`` (a bad example must not stop training)."""
+    texts, fallback, reasons = [], np.zeros(len(examples), bool), []
+    for i, example in enumerate(examples):
+        try:
+            texts.append(refine_one(example))
+            reasons.append(None)
+        except Exception:  # noqa: BLE001 - caught by design, see the docstring
+            texts.append(unchanged_reference(example, default_format))
+            fallback[i] = True
+            reasons.append(ERROR)
+            stats.add(f"fallback.{ERROR}")
+    stats.add("items", len(examples))
+    return RefineResult(tuple(texts), fallback, tuple(reasons))
+
+
 def fallback_value(fallback_score: float | None) -> float:
     return float("nan") if fallback_score is None else float(fallback_score)
 
@@ -307,11 +360,14 @@ class VisualSupervision:
 
 
 # kind -> "module:function" taking the config dict without "kind"; resolved like a plugin, so the
-# base module imports neither implementation (no import cycle) and new kinds are one line.
+# base module imports no implementation (no import cycle) and new kinds are one line.
 KINDS = {
+    "lexical": "vrl_jax.rewards.visual.lexical:make_lexical",   # DyME's released run (main.py)
     "rule_based": "vrl_jax.rewards.visual.rule_based:make_rule_based",
     "http": "vrl_jax.rewards.visual.http_client:make_http",
 }
+DEFAULT_KIND = "lexical"
+IDENTITY = "identity"  # the `refiner` value that keeps hints as they are (DyME's ContextRefinerLocal)
 
 
 def _plain(config: Any) -> dict:
@@ -335,31 +391,70 @@ def _import(target: str, where: str) -> Any:
     return obj
 
 
-def make_visual_supervision(config: Any) -> VisualSupervision:
-    """Build the checker/refiner pair named by ``config["kind"]``.
+def _with_format(fields: dict, answer_format: str | None, where: str) -> dict:
+    """``fields`` with the run's answer format, which a kind's own ``answer_format`` may not contradict."""
+    if answer_format is None:
+        return fields
+    check_answer_format(answer_format)
+    own = fields.get("answer_format", answer_format)
+    if own != answer_format:
+        raise ValueError(f"{where}: answer_format {own!r} contradicts the run's answer format "
+                         f"{answer_format!r} (leave it out; the run's is used)")
+    return {**fields, "answer_format": answer_format}
 
-    ``{"kind": "rule_based", ...}`` or ``{"kind": "http", "base_url": ..., "model": ..., ...}``; the
-    other keys are the fields of that kind's config dataclass (``RuleBasedConfig``,
-    ``HttpConfig``). A kind ``"package.module:function"`` is a plugin: ``function(**fields)`` must
-    return a ``VisualSupervision``. Errors are ``ValueError``s that name the bad field.
-    """
-    fields = _plain(config)
+
+def _build(fields: dict, where: str) -> VisualSupervision:
     kind = fields.pop("kind", None)
     if not isinstance(kind, str) or not kind:
-        raise ValueError(f"visual supervision config: field 'kind' is required, one of {sorted(KINDS)} "
+        raise ValueError(f"{where}: field 'kind' is required, one of {sorted(KINDS)} "
                          f"or 'package.module:function'; got {kind!r}")
     if kind in KINDS:
         target = KINDS[kind]
     elif ":" in kind:
         target = kind
     else:
-        raise ValueError(f"visual supervision config: field 'kind' is {kind!r}; expected one of "
+        raise ValueError(f"{where}: field 'kind' is {kind!r}; expected one of "
                          f"{sorted(KINDS)} or 'package.module:function'")
     built = _import(target, f"visual supervision kind {kind!r}")(**fields)
     if not isinstance(built, VisualSupervision):
         raise ValueError(f"visual supervision kind {kind!r} returned {type(built).__name__}, "
                          "not a VisualSupervision")
     return built
+
+
+def make_visual_supervision(config: Any, *, answer_format: str | None = None) -> VisualSupervision:
+    """Build the checker/refiner pair named by ``config["kind"]``.
+
+    ``{"kind": "lexical"}`` (DyME's released run: lexical F1 checker, hints kept as they are),
+    ``{"kind": "rule_based", ...}`` or ``{"kind": "http", "base_url": ..., "model": ..., ...}``; the
+    other keys are the fields of that kind's config dataclass (``LexicalConfig``,
+    ``RuleBasedConfig``, ``HttpConfig``). A kind ``"package.module:function"`` is a plugin:
+    ``function(**fields)`` must return a ``VisualSupervision``.
+
+    ``refiner`` replaces the kind's refiner: ``"identity"`` (hint + answer line, DyME's
+    ``ContextRefinerLocal``), or another config of this shape whose refiner is used, e.g.
+    ``{"kind": "lexical", "refiner": {"kind": "rule_based"}}`` for DyME's checker with a rewriting
+    refiner. ``answer_format`` (the run's ``dyme.answer_format``) is given to every kind built, so
+    each memorisation target ends with the answer line the run's prompts ask for. Errors are
+    ``ValueError``s that name the bad field.
+    """
+    where = "visual supervision config"
+    fields = _with_format(_plain(config), answer_format, where)
+    refiner = fields.pop("refiner", None)
+    built = _build(fields, where)
+    if refiner is None:
+        return built
+    if refiner == IDENTITY:
+        fmt = answer_format or fields.get("answer_format") or "flag"
+        return VisualSupervision(built.checker, IdentityRefiner(fmt))
+    if not isinstance(refiner, Mapping) and not hasattr(refiner, "to_dict"):
+        raise ValueError(f"{where}: field 'refiner' must be {IDENTITY!r} or a config mapping with a "
+                         f"'kind', got {refiner!r}")
+    sub = _with_format(_plain(refiner), answer_format, f"{where}, field 'refiner'")
+    if "refiner" in sub:
+        raise ValueError(f"{where}: field 'refiner' may not itself have a 'refiner'")
+    # The other pair's checker is not used; closing its refiner releases what the two share.
+    return VisualSupervision(built.checker, _build(sub, f"{where}, field 'refiner'").refiner)
 
 
 def config_from_fields(cls: type, fields: Mapping[str, Any], kind: str) -> Any:

@@ -45,7 +45,7 @@ from vrl_jax.rewards.visual.base import (ERROR, NO_FACTS, CheckResult, RefineRes
                                          SupervisionStats, VisualSupervision,
                                          as_visual_example, check_answer_format,
                                          check_fallback_score, config_from_fields, fallback_value,
-                                         reasoning_part, strip_final_answer, unchanged_reference,
+                                         reasoning_part, refine_each, strip_final_answer,
                                          with_answer_line)
 
 # ---------------------------------------------------------------------------------------------
@@ -451,18 +451,7 @@ class RuleBasedRefiner:
         return with_answer_line("\n".join(lines), ex.answer, fmt)
 
     def refine(self, examples: Sequence[Any]) -> RefineResult:
-        texts, fallback, reasons = [], np.zeros(len(examples), bool), []
-        for i, example in enumerate(examples):
-            try:
-                texts.append(self.refine_one(example))
-                reasons.append(None)
-            except Exception:  # noqa: BLE001 - a bad example must not stop training
-                texts.append(unchanged_reference(example, self.config.answer_format))
-                fallback[i] = True
-                reasons.append(ERROR)
-                self.stats.add(f"fallback.{ERROR}")
-        self.stats.add("items", len(examples))
-        return RefineResult(tuple(texts), fallback, tuple(reasons))
+        return refine_each(examples, self.refine_one, self.config.answer_format, self.stats)
 
     def close(self) -> None:
         pass
