@@ -3,6 +3,7 @@ HTTP pair against a stub OpenAI-compatible server on 127.0.0.1, and the factory'
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import json
 import math
 import socket
@@ -23,6 +24,9 @@ from vrl_jax.rewards.visual import (DEFAULT_KIND, Checker, HttpConfig, IdentityR
                                     assess, flatten_facts, make_visual_supervision, strip_final_answer)
 from vrl_jax.rewards.visual.http_client import parse_score
 from vrl_jax.rewards.visual.rule_based import find_mentions, normalize_text
+
+needs_lemminflect = pytest.mark.skipif(importlib.util.find_spec("lemminflect") is None,
+                                       reason="lemminflect (install_requires) is missing: pip install -e .")
 
 RECT = {"question": "Find the area of the rectangle.", "answer": "28",
         "hint": "Observation: The sides are 7 and 4.\nReasoning: Area = 7 * 4 = 28.",
@@ -238,19 +242,24 @@ CHART = {"question": "Which year had the highest sales?", "answer": "2017",
          "hint": "The 2017 bar is the tallest, at 45 million units.\nSo the answer is 2017."}
 
 
-def test_identity_refiner_is_dymes_hint_then_answer_line_and_the_default_kind():
+def test_identity_refiner_is_dymes_hint_then_answer_line():
     """DyME's released run never rewrites a hint (ContextRefinerLocal returns it): its target is
-    hint + "\\n" + "Answer: X". That is the default kind's refiner, in the run's answer format."""
-    assert DEFAULT_KIND == "lexical"
-    pair = make_visual_supervision({"kind": DEFAULT_KIND, "backend": "approx"}, answer_format="flag")
-    assert isinstance(pair.refiner, IdentityRefiner)
-    out = pair.refiner.refine([CHART, {**CHART, "hint": ""}])
+    hint + "\\n" + "Answer: X", here in the run's answer format."""
+    out = IdentityRefiner("flag").refine([CHART, {**CHART, "hint": ""}])
     assert out.texts == (CHART["hint"] + "\nAnswer: 2017", "Answer: 2017") and not out.fallback.any()
-    boxed = make_visual_supervision({"kind": "lexical", "backend": "approx"}, answer_format="boxed")
-    assert boxed.refiner.refine([CHART]).texts[0] == CHART["hint"] + "\nThe answer is \\boxed{2017}."
+    boxed = IdentityRefiner("boxed").refine([CHART]).texts[0]
+    assert boxed == CHART["hint"] + "\nThe answer is \\boxed{2017}."
 
 
-@pytest.mark.parametrize("kind", ["rule_based", "lexical"])
+@needs_lemminflect
+def test_the_default_kind_is_dymes_released_pair():
+    assert DEFAULT_KIND == "lexical"
+    pair = make_visual_supervision({"kind": DEFAULT_KIND, "backend": "approx"}, answer_format="boxed")
+    assert type(pair.checker).__name__ == "LexicalChecker" and isinstance(pair.refiner, IdentityRefiner)
+    assert pair.refiner.refine([CHART]).texts[0] == CHART["hint"] + "\nThe answer is \\boxed{2017}."
+
+
+@pytest.mark.parametrize("kind", ["rule_based", pytest.param("lexical", marks=needs_lemminflect)])
 def test_the_runs_answer_format_reaches_the_refiner(kind):
     """A boxed run (the ablation's DyME arm) must memorise \\boxed{X}, not Answer: X, whatever the kind
     (the examples carry no format of their own)."""
@@ -261,17 +270,21 @@ def test_the_runs_answer_format_reaches_the_refiner(kind):
         make_visual_supervision({**config, "answer_format": "flag"}, answer_format="boxed")
 
 
-def test_the_refiner_can_be_swapped_for_the_rewriting_one_or_the_identity():
-    mixed = make_visual_supervision({"kind": "lexical", "backend": "approx", "refiner": {"kind": "rule_based"}},
-                                    answer_format="boxed")
-    assert type(mixed.checker).__name__ == "LexicalChecker" and isinstance(mixed.refiner, RuleBasedRefiner)
-    assert mixed.refiner.refine([CHART]).texts[0].startswith("Goal: Which year had the highest sales?")
-    assert mixed.refiner.config.answer_format == "boxed"
+def test_the_refiner_can_be_kept_as_is_or_must_be_named_correctly():
     kept = make_visual_supervision(ml_collections.ConfigDict({"kind": "rule_based", "refiner": "identity"}))
     assert isinstance(kept.checker, RuleBasedChecker) and isinstance(kept.refiner, IdentityRefiner)
     for bad in ("rewrite", {"kind": "rule_based", "refiner": "identity"}):
         with pytest.raises(ValueError, match="refiner"):
             make_visual_supervision({"kind": "rule_based", "refiner": bad})
+
+
+@needs_lemminflect
+def test_dymes_checker_can_take_the_rewriting_refiner():
+    mixed = make_visual_supervision({"kind": "lexical", "backend": "approx", "refiner": {"kind": "rule_based"}},
+                                    answer_format="boxed")
+    assert type(mixed.checker).__name__ == "LexicalChecker" and isinstance(mixed.refiner, RuleBasedRefiner)
+    assert mixed.refiner.refine([CHART]).texts[0].startswith("Goal: Which year had the highest sales?")
+    assert mixed.refiner.config.answer_format == "boxed"
 
 
 # ---------------------------------------------------------------------------------------------
