@@ -204,7 +204,7 @@ def test_step_metrics_hand_computed():
     expected = {
         "rews/scores": 3.5 / 6, "rews/acc_rewards": 1 / 3, "rews/format_rewards": 0.5, "rews/custom_rewards": 1.0,
         "rews/kl_reward": -0.1, "rews/rlhf_reward": 3.5 / 6 - 0.1, "health/accuracy": 1 / 3,
-        "response/response_lengths": 166 / 6, "response/response_length_max": 50.0,
+        "response/response_lengths": 160 / 6, "response/tokens_mean": 166 / 6, "response/response_length_max": 50.0,
         "response/length_clip_ratio": 2 / 6, "training/num_stop_tokens": 4.0, "response/no_stop_ratio": 2 / 6,
         "training/kl": 0.35, "health/reward_std": (std0 + std1) / 2, "health/zero_variance_groups": 0.5,
         "health/zero_std_reward_groups": 0.0, "health/all_correct_groups": 0.0, "health/all_wrong_groups": 0.5,
@@ -221,6 +221,21 @@ def test_step_metrics_hand_computed():
     for k, v in expected.items():
         assert m[k] == pytest.approx(v, rel=1e-6), k
     assert all(type(v) is float for v in m.values())
+
+
+def test_step_metrics_use_mayes_definitions():
+    """training/lr is the next update's rate and training/grad_norm the last update's norm (MAYE reads
+    them after its mini-batch loop); response/response_lengths is MAYE's last-valid-index mean."""
+    m = M.step_metrics(
+        rewards={"total": np.ones(3), "accuracy": np.ones(3)}, response_lengths=np.array([0, 1, 8]), max_tokens=8,
+        update={"learning_rate": 2e-6, "next_learning_rate": 1e-6, "grad_norm": 3.0, "grad_norm_last": 5.0,
+                "max_abs_ratio_minus_1_first_update": 0.02, "kl_loss": 0.4})
+    assert m["training/lr"] == 1e-6 and m["training/lr_last_update"] == 2e-6
+    assert m["training/grad_norm"] == 5.0 and m["training/grad_norm_mean"] == 3.0
+    assert m["training/max_abs_ratio_minus_1_first_update"] == 0.02 and m["loss/kl_loss"] == 0.4
+    assert m["response/response_lengths"] == pytest.approx(7 / 3)  # max(len - 1, 0): 0, 0, 7
+    assert m["response/tokens_mean"] == 3.0 and m["response/length_clip_ratio"] == pytest.approx(1 / 3)
+    assert not any(k.startswith("update/") for k in m)
 
 
 def test_step_metrics_defaults_and_errors():

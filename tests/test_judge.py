@@ -202,6 +202,28 @@ def test_maye_compat_keeps_the_reversed_argument_order(checker):
     assert not default.judge(r"\boxed{1<x<2}", "(1,2)").correct
 
 
+@pytest.mark.parametrize("text,want", [
+    (r"So the angle is \boxed{30\text{o}}", r"So the angle is \boxed{30\circ}"),
+    (r"\boxed{30\texto}", r"\boxed{30\circ}"),
+    (r"\boxed{45\textdegree}", r"\boxed{45\circ}"),
+    (r"\boxed{45^\{circ}}", r"\boxed{45^\circ}"),
+    (r"\boxed{45^\{degree}}", r"\boxed{45^\circ}"),
+    (r"\boxed{60\text{circles}}", r"\boxed{60\circ}"),
+    # MAYE's order: `\textcirc` is replaced first, so its `\textcircles` rule never fires.
+    (r"\boxed{60\textcircles}", r"\boxed{60\circles}"),
+    (r"\boxed{\textoverline{AB}}", r"\boxed{\circverline{AB}}"),  # `\texto` rewrites this too, as MAYE
+])
+def test_maye_preprocess_latex_fixes(text, want):
+    from vrl_jax.rewards.maye import maye_preprocess
+    assert maye_preprocess(text) == want
+
+
+def test_maye_compat_judges_degree_spellings_alike(checker):
+    judge = AnswerJudge(mode="maye_compat", checker=checker)
+    for spelling in (r"30\text{o}", r"30\textdegree", r"30\texto"):
+        assert judge.judge(r"The angle is \boxed{" + spelling + "}.", r"\boxed{30\circ}").correct, spelling
+
+
 def test_maye_number_judge_decides_without_math_verify(checker):
     verdict = AnswerJudge(mode="maye_compat", checker=checker).judge(r"\boxed{60^\circ}", r"\boxed{60^{\circ}}")
     assert verdict.correct and verdict.method == "maye"

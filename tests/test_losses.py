@@ -261,3 +261,106 @@ def test_bad_input_is_named():
         L.policy_objective(L.PolicyLossConfig(kl_coef=0.1), zeros, zeros, jnp.zeros(2), jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="targets"):
         L.chunked_token_stats(jnp.zeros((1, 2, 4)), jnp.zeros((4, 5)), jnp.zeros((1, 3), jnp.int32))
+
+
+# ---------------------------------------------------------------- MAYE's KL term and metrics
+
+
+def _kl_case():
+    """Token-mean batch of 2 rows x 4 tokens; one token has k3 = 30 (mean of k3 over 7 tokens ~4.4)."""
+    mask = jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]], jnp.float32)
+    logp = jnp.full((2, 4), -1.0)
+    d = np.zeros((2, 4), np.float32)
+    d[0, 1] = 3.46  # exp(d) - d - 1 = 27.4: clamped per token it would count as 10
+    d[1, 0] = -0.5
+    ref = logp + jnp.asarray(d)
+    return logp, ref, mask, d
+
+
+def test_kl_loss_clamps_the_mean_and_is_logged_raw():
+    """MAYE: loss = pg + coef * clamp(masked_mean(k3), -10, 10); loss/kl_loss is the clamped mean, unscaled."""
+    logp, ref, mask, d = _kl_case()
+    k3 = np.exp(d) - d - 1
+    assert k3.max() > 10 > (k3 * mask).sum() / mask.sum()
+    cfg = L.PolicyLossConfig(kl_coef=0.1, kl_clamp=10.0)  # kl_clamp_mode "mean" is the default
+    adv_ = jnp.array([1.0, -1.0])
+    loss, parts = L.policy_objective(cfg, logp, logp, adv_, mask, ref_logprobs=ref)
+    kl_mean = (k3 * mask).sum() / mask.sum()
+    pg = (np.array([[-1.0] * 4, [1.0] * 4]) * mask).sum() / mask.sum()
+    np.testing.assert_allclose(parts["kl_loss"].value(), kl_mean, rtol=1e-6)  # raw: not x 0.1
+    np.testing.assert_allclose(loss.value(), pg + 0.1 * kl_mean, rtol=1e-6)
+
+    # The big token keeps its gradient (d k3 / d logp = 1 - exp(d)) under a clamped mean...
+    def kl_term(lp, cfg_):
+        return L.policy_objective(cfg_, lp, jax.lax.stop_gradient(lp), jnp.zeros(2), mask, ref_logprobs=ref)[
+            1]["kl_loss"].value()
+    grad = jax.grad(kl_term)(logp, cfg)
+    np.testing.assert_allclose(grad, (1 - np.exp(d)) * mask / mask.sum(), rtol=1e-5, atol=1e-7)
+    # ...and loses it under a per-token clamp, which also counts it as 10.
+    per_token = L.PolicyLossConfig(kl_coef=0.1, kl_clamp=10.0, kl_clamp_mode="token")
+    assert float(jax.grad(kl_term)(logp, per_token)[0, 1]) == 0.0
+    np.testing.assert_allclose(kl_term(logp, per_token), (np.minimum(k3, 10) * mask).sum() / mask.sum(), rtol=1e-6)
+    # A mean above the clamp passes no gradient at all.
+    assert np.all(np.asarray(jax.grad(kl_term)(logp, L.PolicyLossConfig(kl_coef=0.1, kl_clamp=1.0))) == 0.0)
+    np.testing.assert_allclose(kl_term(logp, L.PolicyLossConfig(kl_coef=0.1, kl_clamp=1.0)), 1.0)
+
+
+def test_sequence_kl_is_the_clamped_k3_sum_and_never_negative():
+    logp, ref, mask, d = _kl_case()
+    got = np.asarray(L.sequence_kl(logp, ref, mask))
+    np.testing.assert_allclose(got, (np.minimum(np.exp(d) - d - 1, 10) * mask).sum(1), rtol=1e-6)
+    # The k1 sum of a sequence can be negative; the k3 sum cannot.
+    rng = np.random.default_rng(11)
+    old = jnp.asarray(-rng.uniform(0.1, 2.0, size=(64, 5)), jnp.float32)
+    ref2 = old + jnp.asarray(rng.normal(scale=0.5, size=(64, 5)), jnp.float32)
+    m = jnp.ones((64, 5))
+    assert np.asarray(((old - ref2) * m).sum(-1)).min() < 0
+    assert np.asarray(L.sequence_kl(old, ref2, m)).min() >= 0
+
+
+def test_ratio_metrics_leave_out_sft_rows():
+    """DyME's SFT rows carry old log-probs 0: their ratio is not a policy ratio and must not be averaged in."""
+    logp, old, _, advantages, mask = _batch(12)
+    old = old.copy()
+    old[2] = 0.0
+    sft = jnp.asarray(np.eye(6, dtype=np.float32)[2])
+    _, m = L.policy_objective(L.PolicyLossConfig(), logp, old, advantages * (1 - np.asarray(sft)), mask,
+                              sft_weights=sft)
+    rl = mask.copy()
+    rl[2] = 0.0
+    ratio = np.exp(logp - old)
+    np.testing.assert_allclose(m["ratio"].value(), (ratio * rl).sum() / rl.sum(), rtol=1e-5)
+    np.testing.assert_allclose(m["approx_kl"].value(), (0.5 * (logp - old) ** 2 * rl).sum() / rl.sum(), rtol=1e-5)
+    # The entropy of what the policy produced still covers every token.
+    np.testing.assert_allclose(m["sampled_token_entropy"].value(),
+                               (-np.exp(logp) * logp * mask).sum() / mask.sum(), rtol=1e-5)
+
+
+def test_max_abs_ratio_minus_one():
+    logp = jnp.log(jnp.array([[1.0, 0.5, 0.9], [0.2, 1.0, 1.0]]))
+    old = jnp.log(jnp.array([[1.0, 0.25, 1.0], [1.0, 1.0, 1.0]]))
+    mask = jnp.array([[1, 1, 1], [0, 1, 1]])
+    assert float(L.max_abs_ratio_minus_one(logp, old, mask)) == pytest.approx(1.0)  # 0.5 / 0.25 - 1
+    assert float(L.max_abs_ratio_minus_one(logp, old, mask.at[0, 1].set(0))) == pytest.approx(0.1)
+    assert float(L.max_abs_ratio_minus_one(logp, old, jnp.zeros((2, 3)))) == 0.0
+
+
+@pytest.mark.parametrize("estimator, ratio_level, agg_mode, keys", [
+    ("grpo", "sequence", "token_mean", ("loss.ratio_level", "loss.agg_mode")),
+    ("grpo", "sequence", "seq_mean_token_sum_norm", ("loss.ratio_level", "loss.agg_mode")),
+    ("drgrpo", "token", "token_mean", ("advantage.estimator", "loss.agg_mode")),
+    ("drgrpo", "token", "seq_mean_token_mean", ("advantage.estimator", "loss.agg_mode")),
+])
+def test_check_combination_rejects_and_names_both_keys(estimator, ratio_level, agg_mode, keys):
+    with pytest.raises(ValueError) as err:
+        L.check_combination(estimator, ratio_level, agg_mode)
+    assert all(k in str(err.value) for k in keys) and repr(agg_mode) in str(err.value)
+
+
+@pytest.mark.parametrize("estimator, ratio_level, agg_mode", [
+    ("grpo", "sequence", "seq_mean_token_mean"), ("drgrpo", "token", "seq_mean_token_sum_norm"),
+    ("grpo", "token", "token_mean"), ("reinforce_pp", "token", "token_mean"),
+    (None, "token", "seq_mean_token_sum_norm"), ("rloo", "token", "seq_mean_token_sum_norm"),
+])
+def test_check_combination_accepts(estimator, ratio_level, agg_mode):
+    L.check_combination(estimator, ratio_level, agg_mode)

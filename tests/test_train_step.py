@@ -26,7 +26,7 @@ from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import PolicyLossConfig
 from vrl_jax.rl.train_state import OptimizerConfig, create_train_state, lr_schedule, train_state_shardings
 from vrl_jax.rl.train_step import (StepConfig, TrainBatch, batch_gradients, batch_shardings, make_train_step,
-                                   micro_batch_order)
+                                   micro_batch_order, recompute_old_logprobs)
 
 # XLA's LLVM backend at -O0: the same HLO program (fusion, SPMD partitioning), half the CPU compile time.
 FAST = {"xla_backend_optimization_level": 0}
@@ -287,6 +287,74 @@ def test_lr_schedule_warmup_then_cosine():
     want = [2.0 * i / 4 for i in range(4)] + [0.2 + 1.8 * 0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(9)]
     assert [float(schedule(i)) for i in range(13)] == pytest.approx(want)
     assert float(schedule(100)) == pytest.approx(0.2)
+
+
+def test_step_reports_mayes_last_grad_norm_next_lr_and_the_first_update_gap(setup):
+    """4 updates: grad_norm_last is the 4th update's norm, next_learning_rate the 5th update's rate (MAYE
+    logs both), max_abs_ratio_minus_1_first_update the first mini-batch's gap, before anything moved."""
+    config, graphdef, host = setup["config"], setup["graphdef"], setup["host"]
+    halves = [train_batch(setup["rollouts"], config, 2, setup["old"], setup["ref"]),
+              train_batch(setup["second"], config, 2, setup["old2"], setup["ref2"])]
+    batch = jax.tree.map(lambda a, b: np.concatenate([a, b]), *halves)
+    cfg = StepConfig(batch_size=2 * ROWS, num_micro=4, num_mini=2, ppo_epochs=2, loss=LOSS, chunk_size=CHUNK)
+    _, metrics = get_step(graphdef, OPT, cfg)(fresh_state(graphdef, host, OPT), batch)
+    ref, per_update = fresh_state(graphdef, host, OPT), []
+    for half in halves + halves:
+        ref, m = main_step(setup, 2)(ref, half)
+        per_update.append(to_host(m))
+    norms = [float(m["grad_norm"]) for m in per_update]
+    assert float(metrics["grad_norm_last"]) == pytest.approx(norms[-1], rel=1e-4)
+    assert float(metrics["grad_norm"]) == pytest.approx(np.mean(norms), rel=1e-4)
+    assert float(metrics["next_learning_rate"]) == pytest.approx(float(lr_schedule(OPT)(4)), abs=1e-9)
+    assert float(metrics["learning_rate"]) == pytest.approx(float(lr_schedule(OPT)(3)))
+    gaps = [float(m["max_abs_ratio_minus_1_first_update"]) for m in per_update]
+    assert float(metrics["max_abs_ratio_minus_1_first_update"]) == pytest.approx(gaps[0], rel=1e-4)
+    assert abs(gaps[2] - gaps[0]) > 1e-3  # the same rows after two updates: a later update would differ
+
+
+def test_first_update_gap_over_rl_tokens_and_recomputed_old_logprobs(setup):
+    """The gap is max |exp(logp - old) - 1| over RL tokens (an SFT row's old log-probs 0 are left out);
+    with old log-probs recomputed by the training forward it is numerics only."""
+    config, graphdef, host, rollouts = setup["config"], setup["graphdef"], setup["host"], setup["rollouts"]
+    step = main_step(setup, 2)
+    sft = np.zeros(ROWS, np.float32)
+    sft[5] = 1.0
+    old = setup["old"].copy()
+    old[5] = 0.0  # what the trainer writes for a replaced (SFT) row
+    batch = train_batch({**rollouts, "sft_weights": sft}, config, 2, old, setup["ref"])
+    _, m = step(fresh_state(graphdef, host, OPT), batch)
+    rl = rollouts["loss_mask"].copy()
+    rl[5] = 0.0
+    want = np.abs(np.expm1(setup["current"] - old))[rl > 0].max()
+    assert 0.05 < want < np.abs(np.expm1(setup["current"] - old))[rollouts["loss_mask"] > 0].max()
+    assert float(m["max_abs_ratio_minus_1_first_update"]) == pytest.approx(want, rel=1e-3)
+
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=CHUNK, compiler_options=FAST)
+    recomputed = recompute_old_logprobs(logprob_fn, host, batch)
+    counted = rollouts["loss_mask"] > 0
+    np.testing.assert_allclose(flat_rows(recomputed.old_logprobs)[counted], setup["current"][counted], atol=2e-5)
+    _, m2 = step(fresh_state(graphdef, host, OPT), recomputed)
+    assert float(m2["max_abs_ratio_minus_1_first_update"]) < 1e-4
+    assert float(m2["ratio"]) == pytest.approx(1.0, abs=1e-5) and float(m2["clip_frac"]) == 0.0
+
+
+def test_old_logprobs_from_the_forward_give_ratio_exactly_one(setup):
+    """DyME/TRL: pi_old = the update's own forward (detached). The batch's (noisy) old log-probs only feed
+    the gap metric; the update equals a batch-mode step fed the training forward's log-probs."""
+    config, graphdef, host, rollouts = setup["config"], setup["graphdef"], setup["host"], setup["rollouts"]
+    with pytest.raises(ValueError, match="StepConfig.old_logprobs='forward' needs one update per step"):
+        StepConfig(batch_size=ROWS, num_micro=2, num_mini=2, old_logprobs="forward")
+    with pytest.raises(ValueError, match="StepConfig.old_logprobs must be one of"):
+        StepConfig(batch_size=ROWS, old_logprobs="sampler")
+    cfg = StepConfig(batch_size=ROWS, num_micro=2, loss=LOSS, chunk_size=CHUNK, old_logprobs="forward")
+    noisy = train_batch(rollouts, config, 2, setup["old"], setup["ref"])
+    state, m = get_step(graphdef, OPT, cfg)(fresh_state(graphdef, host, OPT), noisy)
+    assert float(m["ratio"]) == 1.0 and float(m["clip_frac"]) == 0.0 and float(m["approx_kl"]) == 0.0
+    want = np.abs(np.expm1(setup["current"] - setup["old"]))[rollouts["loss_mask"] > 0].max()
+    assert float(m["max_abs_ratio_minus_1_first_update"]) == pytest.approx(want, rel=1e-3)
+    on_policy = train_batch(rollouts, config, 2, setup["current"], setup["ref"])
+    ref_state, _ = main_step(setup, 2)(fresh_state(graphdef, host, OPT), on_policy)
+    assert_trees_close(to_host(state.params), to_host(ref_state.params), atol=1e-5)
 
 
 # ---- DyME, freezing, the non-finite guard ----------------------------------------------------------

@@ -3,28 +3,45 @@
 `step_metrics` takes one process's raw per-sample arrays and the update's scalars and returns a flat
 `{key: float}`. Keys (N = rollouts, G = groups):
 
-MAYE's keys (reference §3.1, verbatim so curves overlay the paper's):
+MAYE's keys (`recipes/full_ppo_vllm_distributed.py::log_metrics`, verbatim so curves overlay the paper's):
   rews/scores              mean total reward (after overrides/penalties), `rewards["total"]`
   rews/acc_rewards         mean `rewards["accuracy"]`; other components: rews/format_rewards
                            (`maye_format`), rews/language_rewards (`language`), else rews/<name>_rewards
-  rews/kl_reward           mean over sequences of sum_t kl_reward (0 when not given; MAYE's coeff is 0)
+  rews/kl_reward           mean over sequences of sum_t kl_reward, REINFORCE++'s token KL reward
+                           `-kl_reward_coef * clamp(k3, 10)` (`algorithms.Credit.kl_reward`; 0 when not given)
   rews/rlhf_reward         rews/scores + rews/kl_reward
-  loss/loss, loss/policy_loss, loss/kl_loss   update's `loss`, `pg_loss`, `kl_loss`
-  training/kl              mean over sequences of sum_t k3(ref || old) (`kl_per_sequence`)
-  training/clipfrac, training/ratios, training/approx_policy_kl   update's clip_frac, ratio, approx_kl
+  loss/loss, loss/policy_loss   update's `loss`, `pg_loss`
+  loss/kl_loss             update's `kl_loss`: the raw KL term (clamped as the loss clamps it), *not*
+                           multiplied by the coefficient, as MAYE logs it
+  training/kl              mean over sequences of sum_t clamp(k3(ref || old), 10) (`kl_per_sequence`,
+                           `losses.sequence_kl`); never negative
+  training/clipfrac, training/ratios, training/approx_policy_kl   update's clip_frac, ratio, approx_kl,
+                           over the RL tokens (DyME's SFT rows excluded)
   training/entropy         -p log p of the sampled token (update's `sampled_token_entropy`), as MAYE
   training/num_stop_tokens number of sequences that emitted a stop token (a count, as MAYE)
-  response/response_lengths  mean response tokens (the response mask's sum; MAYE logs this minus 1)
-  response/length_clip_ratio share with length >= max_tokens (MAYE: seq_len >= max_tokens - 1)
-  training/lr, training/grad_norm, training/temperature
+  response/response_lengths  MAYE's `seq_lens`: mean index of the last valid token, i.e. response
+                           tokens - 1 (0 for an empty response); response/tokens_mean is the plain mean
+  response/length_clip_ratio share with tokens >= max_tokens (= MAYE's seq_lens >= max_tokens - 1)
+  training/lr              update's `next_learning_rate`: MAYE reads the rate after the scheduler has
+                           stepped past the last update; training/lr_last_update is the rate it used
+  training/grad_norm       update's `grad_norm_last`: the pre-clip norm of the step's last update (MAYE
+                           keeps the last mini-batch's); training/grad_norm_mean is the mean over updates
+  training/temperature
   speed/tokens_per_second_per_gpu_trajectory, speed/tokens_per_second_per_gpu_ppo
                            tokens / phase seconds / devices (MAYE counted prompt tokens only; pass
                            whatever the phase processed, prompt + response)
   generation_steps, gradient_steps
+Where MAYE's numbers still differ by construction (not reproduced, they depend on its padding and ranks):
+  MAYE's training/ratios and training/approx_policy_kl are plain means over the padded response
+  block (padding counts as ratio 1 and approx-kl 0), ours masked means; its loss/* are means of
+  per-backward-batch means, ours pooled over the step's micro-batches; its num_stop_tokens misses a
+  stopped response exactly as long as its batch's padded width; its per-rank values are averaged,
+  ours pooled.
 Additions:
   training/full_entropy, training/kl_token_mean, training/clipfrac_low|_high, training/dual_clipfrac,
-  loss/sft_loss, loss/entropy_bonus          from the update when present; unknown update keys: update/<k>
-  response/response_length_max, response/no_stop_ratio
+  training/max_abs_ratio_minus_1_first_update (sampler-trainer gap), loss/sft_loss,
+  loss/entropy_bonus          from the update when present; unknown update keys: update/<k>
+  response/tokens_mean, response/response_length_max, response/no_stop_ratio
   health/accuracy          mean of `correct`
   health/reward_std        mean over groups of the within-group std (ddof 1) of the total reward
   health/zero_variance_groups  share of groups whose correctness is all equal (advantage collapse)
@@ -63,6 +80,11 @@ UPDATE_KEYS = {
     "sampled_token_entropy": "training/entropy",
     "entropy": "training/full_entropy",
     "kl": "training/kl_token_mean",
+    "max_abs_ratio_minus_1_first_update": "training/max_abs_ratio_minus_1_first_update",
+    "next_learning_rate": "training/lr",
+    "learning_rate": "training/lr_last_update",
+    "grad_norm_last": "training/grad_norm",
+    "grad_norm": "training/grad_norm_mean",
 }
 DYME_MODE_NAMES = {MEMORIZE: "memorize", EXPLORE: "explore", SKIP: "skip"}
 
@@ -133,17 +155,20 @@ def step_metrics(
 
     Args:
       rewards: component name -> float `[N]` (a `RewardSet` output); must hold "total".
-      response_lengths: int `[N]` response tokens per rollout (including the stop token).
+      response_lengths: int `[N]` response tokens per rollout (including the stop token); MAYE's
+        response/response_lengths is computed from it (tokens - 1).
       max_tokens: the rollout's generation limit.
       correct: bool `[N]`; default `rewards["accuracy"] == 1` (MAYE's rule).
       stopped: bool `[N]`, True where the rollout emitted a stop token.
       group_size: rollouts per prompt, laid out contiguously (`[G * n]` = row-major `[G, n]`);
         None or 1 skips the group metrics.
       modes: int `[G]` DyME modes (`vrl_jax.rl.advantages.MEMORIZE/EXPLORE/SKIP`).
-      kl_per_sequence: float `[N]`, sum over tokens of k3(ref || old) (MAYE's training/kl).
-      kl_reward: float `[N]`, sum over tokens of the KL reward.
-      update: policy-update scalars by `policy_objective`'s names (floats, arrays stacked over
-        minibatches, or SumCounts).
+      kl_per_sequence: float `[N]`, sum over tokens of clamp(k3(ref || old), 10) (MAYE's training/kl;
+        `losses.sequence_kl`).
+      kl_reward: float `[N]`, sum over tokens of the KL reward (`algorithms.Credit.kl_reward`).
+      update: policy-update scalars by `policy_objective`'s and `train_step`'s names (floats, arrays
+        stacked over minibatches, or SumCounts).
+      lr, grad_norm: override training/lr and training/grad_norm (else taken from `update`).
       timings: phase name -> seconds; "rollout" and "update" feed the tokens/s keys.
       rollout_tokens, update_tokens: tokens processed in those phases on all devices.
       num_devices: devices the tokens were spread over (for the per-GPU keys).
@@ -170,7 +195,8 @@ def step_metrics(
     out["health/accuracy"] = _mean(ok)
 
     lengths = _vector("response_lengths", response_lengths, n).astype(np.float64)
-    out["response/response_lengths"] = _mean(lengths)
+    out["response/response_lengths"] = _mean(np.maximum(lengths - 1, 0))  # MAYE: last valid index
+    out["response/tokens_mean"] = _mean(lengths)
     out["response/response_length_max"] = float(lengths.max()) if n else 0.0
     out["response/length_clip_ratio"] = _mean(lengths >= max_tokens)
     if stopped is not None:

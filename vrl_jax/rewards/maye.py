@@ -15,11 +15,15 @@ from __future__ import annotations
 import re
 
 _SENTENCE_END = re.compile(r"(?<!\d)[.!?](?!\d)")
-# MAYE's LaTeX fix-ups, applied to prediction and solution alike.
+# MAYE's LaTeX fix-ups (`latex_main_body_rule_process`), applied to prediction and solution alike,
+# in MAYE's order, which matters: `\textcirc` is replaced before `\textcircles`, so the latter
+# becomes `\circles` (its own rule never fires), and `\texto` also rewrites `\textoverline`.
 _MAYE_FIXES = (
-    (r"\text{circ}", r"\circ"), (r"\text{degree}", r"\circ"), (r"\textcirc", r"\circ"),
-    (r"\bigcirc", r"\circ"), (r"\bullet", r"\circ"), ("{°}", r"\circ"),
-    ("{sqrt}", r"\sqrt"), ("{radical}", r"\sqrt"), (r"\,\text{cm}", "cm"),
+    (r"\text{circ}", r"\circ"), (r"\text{degree}", r"\circ"), (r"\{circ}", r"\circ"), (r"\{degree}", r"\circ"),
+    (r"\textcirc", r"\circ"), (r"\textdegree", r"\circ"), (r"\text{circles}", r"\circ"),
+    (r"\textcircles", r"\circ"), (r"\text{o}", r"\circ"), (r"\texto", r"\circ"), (r"\bigcirc", r"\circ"),
+    (r"\bullet", r"\circ"), ("{sqrt}", r"\sqrt"), ("{radical}", r"\sqrt"), ("{°}", r"\circ"),
+    (r"\,\text{cm}", "cm"),
 )
 # AutoScoringJudge's symbol map (MM-Math flavour) and unit removals.
 _ASJ_SYMBOLS = (

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_CLAMP_MODES = ("mean", "token")
 RATIO_LEVELS = ("token", "sequence")
 
 
@@ -76,6 +77,16 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token_mean", m
     if max_len is None or max_len <= 0:
         raise ValueError(f"`max_len` must be a positive int for mode 'seq_mean_token_sum_norm'; got {max_len!r}")
     return SumCount(masked.sum(), num_rows * float(max_len))
+
+
+def clamp_mean(part: SumCount, clamp: float) -> SumCount:
+    """`part` with its mean clipped to [-clamp, clamp]: `(count * clip(total / count), count)`.
+
+    MAYE clamps the *mean* KL of a backward batch (`torch.clamp(masked_mean(k3), -10, 10)`), so a
+    clamped mean passes no gradient, and a single huge token still counts in an unclamped mean.
+    Applied to one micro-batch's part, exactly as MAYE does per backward batch.
+    """
+    return SumCount(part.count * jnp.clip(part.value(), -clamp, clamp), part.count)
 
 
 # ---- Importance ratio and the clipped surrogate --------------------------------------------------
@@ -142,6 +153,18 @@ def clipped_surrogate(
     return ClippedSurrogate(loss, ratio, as_float(low), as_float(high), as_float(dual))
 
 
+def max_abs_ratio_minus_one(logprobs: jax.Array, old_logprobs: jax.Array, mask: jax.Array) -> jax.Array:
+    """`max |pi / pi_old - 1|` over tokens where `mask` > 0 (0 when there are none); no gradient.
+
+    On the first update of a step pi is the policy that sampled, so this is the sampler-trainer
+    gap (numerics of two programs); DyME/TRL take pi_old from the training forward, where it is 0.
+    logprobs, old_logprobs, mask: `[B, T]` -> float32 scalar.
+    """
+    _check_tokens("old_logprobs", old_logprobs, mask)
+    gap = jnp.abs(jnp.expm1(logprobs.astype(jnp.float32) - old_logprobs.astype(jnp.float32)))
+    return jax.lax.stop_gradient(jnp.max(jnp.where(mask > 0, gap, 0.0), initial=0.0))
+
+
 # ---- KL to the reference policy, supervised NLL --------------------------------------------------
 
 
@@ -163,6 +186,20 @@ def kl_per_token(
     else:
         kl = jnp.expm1(d) - d
     return kl if clamp is None else jnp.clip(kl, -clamp, clamp)
+
+
+def sequence_kl(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array, estimator: str = "k3",
+                clamp: float | None = 10.0) -> jax.Array:
+    """Per-sequence sum over valid tokens of the per-token KL estimate (clamped per token).
+
+    MAYE's `training/kl` is the mean over sequences of this sum with k3 clamped to [-10, 10]
+    (`get_rewards_from_ref`); k3 >= 0, so it is never negative (a k1 sum can be).
+    logprobs (rollout policy), ref_logprobs, mask: `[B, T]` -> float32 `[B]`.
+    """
+    _check_tokens("logprobs", logprobs, mask)
+    _check_tokens("ref_logprobs", ref_logprobs, mask)
+    kl = kl_per_token(logprobs, ref_logprobs, estimator, clamp)
+    return (kl * mask.astype(jnp.float32)).sum(axis=-1)
 
 
 def sft_nll_per_token(logprobs: jax.Array, row_weights: jax.Array) -> jax.Array:
@@ -312,6 +349,28 @@ def token_logprobs_from_logits(logits: jax.Array, targets: jax.Array, temperatur
 
 # ---- The full objective --------------------------------------------------------------------------
 
+# Settings whose objective is right under one aggregation mode only:
+# (config key, value, what it is, the agg_mode it needs, why).
+_NEEDS_AGG_MODE = (
+    ("loss.ratio_level", "sequence", "GSPO", "seq_mean_token_mean",
+     "GSPO averages one clipped sequence-level term per response; a token mean weights responses by length"),
+    ("advantage.estimator", "drgrpo", "Dr.GRPO", "seq_mean_token_sum_norm",
+     "Dr.GRPO divides the token sum by a constant (rows x max_len), not by each response's length"),
+)
+
+
+def check_combination(estimator: str | None, ratio_level: str, agg_mode: str) -> None:
+    """Raises ValueError naming both config keys when the aggregation mode breaks the objective.
+
+    estimator: `advantage.estimator` (None when the algorithm ignores it, e.g. DyME);
+    ratio_level: `loss.ratio_level`; agg_mode: `loss.agg_mode`.
+    """
+    values = {"advantage.estimator": estimator, "loss.ratio_level": ratio_level}
+    for key, value, name, needed, why in _NEEDS_AGG_MODE:
+        if values[key] == value and agg_mode != needed:
+            raise ValueError(f"{key}={value!r} ({name}) needs loss.agg_mode={needed!r}, got loss.agg_mode="
+                             f"{agg_mode!r}: {why}. Set the two keys together.")
+
 
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
@@ -322,6 +381,8 @@ class PolicyLossConfig:
     ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO: length-normalised sequence ratio).
     agg_mode, max_len: see `aggregate`.
     kl_coef, kl_estimator, kl_clamp: KL-to-reference term in the loss (0 = off; MAYE k3, clamp 10).
+    kl_clamp_mode: "mean" clips the micro-batch's aggregated KL (MAYE: `clamp(masked_mean(k3))`,
+      per backward batch); "token" clips each token's KL before aggregating (verl).
     entropy_coef: entropy bonus (subtracted from the loss; needs `entropy`).
     sft_coef: scale of the weighted NLL term (needs `sft_weights`).
     """
@@ -335,6 +396,7 @@ class PolicyLossConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     kl_clamp: float | None = None
+    kl_clamp_mode: str = "mean"
     entropy_coef: float = 0.0
     sft_coef: float = 1.0
 
@@ -345,9 +407,12 @@ class PolicyLossConfig:
             raise ValueError(f"PolicyLossConfig.clip_high must be >= 0; got {self.clip_high}")
         if self.clip_c is not None and self.clip_c <= 1.0:
             raise ValueError(f"PolicyLossConfig.clip_c must be > 1 (or None); got {self.clip_c}")
+        if self.kl_clamp is not None and not self.kl_clamp > 0:
+            raise ValueError(f"PolicyLossConfig.kl_clamp must be > 0 (or None); got {self.kl_clamp}")
         _check_choice("PolicyLossConfig.ratio_level", self.ratio_level, RATIO_LEVELS)
         _check_choice("PolicyLossConfig.agg_mode", self.agg_mode, AGG_MODES)
         _check_choice("PolicyLossConfig.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _check_choice("PolicyLossConfig.kl_clamp_mode", self.kl_clamp_mode, KL_CLAMP_MODES)
         if self.agg_mode == "seq_mean_token_sum_norm" and (self.max_len is None or self.max_len <= 0):
             raise ValueError("PolicyLossConfig.max_len must be a positive int with agg_mode 'seq_mean_token_sum_norm'")
 
@@ -363,7 +428,7 @@ def policy_objective(
     entropy: jax.Array | None = None,
     sft_weights: jax.Array | None = None,
 ) -> tuple[SumCount, dict[str, SumCount]]:
-    """Per-token `pg + kl_coef * kl - entropy_coef * H + sft_coef * w * NLL`, aggregated by `cfg.agg_mode`.
+    """`pg + kl_coef * KL - entropy_coef * H + sft_coef * w * NLL`, aggregated by `cfg.agg_mode`.
 
     Args:
       logprobs: float `[B, T]` current policy log-probs of the response tokens (differentiable).
@@ -374,10 +439,13 @@ def policy_objective(
       entropy: `[B, T]` full-vocabulary entropy, required when `cfg.entropy_coef` != 0.
       sft_weights: `[B]` NLL row weights (DyME memorization rows 1, others 0).
     Returns:
-      (loss, metrics). `loss` and the `pg_loss`/`kl_loss`/`entropy_bonus`/`sft_loss` parts use the
-      aggregation mode (parts share `loss.count`, so they add up to it); the other metrics are token
-      means: ratio, clip_frac_low, clip_frac_high, clip_frac (either), dual_clip_frac, approx_kl
-      (`0.5 (logp - old)^2`, MAYE), kl, entropy, sampled_token_entropy.
+      (loss, metrics). Parts in the aggregation mode, sharing `loss.count`: `pg_loss`, `kl_loss`
+      (the raw KL, clamped as `cfg.kl_clamp_mode` says and *not* multiplied by `kl_coef`, as MAYE
+      logs it; present whenever `ref_logprobs` is given), `entropy_bonus`, `sft_loss`; so
+      `loss = pg_loss + kl_coef * kl_loss + entropy_bonus + sft_loss`. Token means: ratio,
+      clip_frac_low, clip_frac_high, clip_frac (either), dual_clip_frac, approx_kl
+      (`0.5 (logp - old)^2`, MAYE) over RL tokens only (rows with `sft_weights` == 0: an SFT row's
+      old log-probs are not a policy's), and kl, entropy, sampled_token_entropy over all tokens.
     """
     for name, x in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
                     ("entropy", entropy)):
@@ -388,31 +456,39 @@ def policy_objective(
     for coef, name, x in ((cfg.kl_coef, "ref_logprobs", ref_logprobs), (cfg.entropy_coef, "entropy", entropy)):
         if coef != 0.0 and x is None:
             raise ValueError(f"`{name}` is required when PolicyLossConfig's coefficient for it is {coef} (not 0)")
-    mean = lambda x: aggregate(jax.lax.stop_gradient(x), mask, "token_mean")  # noqa: E731
+    rl_mask = mask if sft_weights is None else mask * (sft_weights == 0).astype(mask.dtype)[:, None]
+    mean = lambda x, m=mask: aggregate(jax.lax.stop_gradient(x), m, "token_mean")  # noqa: E731
+    agg = lambda x: aggregate(x, mask, cfg.agg_mode, cfg.max_len)  # noqa: E731
 
     log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, cfg.ratio_level)
     surrogate = clipped_surrogate(log_ratio, advantages, cfg.clip_low, cfg.clip_high, cfg.clip_c)
     terms = {"pg_loss": surrogate.loss}
     metrics = {
-        "ratio": mean(surrogate.ratio),
-        "clip_frac_low": mean(surrogate.clipped_low),
-        "clip_frac_high": mean(surrogate.clipped_high),
-        "clip_frac": mean(surrogate.clipped_low + surrogate.clipped_high),
-        "dual_clip_frac": mean(surrogate.dual_clipped),
-        "approx_kl": mean(0.5 * jnp.square(logprobs.astype(jnp.float32) - old_logprobs.astype(jnp.float32))),
+        "ratio": mean(surrogate.ratio, rl_mask),
+        "clip_frac_low": mean(surrogate.clipped_low, rl_mask),
+        "clip_frac_high": mean(surrogate.clipped_high, rl_mask),
+        "clip_frac": mean(surrogate.clipped_low + surrogate.clipped_high, rl_mask),
+        "dual_clip_frac": mean(surrogate.dual_clipped, rl_mask),
+        "approx_kl": mean(0.5 * jnp.square(logprobs.astype(jnp.float32) - old_logprobs.astype(jnp.float32)),
+                          rl_mask),
         "sampled_token_entropy": mean(sampled_token_entropy(logprobs)),
     }
-    if ref_logprobs is not None:
-        kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_estimator, cfg.kl_clamp)
-        metrics["kl"] = mean(kl)
-        if cfg.kl_coef != 0.0:
-            terms["kl_loss"] = cfg.kl_coef * kl
     if entropy is not None:
         metrics["entropy"] = mean(entropy)
         if cfg.entropy_coef != 0.0:
             terms["entropy_bonus"] = -cfg.entropy_coef * entropy
     if sft_weights is not None:
         terms["sft_loss"] = cfg.sft_coef * sft_nll_per_token(logprobs, sft_weights)
-    loss = aggregate(sum(terms.values()), mask, cfg.agg_mode, cfg.max_len)
-    parts = {name: aggregate(x, mask, cfg.agg_mode, cfg.max_len) for name, x in terms.items()}
+    parts = {name: agg(x) for name, x in terms.items()}
+    loss = agg(sum(terms.values()))
+    if ref_logprobs is not None:
+        per_token_clamp = cfg.kl_clamp if cfg.kl_clamp_mode == "token" else None
+        kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_estimator, per_token_clamp)
+        metrics["kl"] = mean(kl)
+        kl_part = agg(kl)
+        if cfg.kl_clamp is not None and cfg.kl_clamp_mode == "mean":
+            kl_part = clamp_mean(kl_part, cfg.kl_clamp)
+        parts["kl_loss"] = kl_part
+        if cfg.kl_coef != 0.0:
+            loss = SumCount(loss.total + cfg.kl_coef * kl_part.total, loss.count)
     return loss, {**parts, **metrics}

@@ -3,11 +3,13 @@
 `TrainState` holds the parameters as a *pure* nested dict of arrays (`nnx.State.to_pure_dict()`;
 `nnx.merge(graphdef, params)` rebuilds the model inside the step), the optax state, and counters.
 
-The optimizer is AdamW with linear warmup then cosine decay, global-norm gradient clipping and
-decoupled weight decay. MAYE's `train_vit` / `train_connector` / `train_llm` flags freeze parts of
-the model with `optax.multi_transform`: frozen leaves go through `optax.set_to_zero()`, which has no
-state, so they carry no Adam moments, and clipping sees only trainable gradients (it sits inside the
-trainable branch). The train step never computes gradients for frozen leaves at all.
+The optimizer is AdamW with linear warmup then a cosine (MAYE), linear (HF Trainer / TRL, DyME) or
+constant schedule, global-norm gradient clipping and decoupled weight decay on all parameters
+(MAYE) or not on biases and norms (HF Trainer's rule). MAYE's `train_vit` / `train_connector` /
+`train_llm` flags freeze parts of the model with `optax.multi_transform`: frozen leaves go through
+`optax.set_to_zero()`, which has no state, so they carry no Adam moments, and clipping sees only
+trainable gradients (it sits inside the trainable branch). The train step never computes gradients
+for frozen leaves at all.
 """
 
 from __future__ import annotations
@@ -36,12 +38,19 @@ class OptimizerConfig:
 
     learning_rate: peak learning rate (MAYE 5e-6).
     warmup_steps: optimizer updates of linear warmup from 0 (MAYE: 10% of all updates).
-    total_steps: optimizer updates of the whole run (warmup included); the cosine decays over the
+    total_steps: optimizer updates of the whole run (warmup included); the schedule decays over the
       rest down to `learning_rate * final_lr_ratio`, and stays there after `total_steps`.
-    b1, b2, eps: Adam (MAYE 0.9, 0.95, 1e-5). weight_decay: decoupled (AdamW) decay, 0.01.
+    schedule: after warmup, "cosine" (MAYE), "linear" (HF Trainer's default `linear`, DyME/TRL:
+      `lr * (total - step) / (total - warmup)`, 0 at `total_steps` when final_lr_ratio is 0) or
+      "constant" (HF `constant_with_warmup`; final_lr_ratio unused).
+    b1, b2, eps: Adam (MAYE 0.9, 0.95, 1e-5; HF Trainer 0.9, 0.999, 1e-8). weight_decay: decoupled
+      (AdamW) decay, 0.01.
     clip_grad_norm: global-norm clip over the trainable gradients, None = off (MAYE 1.0).
-    no_decay_regex: parameter paths matching it get no weight decay (None = decay everything, as
-      MAYE's torch AdamW over `model.parameters()`; e.g. r"(_b|norm\\w*)$" for HF Trainer's rule).
+    decay_mask: which parameters weight decay applies to (`DECAY_MASKS`): "all" (MAYE's torch AdamW
+      over `model.parameters()`), "no_bias_norm" (every bias and every norm weight excluded), or
+      "hf_trainer" (exactly HF Trainer's `get_decay_parameter_names` on the HF names, see
+      `decay_mask_hf_trainer`).
+    no_decay_regex: parameter paths matching it also get no weight decay (None = no extra rule).
     train_vit, train_connector, train_llm: MAYE's flags (paper: F / F / T).
     """
 
@@ -49,11 +58,13 @@ class OptimizerConfig:
     warmup_steps: int = 0
     total_steps: int = 1
     final_lr_ratio: float = 0.0
+    schedule: str = "cosine"
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-5
     weight_decay: float = 0.01
     clip_grad_norm: float | None = 1.0
+    decay_mask: str = "all"
     no_decay_regex: str | None = None
     train_vit: bool = False
     train_connector: bool = False
@@ -69,6 +80,9 @@ class OptimizerConfig:
                              f"got {self.warmup_steps!r}")
         if not 0.0 <= self.final_lr_ratio <= 1.0:
             raise ValueError(f"OptimizerConfig.final_lr_ratio must be in [0, 1]; got {self.final_lr_ratio}")
+        for name, choices in (("schedule", tuple(SCHEDULES)), ("decay_mask", tuple(DECAY_MASKS))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"OptimizerConfig.{name} must be one of {choices}; got {getattr(self, name)!r}")
         for name in ("b1", "b2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"OptimizerConfig.{name} must be in [0, 1); got {getattr(self, name)}")
@@ -99,11 +113,36 @@ class TrainState(NamedTuple):
     rng: jax.Array
 
 
-def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    """Learning rate as a function of the number of applied updates."""
+def _cosine(cfg: "OptimizerConfig") -> optax.Schedule:
     decay = max(cfg.total_steps, cfg.warmup_steps + 1)
     return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, decay,
                                               end_value=cfg.learning_rate * cfg.final_lr_ratio)
+
+
+def _with_warmup(cfg: "OptimizerConfig", after: optax.Schedule) -> optax.Schedule:
+    if cfg.warmup_steps == 0:
+        return after
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def _linear(cfg: "OptimizerConfig") -> optax.Schedule:
+    # HF `get_linear_schedule_with_warmup`: lr * (total - step) / (total - warmup) after warmup.
+    steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+    return _with_warmup(cfg, optax.linear_schedule(cfg.learning_rate, cfg.learning_rate * cfg.final_lr_ratio, steps))
+
+
+def _constant(cfg: "OptimizerConfig") -> optax.Schedule:
+    return _with_warmup(cfg, optax.constant_schedule(cfg.learning_rate))
+
+
+# Learning-rate schedules after the linear warmup, by `OptimizerConfig.schedule`.
+SCHEDULES = {"cosine": _cosine, "linear": _linear, "constant": _constant}
+
+
+def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """Learning rate as a function of the number of applied updates (update k uses `schedule(k)`)."""
+    return SCHEDULES[cfg.schedule](cfg)
 
 
 def _flat(params: Any) -> dict[str, Any]:
@@ -129,11 +168,61 @@ def trainable_mask(params: Any, cfg: OptimizerConfig) -> Any:
     return jax.tree.map(lambda lab: lab == TRAINABLE, param_labels(params, cfg))
 
 
+def decay_mask_all(paths: list[str]) -> dict[str, bool]:
+    return {p: True for p in paths}
+
+
+def decay_mask_no_bias_norm(paths: list[str]) -> dict[str, bool]:
+    """No decay on biases (`*_b`) or norm weights (`*norm*`, `norm1_w`, `merger_norm_w`, ...)."""
+    return {p: re.search(r"(_b$|norm)", p.rsplit(".", 1)[-1]) is None for p in paths}
+
+
+# HF Trainer's `get_decay_parameter_names` (the same in transformers 4.57.1, DyME's pin, and 5.23):
+# parameters of `nn.LayerNorm` modules, or whose lower-cased name matches one of these, get no decay.
+_HF_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def decay_mask_hf_trainer(paths: list[str]) -> dict[str, bool]:
+    """HF Trainer's rule, applied to each parameter's HF name (`models.weights.RULES`).
+
+    Excluded: every bias; the LLM's RMSNorm weights (`input_layernorm`, `post_attention_layernorm`,
+    `model.norm`: matched by name); Qwen2-VL's vision `norm1`/`norm2` and merger `ln_q` (modules
+    of type `nn.LayerNorm`, recognised here by their bias). Decayed: Qwen2.5-VL's vision
+    `norm1`/`norm2` and `ln_q` weights, which are `Qwen2RMSNorm` modules whose names match no
+    pattern, so HF Trainer decays them too.
+    """
+    from vrl_jax.models.weights import RULES  # the model package is heavy; only this mask needs it
+
+    hf_names = {path: template for template, path, _ in RULES}
+    present = set(paths)
+    out = {}
+    for path in paths:
+        if path not in hf_names:
+            raise ValueError(f"decay_mask 'hf_trainer': parameter {path!r} has no HF name in models.weights.RULES")
+        last = path.rsplit(".", 1)[-1]
+        layer_norm = "norm" in last and last.endswith("_w") and path[:-1] + "b" in present  # RMSNorm has no bias
+        out[path] = not (layer_norm or _HF_NO_DECAY.search(hf_names[path].replace("{i}", "0").lower()))
+    return out
+
+
+# Which parameters weight decay applies to, by `OptimizerConfig.decay_mask`: flat paths -> {path: decays}.
+DECAY_MASKS = {"all": decay_mask_all, "no_bias_norm": decay_mask_no_bias_norm, "hf_trainer": decay_mask_hf_trainer}
+
+
+def weight_decay_mask(params: Any, cfg: OptimizerConfig) -> Any:
+    """Booleans, the structure of `params`: True where weight decay applies."""
+    paths = list(_flat(params))
+    decays = DECAY_MASKS[cfg.decay_mask](paths)
+    if cfg.no_decay_regex is not None:
+        decays = {p: d and re.search(cfg.no_decay_regex, p) is None for p, d in decays.items()}
+    return _unflat(decays)
+
+
 def make_optimizer(cfg: OptimizerConfig, params: Any) -> optax.GradientTransformation:
     """The optax transformation for a pure param dict (labels are computed from its paths)."""
     decay_mask = None
-    if cfg.no_decay_regex is not None:
-        decay_mask = _unflat({k: re.search(cfg.no_decay_regex, k) is None for k in _flat(params)})
+    if cfg.decay_mask != "all" or cfg.no_decay_regex is not None:
+        decay_mask = weight_decay_mask(params, cfg)
     adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=decay_mask)
     train = adamw if cfg.clip_grad_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw)

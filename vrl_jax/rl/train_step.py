@@ -14,9 +14,18 @@ Non-finite guard. If an update's loss or gradient norm is not finite, the parame
 state are left as they were (selected with `jnp.where`, no host round trip) and `state.skipped`
 grows by one. The learning-rate schedule counts applied updates only.
 
+Old log-probs. By default the ratio's pi_old is the batch's `old_logprobs`: the sampler's, or the
+training forward's when the trainer recomputes them before the step (`recompute_old_logprobs`).
+`StepConfig.old_logprobs="forward"` takes them from the update's own forward instead (detached),
+as TRL/DyME do with one update per generation batch: the ratio is then exactly 1.
+
 Metrics are float32 device scalars: loss parts and token means pooled over every micro-batch of the
-step (`SumCount`s summed, divided once), the mean pre-clip gradient norm over updates, the learning
-rate of the last update, the response-token count of the batch, updates made and skipped.
+step (`SumCount`s summed, divided once), the mean pre-clip gradient norm over updates and that of the
+last update, the learning rate of the last update and of the next one, the response-token count of
+the batch, updates made and skipped, and `max_abs_ratio_minus_1_first_update`: max |pi / pi_old - 1|
+over the RL tokens (loss mask on, SFT weight 0) of the first update, pi_old being the batch's
+`old_logprobs`. Nothing has changed the policy yet at that point, so it is the gap between the
+program that produced `old_logprobs` (the sampler) and the training forward.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vrl_jax import sharding as shd
 from vrl_jax.models.qwen_vl import VisionInputs
 from vrl_jax.rl.logprobs import sequence_stats
-from vrl_jax.rl.losses import PolicyLossConfig, policy_objective
+from vrl_jax.rl.losses import PolicyLossConfig, max_abs_ratio_minus_one, policy_objective
 from vrl_jax.rl.train_state import OptimizerConfig, TrainState, lr_schedule, make_optimizer, trainable_mask
 
 
@@ -63,6 +72,8 @@ class TrainBatch(NamedTuple):
     vision: VisionInputs | None = None
 
 
+OLD_LOGPROBS = ("batch", "forward")
+
 # Which dimension of each TrainBatch field holds the rows (or, for vision, the patches).
 _BATCH_DIM = dict(input_ids=1, attention_mask=1, positions=2, targets=1, loss_mask=1, old_logprobs=1,
                   advantages=1, sft_weights=1, ref_logprobs=1)
@@ -82,6 +93,9 @@ class StepConfig:
     shuffle: permute the micro-batches with the state's key before each PPO epoch (only changes
       anything with num_mini > 1; rows stay with their micro-batch because images are packed per
       micro-batch).
+    old_logprobs: "batch" (the ratio's pi_old is `TrainBatch.old_logprobs`) or "forward" (the
+      update's own forward log-probs, detached: ratio exactly 1, TRL/DyME; needs one update per
+      step; the batch's old_logprobs then only feed the first-update gap metric).
     """
 
     batch_size: int
@@ -94,6 +108,7 @@ class StepConfig:
     temperature: float = 1.0
     with_entropy: bool = True
     shuffle: bool = False
+    old_logprobs: str = "batch"
 
     def __post_init__(self):
         for name in ("batch_size", "num_micro", "num_mini", "ppo_epochs", "chunk_size"):
@@ -112,6 +127,11 @@ class StepConfig:
             raise ValueError(f"StepConfig.loss must be a PolicyLossConfig; got {type(self.loss).__name__}")
         if self.loss.entropy_coef != 0.0 and not self.with_entropy:
             raise ValueError("StepConfig.with_entropy must be True when loss.entropy_coef != 0")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"StepConfig.old_logprobs must be one of {OLD_LOGPROBS}; got {self.old_logprobs!r}")
+        if self.old_logprobs == "forward" and self.num_updates != 1:
+            raise ValueError(f"StepConfig.old_logprobs='forward' needs one update per step (ppo_epochs * num_mini "
+                             f"= {self.num_updates}): later updates would take their own policy as the old one")
 
     @property
     def micro_batch_size(self) -> int:
@@ -196,23 +216,28 @@ def _tree_add(a: Any, b: Any) -> Any:
 
 
 def _micro_loss(graphdef: nnx.GraphDef, cfg: StepConfig, trainable: dict, frozen: dict, micro: TrainBatch):
-    """(loss.total, (loss, metrics)) of one micro-batch; differentiable in `trainable` only."""
+    """(loss.total, (loss, metrics, gap)) of one micro-batch; differentiable in `trainable` only.
+
+    gap: max |pi / pi_old - 1| over its RL tokens, pi_old = the batch's old log-probs."""
     params = _unflat({**trainable, **jax.lax.stop_gradient(frozen)})
     stats = sequence_stats(graphdef, params, micro.input_ids, micro.positions, micro.attention_mask, micro.targets,
                            micro.vision, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
                            with_entropy=cfg.with_entropy, remat=cfg.remat)
-    loss, metrics = policy_objective(cfg.loss, stats.logprobs, micro.old_logprobs, micro.advantages, micro.loss_mask,
+    old = micro.old_logprobs if cfg.old_logprobs == "batch" else jax.lax.stop_gradient(stats.logprobs)
+    loss, metrics = policy_objective(cfg.loss, stats.logprobs, old, micro.advantages, micro.loss_mask,
                                      ref_logprobs=micro.ref_logprobs, entropy=stats.entropy,
                                      sft_weights=micro.sft_weights)
-    return loss.total, (loss, metrics)
+    rl_tokens = micro.loss_mask * (micro.sft_weights == 0).astype(micro.loss_mask.dtype)[:, None]
+    gap = max_abs_ratio_minus_one(stats.logprobs, micro.old_logprobs, rl_tokens)
+    return loss.total, (loss, metrics, gap)
 
 
 def _accumulate(graphdef, cfg, trainable, frozen, mini: TrainBatch, grad_shardings):
-    """Sums gradients and SumCounts over the leading micro-batch axis of `mini` with `lax.scan`."""
+    """Sums gradients and SumCounts (max of the gaps) over the leading micro-batch axis of `mini` with `lax.scan`."""
     grad_fn = jax.value_and_grad(lambda tr, mc: _micro_loss(graphdef, cfg, tr, frozen, mc), has_aux=True)
     first = jax.tree.map(lambda x: x[0], mini)
-    _, (loss_shape, metric_shape) = jax.eval_shape(lambda tr, mc: _micro_loss(graphdef, cfg, tr, frozen, mc),
-                                                   trainable, first)
+    _, (loss_shape, metric_shape, _) = jax.eval_shape(lambda tr, mc: _micro_loss(graphdef, cfg, tr, frozen, mc),
+                                                      trainable, first)
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)  # noqa: E731
 
     def constrain(grads):
@@ -221,14 +246,15 @@ def _accumulate(graphdef, cfg, trainable, frozen, mini: TrainBatch, grad_shardin
         return {k: jax.lax.with_sharding_constraint(g, grad_shardings[k]) for k, g in grads.items()}
 
     def body(carry, micro):
-        grads, loss, metrics = carry
-        (_, (l, m)), g = grad_fn(trainable, micro)
+        grads, loss, metrics, gap = carry
+        (_, (l, m, g_max)), g = grad_fn(trainable, micro)
         g = constrain(jax.tree.map(lambda x: x.astype(jnp.float32), g))
-        return (_tree_add(grads, g), loss.plus(l), {k: metrics[k].plus(m[k]) for k in metrics}), None
+        return (_tree_add(grads, g), loss.plus(l), {k: metrics[k].plus(m[k]) for k in metrics},
+                jnp.maximum(gap, g_max)), None
 
-    init = (constrain(zeros(trainable)), zeros(loss_shape), zeros(metric_shape))
-    (grads, loss, metrics), _ = jax.lax.scan(body, init, mini)
-    return grads, loss, metrics
+    init = (constrain(zeros(trainable)), zeros(loss_shape), zeros(metric_shape), jnp.zeros((), jnp.float32))
+    (grads, loss, metrics, gap), _ = jax.lax.scan(body, init, mini)
+    return grads, loss, metrics, gap
 
 
 def _split_params(params: Any, opt_cfg: OptimizerConfig) -> tuple[dict, dict, dict]:
@@ -240,9 +266,9 @@ def _split_params(params: Any, opt_cfg: OptimizerConfig) -> tuple[dict, dict, di
 
 def _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings):
     """Mini-batch gradient `sum_k grad total_k / sum_k count_k` (0 when nothing counts) + SumCounts."""
-    grads, loss, metrics = _accumulate(graphdef, cfg, trainable, frozen, mini, grad_shardings)
+    grads, loss, metrics, gap = _accumulate(graphdef, cfg, trainable, frozen, mini, grad_shardings)
     scale = jnp.where(loss.count > 0, 1.0 / jnp.where(loss.count > 0, loss.count, 1.0), 0.0)
-    return jax.tree.map(lambda g: g * scale, grads), loss, metrics
+    return jax.tree.map(lambda g: g * scale, grads), loss, metrics, gap
 
 
 def batch_gradients(params: Any, batch: TrainBatch, *, graphdef: nnx.GraphDef, opt_cfg: OptimizerConfig,
@@ -250,11 +276,22 @@ def batch_gradients(params: Any, batch: TrainBatch, *, graphdef: nnx.GraphDef, o
     """The gradient one optimizer update of `train_step` uses, for a whole TrainBatch as one mini-batch.
 
     params: pure dict; batch: TrainBatch `[M, mb, ...]`. Returns (gradients as a pure dict of the
-    trainable parameters only, float32; the loss value; token-mean metrics), all over all M micro-batches.
+    trainable parameters only, float32; the loss value; token-mean metrics and `max_abs_ratio_minus_1`),
+    all over all M micro-batches.
     """
     _, trainable, frozen = _split_params(params, opt_cfg)
-    grads, loss, metrics = _mean_gradients(graphdef, cfg, trainable, frozen, batch, None)
-    return _unflat(grads), loss.value(), {k: v.value() for k, v in metrics.items()}
+    grads, loss, metrics, gap = _mean_gradients(graphdef, cfg, trainable, frozen, batch, None)
+    return _unflat(grads), loss.value(), {**{k: v.value() for k, v in metrics.items()}, "max_abs_ratio_minus_1": gap}
+
+
+def recompute_old_logprobs(logprob_fn: Callable[[Any, Any], Any], params: Any, batch: TrainBatch) -> TrainBatch:
+    """`batch` with `old_logprobs` from the training forward under `params` (the policy that sampled).
+
+    logprob_fn: `logprobs.make_logprob_fn(graphdef, chunk_size=cfg.chunk_size, temperature=cfg.temperature)`
+    (same chunking and temperature as the step, so the ratio of the first update is 1 up to the
+    numerics of two compiled programs). Positions outside the loss mask are not used.
+    """
+    return batch._replace(old_logprobs=logprob_fn(params, batch).logprobs)
 
 
 def micro_batch_order(rng: jax.Array, epoch: jax.Array | int, num_micro: int) -> jax.Array:
@@ -285,7 +322,7 @@ def train_step(state: TrainState, batch: TrainBatch, *, graphdef: nnx.GraphDef, 
     next_rng = jax.random.split(jax.random.wrap_key_data(state.rng))[0]
 
     def update(carry, u):
-        trainable, opt_state, applied, skipped, pooled, norm_sum, _ = carry
+        trainable, opt_state, applied, skipped, pooled, norm_sum, _, _, first_gap = carry
         epoch, j = u // cfg.num_mini, u % cfg.num_mini
         if k == m:  # one mini-batch: the whole batch, no copy (micro-batch order only reorders a sum)
             mini = batch
@@ -294,7 +331,7 @@ def train_step(state: TrainState, batch: TrainBatch, *, graphdef: nnx.GraphDef, 
         else:
             index = jax.lax.dynamic_slice_in_dim(micro_batch_order(state.rng, epoch, m), j * k, k)
             mini = jax.tree.map(lambda x: jnp.take(x, index, axis=0), batch)
-        grads, loss, metrics = _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings)
+        grads, loss, metrics, gap = _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings)
         grad_norm = optax.global_norm(grads)
         full_grads = _unflat({**grads, **jax.tree.map(jnp.zeros_like, frozen)})
         full_params = _unflat({**trainable, **frozen})
@@ -306,26 +343,30 @@ def train_step(state: TrainState, batch: TrainBatch, *, graphdef: nnx.GraphDef, 
         pooled = jax.tree.map(jnp.add, pooled, {"loss": loss, **metrics})
         lr = jnp.asarray(schedule(applied), jnp.float32)
         carry = (keep(new_trainable, trainable), keep(new_opt_state, opt_state), applied + ok.astype(jnp.int32),
-                 skipped + (~ok).astype(jnp.int32), pooled, norm_sum + grad_norm, lr)
+                 skipped + (~ok).astype(jnp.int32), pooled, norm_sum + grad_norm, grad_norm, lr,
+                 jnp.where(u == 0, gap, first_gap))
         return carry, None
 
     first = jax.tree.map(lambda x: x[:k], batch)
-    _, loss_shape, metric_shape = jax.eval_shape(
+    _, loss_shape, metric_shape, _ = jax.eval_shape(
         lambda tr, mb: _accumulate(graphdef, cfg, tr, frozen, mb, None), trainable, first)
     pooled0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), {"loss": loss_shape, **metric_shape})
     applied0 = state.step - state.skipped
-    carry0 = (trainable, state.opt_state, applied0, jnp.zeros((), jnp.int32), pooled0, jnp.zeros((), jnp.float32),
-              jnp.zeros((), jnp.float32))
-    (trainable, opt_state, applied, skipped, pooled, norm_sum, lr), _ = jax.lax.scan(
+    zero = jnp.zeros((), jnp.float32)
+    carry0 = (trainable, state.opt_state, applied0, jnp.zeros((), jnp.int32), pooled0, zero, zero, zero, zero)
+    (trainable, opt_state, applied, skipped, pooled, norm_sum, last_norm, lr, first_gap), _ = jax.lax.scan(
         update, carry0, jnp.arange(cfg.num_updates))
 
     params = _unflat({**flat, **trainable})
     new_state = TrainState(params, opt_state, state.step + cfg.num_updates, state.skipped + skipped,
                            jax.random.key_data(next_rng))
     metrics = {name: sc.value() for name, sc in pooled.items()}
-    metrics.update(grad_norm=norm_sum / cfg.num_updates, learning_rate=jnp.asarray(lr, jnp.float32),
-                   tokens=batch.loss_mask.astype(jnp.float32).sum(), updates=jnp.float32(cfg.num_updates),
-                   skipped_updates=skipped.astype(jnp.float32))
+    # MAYE logs the last update's pre-clip norm and, after its scheduler steps, the next update's rate.
+    metrics.update(grad_norm=norm_sum / cfg.num_updates, grad_norm_last=last_norm,
+                   learning_rate=jnp.asarray(lr, jnp.float32),
+                   next_learning_rate=jnp.asarray(schedule(applied), jnp.float32),
+                   max_abs_ratio_minus_1_first_update=first_gap, tokens=batch.loss_mask.astype(jnp.float32).sum(),
+                   updates=jnp.float32(cfg.num_updates), skipped_updates=skipped.astype(jnp.float32))
     return new_state, metrics
 
 
