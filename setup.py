@@ -1,8 +1,10 @@
 """vrl_jax: reinforcement learning for vision-language models in JAX/Flax."""
 from setuptools import find_packages, setup
 
-# The test extra pins the oracle: transformers' behaviour (positions, key layouts) changes between
-# versions, and a looser torch requirement would pull CUDA wheels.
+# The test extra adds only the oracle and the test tools. It pins the oracle: transformers' behaviour
+# (positions, key layouts) changes between versions, and a looser torch requirement would pull CUDA wheels.
+# Everything the CLIs need (train, evaluate, report, convert to-orbax/to-hf, synthgeo, audit) is in
+# install_requires: .ci/run runs the main command and evaluate in a virtual environment without this extra.
 TEST = [
     "torch==2.13.0",
     "transformers==5.23.0",
@@ -26,6 +28,11 @@ setup(
         "jinja2>=3.1",  # transformers renders chat templates with it (and does not require it)
         "grain>=0.2.18",
         "ml-collections>=1.1.0",
+        # Imported directly (the trainer's flags, checkpoint paths, bfloat16 safetensors), so named here
+        # rather than trusted to arrive with jax, orbax or ml-collections.
+        "absl-py",
+        "etils[epath]",
+        "ml-dtypes",
         "numpy",
         "pillow",
         "safetensors",
@@ -42,7 +49,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "vrl-convert=vrl_jax.convert:main",
+            "vrl-convert=vrl_jax.convert:cli",
         ],
     },
 )

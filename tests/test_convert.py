@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -197,3 +198,101 @@ def test_truncated_safetensors(hf_dir, tmp_path):
         f.truncate(5)
     with pytest.raises(CheckpointError, match="no header"):
         load_model(d)
+
+
+# ---- the CLI on bad input: one paragraph, exit code 2, and nothing lost or mixed ----------------
+
+def cli(argv, capsys):
+    """(exit code, stderr as one line) of `python -m vrl_jax.convert ARGV`, run in this process."""
+    from vrl_jax.errors import run_cli
+    capsys.readouterr()
+    rc = run_cli(convert.main, "python -m vrl_jax.convert", argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, " ".join(err.split())
+
+
+def test_to_hf_over_an_earlier_sharded_export_refuses_then_overwrite_leaves_no_old_shard(hf_dir, tmp_path, capsys):
+    """An old index and its shards beside a new model.safetensors made vrl_jax read the old weights (the
+    index wins) and transformers the new ones. Now: refused without --overwrite, replaced with it."""
+    from transformers import AutoModelForImageTextToText
+    out = str(tmp_path / "exported")
+    assert convert.main(["to-hf", hf_dir, out, "--max-shard-gb", "0.0002"]) == 0
+    old_files = sorted(os.listdir(out))
+    assert "model.safetensors.index.json" in old_files
+    (tmp_path / "exported" / "NOTES.md").write_text("mine")
+    other = str(tmp_path / "other")
+    build_hf_model(other, "qwen2_5_vl", tie=False, seed=4)
+
+    rc, err = cli(["to-hf", other, out], capsys)
+    assert rc == 2 and f"OUT_DIR {out} is not empty" in err and "--overwrite" in err
+    assert sorted(os.listdir(out)) == sorted(old_files + ["NOTES.md"])  # untouched
+
+    assert cli(["to-hf", other, out, "--overwrite"], capsys)[0] == 0
+    # no old index or shard is left; a file convert does not write is kept
+    assert sorted(os.listdir(out)) == ["NOTES.md", "config.json", "generation_config.json", "model.safetensors"]
+    new, ours = read_all(other), flat_params(load_model(out))
+    expected = flat_params(load_model(other))
+    assert all(np.array_equal(ours[k], expected[k]) for k in expected)
+    theirs = AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert np.array_equal(theirs[key].numpy(), new["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_to_orbax_into_a_non_empty_directory(hf_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    shutil.copy(os.path.join(hf_dir, "model.safetensors"), out / "model.safetensors")  # an HF export was here
+    rc, err = cli(["to-orbax", hf_dir, str(out)], capsys)
+    assert rc == 2 and "is not empty (it holds model.safetensors)" in err
+    assert cli(["to-orbax", hf_dir, str(out), "--overwrite"], capsys)[0] == 0
+    # transformers would have read the stale safetensors beside the new params/
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "params"]
+    rc, err = cli(["to-hf", str(out), str(out), "--overwrite"], capsys)
+    assert rc == 2 and "is the source directory" in err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "{role} {d}: no such directory. A model directory holds config.json and the weights"),
+    ("no_config", "{role} {d} holds no config.json (it holds notes.txt)"),
+    ("no_weights", "{role} {d}: no *.safetensors weights"),
+    ("llama", "model_type 'llama' is not supported"),
+    ("truncated", "truncated safetensors file"),
+])
+def test_convert_on_a_missing_or_broken_model_directory(case, message, hf_dir, tmp_path, capsys):
+    d = tmp_path / case
+    if case == "no_config":
+        d.mkdir()
+        (d / "notes.txt").write_text("")
+    elif case == "no_weights":
+        d.mkdir()
+        shutil.copy(os.path.join(hf_dir, "config.json"), d / "config.json")
+    elif case == "llama":
+        copy_dir(hf_dir, d)
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    elif case == "truncated":
+        copy_dir(hf_dir, d)
+        with open(d / "model.safetensors", "r+b") as f:
+            f.truncate(os.path.getsize(d / "model.safetensors") // 2)
+    for role, argv in (("SRC", ["to-orbax", str(d), str(tmp_path / "out")]),
+                       ("SRC", ["to-hf", str(d), str(tmp_path / "out")]),
+                       ("HF_DIR", ["check", str(d)]), ("--model", ["check", hf_dir, "--model", str(d)])):
+        rc, err = cli(argv, capsys)
+        assert rc == 2 and message.format(d=d, role=role) in err, (argv, err)
+        assert not (tmp_path / "out").exists()
+
+
+def test_convert_cli_subprocess_explains_a_missing_directory(tmp_path):
+    import subprocess
+    missing = str(tmp_path / "Qwen2.5-VL-3B-Instruct")
+    proc = subprocess.run([sys.executable, "-m", "vrl_jax.convert", "to-orbax", missing, str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"SRC {missing}: no such directory" in " ".join(proc.stderr.split())
+
+
+def test_check_without_torch_names_the_install_command(hf_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails as if it were not installed
+    rc, err = cli(["check", hf_dir], capsys)
+    assert rc == 2 and 'pip install -e ".[test]"' in err and "PyTorch is not installed" in err

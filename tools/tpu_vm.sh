@@ -45,7 +45,7 @@ case "$CMD" in
   create)
     run gcloud compute tpus tpu-vm create "$NAME" --zone "$ZONE" --accelerator-type "$TYPE" --version "$VERSION" $SPOT ;;
   setup)
-    ARCHIVE=$(mktemp -t vrl_jax.XXXXXX.tar.gz)
+    if [ "${DRY_RUN:-0}" = 1 ]; then ARCHIVE="${TMPDIR:-/tmp}/vrl_jax.XXXXXX.tar.gz"; else ARCHIVE=$(mktemp -t vrl_jax.XXXXXX.tar.gz); fi
     run tar -C "$ROOT" -czf "$ARCHIVE" $(cd "$ROOT" && git ls-files)
     run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:~/vrl_jax.tar.gz" --zone "$ZONE" --worker 0
     remote 'mkdir -p ~/vrl_jax && tar -C ~/vrl_jax -xzf ~/vrl_jax.tar.gz && cd ~/vrl_jax && pip install -U "jax[tpu]" -e .' ;;

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -20,10 +21,12 @@ import jax
 import numpy as np
 
 from vrl_jax.evaluation.passk import MAYE_HIGH, MAYE_LOW, MAYE_MEDIUM, GenerationSetting, mean_pass_at_k
+from vrl_jax.errors import UserError, run_cli
 from vrl_jax.evaluation.progress import Progress
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 
 SETTINGS = {"low": MAYE_LOW, "medium": MAYE_MEDIUM, "high": MAYE_HIGH}
+PROG = "python -m vrl_jax.evaluate"
 
 
 def settings_from_names(names: Sequence[str], k: int, max_new_tokens: int) -> list[GenerationSetting]:
@@ -96,7 +99,7 @@ class Evaluator:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vrl_jax.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF or vrl_jax model directory (with tokenizer files)")
     parser.add_argument("--data", required=True, help="a MAYE jsonl, EasyR1 parquet or DyME json file")
@@ -112,23 +115,42 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write metrics JSON and samples JSONL here")
     args = parser.parse_args(argv)
 
+    names = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown or not names:
+        parser.error(f"--settings: unknown {unknown}; expected some of {sorted(SETTINGS)}, comma-separated")
+    for flag, value, low in (("--k", args.k, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--batch-size", args.batch_size, 1), ("--max-examples", args.max_examples, 0)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
+
+    from flax import nnx
+
+    from vrl_jax.convert import reading_model, require_model_dir
+    from vrl_jax.data.faults import TooManyFaultsError
     from vrl_jax.data.formats import load_examples
     from vrl_jax.data.pipeline import eval_dataset, eval_num_batches
     from vrl_jax.models.loading import load_model
     from vrl_jax.models.processor import VLProcessor
     from vrl_jax.rewards import RewardSet
-    from flax import nnx
 
-    names = [s for s in args.settings.split(",") if s]
-    unknown = [s for s in names if s not in SETTINGS]
-    if unknown:
-        parser.error(f"--settings: unknown {unknown}; expected some of {sorted(SETTINGS)}")
-    processor = VLProcessor.from_pretrained(args.model)
-    model = load_model(args.model)
-    graphdef, params = nnx.split(model, nnx.Param)
-    examples = load_examples(args.data, format=args.format)
+    # Every input is checked before the model loads or anything compiles.
+    require_model_dir(args.model, "--model", tokenizer=True)
+    _require_data_file(args.data)
+    if args.out and os.path.dirname(args.out):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    try:
+        examples = load_examples(args.data, format=args.format)
+    except (ValueError, TooManyFaultsError) as err:  # the file's contents: named by path and line
+        raise UserError(f"--data {args.data}: {err}") from err
+    if not examples:
+        raise UserError(f"--data {args.data} holds no usable example. {DATA_HELP}")
     if args.max_examples:
         examples = examples[:args.max_examples]
+    processor = VLProcessor.from_pretrained(args.model)
+    with reading_model("--model"):
+        model = load_model(args.model)
+    graphdef, params = nnx.split(model, nnx.Param)
     rewards = RewardSet({"weights": {"accuracy": 1.0}, "judge": {"mode": args.judge_mode}})
     stop = list(processor.config.eos_token_ids) or [processor.tokenizer.eos_token_id]
     evaluator = Evaluator(graphdef, processor, rewards, settings_from_names(names, args.k, args.max_new_tokens),
@@ -150,5 +172,18 @@ def main(argv=None) -> int:
     return 0
 
 
+DATA_HELP = ("Expected a MAYE jsonl, EasyR1 parquet or DyME json file (--format maye|easyr1|dyme; by default "
+             "the format is told from the first record's keys). A training run writes its evaluation data to "
+             "<workdir>/data/maye_val.jsonl; `python -m vrl_jax.data.synthgeo --out data/synthgeo --val 100 "
+             "--test 100` writes the synthetic benchmark in all three formats.")
+
+
+def _require_data_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"--data {path}: no such file. {DATA_HELP}")
+    if not os.path.isfile(path):
+        raise UserError(f"--data {path} is a directory, not a file. {DATA_HELP}")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, PROG))

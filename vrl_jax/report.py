@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from vrl_jax.errors import UserError, run_cli
 from vrl_jax.evaluation.writers import METRICS_FILE, read_metrics
 
 _SEED_SUFFIX = re.compile(r"(?:[-_.](?:seed|s)|seed)[-_]?\d+$", re.IGNORECASE)
@@ -327,22 +328,42 @@ def accuracy_axis(runs) -> str:
     return "step" if eval_rows and not any("epoch" in row for row in eval_rows) else "epoch"
 
 
+PROG = "python -m vrl_jax.report"
+
+
+def check_inputs(workdirs: Sequence[str], group: str | None, out: str | None) -> None:
+    """Every --workdir is a run directory, --group a regular expression that names each and --out no
+    file, before any plot is drawn; raises `UserError` naming the argument."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file; name the folder to write report.md and the figures to.")
+    for wd in workdirs:
+        if not Path(wd).is_dir():
+            raise UserError(f"--workdir {wd}: no such directory; pass the workdir of a training run (the "
+                            f"folder holding {METRICS_FILE}, config.json and checkpoints/).")
+    if group is not None:
+        try:
+            re.compile(group)
+        except re.error as exc:
+            raise UserError(f"--group {group!r} is not a regular expression: {exc}") from exc
+    try:
+        load_runs(workdirs, group)
+    except (FileNotFoundError, ValueError) as exc:  # no metrics.jsonl, a --group that misses, a broken config.json
+        raise UserError(f"{exc}") from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vrl_jax.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", nargs="+", required=True, help="run directories holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="output folder (default: <first workdir>/report)")
     parser.add_argument("--group", default=None, help="regex on the workdir path; group 1 names the group")
     parser.add_argument("--no-plots", action="store_true", help="write report.md only")
     args = parser.parse_args(argv)
-    try:
-        path = make_report(args.workdir, args.out, args.group, plots=not args.no_plots)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"report: error: {exc}", file=sys.stderr)
-        return 2
+    check_inputs(args.workdir, args.group, args.out)
+    path = make_report(args.workdir, args.out, args.group, plots=not args.no_plots)
     figures = path.read_text().count("](")  # one markdown image link per figure written
     print(f"wrote {path} and {figures} figures")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, PROG))

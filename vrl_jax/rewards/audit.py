@@ -5,8 +5,8 @@ Usage::
     python -m vrl_jax.rewards.audit FILE.jsonl [--mode default|maye_compat|chartqa] [--timeout S]
 
 Each line is ``{"prediction": str, "answer": str | [str, ...], "expected": bool (optional)}``.
-Exit status: 0, or 2 for unreadable input (the message names the file and line), or 1 with
-``--fail-on-disagreement`` when a verdict contradicts ``expected``.
+Exit status: 0, or 2 for unreadable input or a bad option (the message names the file and line, or the
+option), or 1 with ``--fail-on-disagreement`` when a verdict contradicts ``expected``.
 """
 from __future__ import annotations
 
@@ -14,11 +14,19 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Any, Sequence
 
+from vrl_jax.errors import UserError, run_cli
 from vrl_jax.rewards.judge import MODES, PERCENT_POLICIES, UNANCHORED_POLICIES, AnswerJudge, JudgeConfig
+
+PROG = "python -m vrl_jax.rewards.audit"
+LINE_FORMAT = '{"prediction": str, "answer": str | [str, ...], "expected": true | false (optional)}'
+# JudgeConfig's fields and the options that set them, so its complaints name what the user typed.
+_FLAGS = {"mode": "--mode", "timeout_s": "--timeout", "workers": "--workers", "unanchored": "--unanchored",
+          "percent": "--percent"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +39,15 @@ class AuditRecord:
     expected: bool | None
 
 
-class AuditInputError(ValueError):
+class AuditInputError(UserError, ValueError):
     """Malformed input; the message names the file and line."""
 
 
 def read_records(path: str) -> list[AuditRecord]:
     """Parse the JSONL file, raising ``AuditInputError`` naming ``path:line`` on the first bad line."""
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "no such file"
+        raise AuditInputError(f"{path}: {what}; expected a JSONL file with one object per line: {LINE_FORMAT}")
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
@@ -70,6 +81,8 @@ def read_records(path: str) -> list[AuditRecord]:
         if expected is not None and not isinstance(expected, bool):
             raise AuditInputError(f"{where}: field 'expected' must be true or false, got {expected!r}")
         records.append(AuditRecord(number, obj["prediction"], answer, expected))
+    if not records:
+        raise AuditInputError(f"{path} holds no record; expected one object per line: {LINE_FORMAT}")
     return records
 
 
@@ -92,19 +105,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--show", choices=("all", "disagreements", "none"), default="all",
                    help="which verdicts to print")
     p.add_argument("--fail-on-disagreement", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.config = JudgeConfig(mode=args.mode, timeout_s=args.timeout, workers=args.workers,
+                                  unanchored=args.unanchored, percent=args.percent)
+    except ValueError as exc:
+        flag = next((f for field, f in _FLAGS.items() if f"JudgeConfig.{field}" in str(exc)), None)
+        p.error(f"{flag}: {exc}" if flag else str(exc))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        records = read_records(args.file)
-        config = JudgeConfig(mode=args.mode, timeout_s=args.timeout, workers=args.workers,
-                             unanchored=args.unanchored, percent=args.percent)
-    except (AuditInputError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    with AnswerJudge(config) as judge:
+    records = read_records(args.file)
+    with AnswerJudge(args.config) as judge:
         t0 = time.perf_counter()
         judge.start()  # the server's one-off start-up is reported apart from the throughput
         startup = time.perf_counter() - t0
@@ -134,4 +148,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, PROG))

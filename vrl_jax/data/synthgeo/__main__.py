@@ -11,9 +11,20 @@ import sys
 import time
 
 from vrl_jax.data.synthgeo.difficulty import IID_LEVELS
+from vrl_jax.errors import run_cli
 from vrl_jax.data.synthgeo.export import FORMATS, check_formats, export_dataset
 from vrl_jax.data.synthgeo.families import FAMILIES
 from vrl_jax.data.synthgeo.generator import GeneratorConfig, corpus_texts, generate_split
+
+
+PROG = "python -m vrl_jax.data.synthgeo"
+# GeneratorConfig's fields and the options that set them, so its complaints name what the user typed.
+_FLAGS = {"seed": "--seed", "families": "--families", "levels": "--levels", "text_fraction": "--text-fraction",
+          "image_size": "--image-size"}
+
+
+def _flag_of(message: str) -> str | None:
+    return next((flag for field, flag in _FLAGS.items() if f".{field} " in message), None)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -21,7 +32,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vrl_jax.data.synthgeo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output dataset directory")
     parser.add_argument("--train", type=int, default=0, help="number of train items")
     parser.add_argument("--val", type=int, default=0, help="number of val items")
@@ -41,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("train", "val", "test"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not (args.train or args.val or args.test or args.tokenizer):
+        parser.error("nothing to write: give the number of items with --train, --val and/or --test")
     try:
         args.levels = tuple(int(v) for v in _names(args.levels))
     except ValueError:
@@ -50,7 +63,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.config = GeneratorConfig(seed=args.seed, families=_names(args.families), levels=args.levels,
                                       text_fraction=args.text_fraction, image_size=args.image_size)
     except ValueError as err:
-        parser.error(str(err))
+        flag = _flag_of(str(err))
+        parser.error(f"{flag}: {err}" if flag else str(err))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file; name a new or existing directory")
+    if args.tokenizer:
+        from tokenizers import pre_tokenizers
+
+        from vrl_jax.data.synthgeo.tokenizer import SPECIAL_TOKENS
+        floor = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())  # checked before the data is drawn
+        if args.vocab_size < floor:
+            parser.error(f"--vocab-size must be >= {floor} (8 special tokens + 256 bytes), got {args.vocab_size}")
     return args
 
 
@@ -79,4 +102,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, PROG))
