@@ -131,7 +131,7 @@ def prepare(root: str) -> str:
     data, model = os.path.join(root, "data"), os.path.join(root, "model")
     if not os.path.exists(os.path.join(data, "manifest.json")):
         export_dataset(data, SPLIT_SIZES, GeneratorConfig(image_size=IMAGE_SIZE), formats=FORMATS, progress=False)
-    if not os.path.exists(os.path.join(model, "model.safetensors")):
+    if not os.path.exists(os.path.join(model, "preprocessor_config.json")):  # written last
         # The templates' instructions are in the tokenizer's corpus, so prompts stay short.
         texts = list(corpus_texts(generate_split("train", 200, GeneratorConfig()))) + [
             t.text.replace("{question}", "") for t in TEMPLATES.values()] * 20
