@@ -20,6 +20,7 @@ import json
 import math
 import os
 import queue
+import re
 import shlex
 import subprocess
 import sys
@@ -39,7 +40,6 @@ RUN_TIMEOUT_S = 900
 
 def listed_variants(path: str) -> list[str]:
     """`file.py` and `file.py:<variant>` for each variant token of the file's docstring, in order."""
-    import re
     name = os.path.basename(path)
     with open(path, encoding="utf-8") as f:
         doc = ast.get_docstring(ast.parse(f.read())) or ""
