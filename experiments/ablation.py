@@ -7,7 +7,9 @@ start, equal budgets of optimizer steps, three seeds.
   done; done
   python -m vrl_jax.report --workdir workdirs/ablation/*/ --out workdirs/ablation/report
 
-(`tools/ablation.sh` runs exactly this, two runs at a time.)
+(`tools/ablation.sh` runs exactly this, two runs at a time.) One arm of each kind, seed 0:
+`experiments/ablation.py:start`, `experiments/ablation.py:sft,0`, `experiments/ablation.py:grpo,0`,
+`experiments/ablation.py:dyme,0`; `experiments/ablation.py` alone is `sft_grpo,0`.
 
 Why a shared start: DyME's claim is about small *pretrained* models that are weak at the task, and a
 random model never answers correctly, so reward-only RL would have nothing to learn from. The

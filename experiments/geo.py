@@ -10,7 +10,7 @@ batch 4 per device), AdamW 5e-6 with 10% warmup and cosine decay, betas (0.9, 0.
 grad-norm clip 1.0, KL loss k3 0.001, no KL reward, gamma 1, whitened advantages with the mean
 added back (MAYE's torchtune quirk), only the LLM trained, max 2048 new tokens, temperature 1.0.
 The score is MAYE's judge against `solution`, replaced by -0.1 for no EOS or a too-short response.
-Variant `geo.py:tiny` runs the same recipe on the synthetic data and the tiny model, offline.
+`experiments/geo.py:tiny` runs the same recipe on the synthetic data and the tiny model, offline.
 """
 
 from vrl_jax.configs import base_config
@@ -46,7 +46,7 @@ def maye_recipe(c, dataset: str):
     c.data.train = f"datasets/{dataset}/{dataset}_rl_v0.jsonl"
     c.data.length_buckets = (512, 1024, 2048)
     c.data.patch_buckets = (4096, 16384, 65536)
-    c.rewards.weights = {"accuracy": 1.0, "language_penalty": 1.0, "maye_penalty": 1.0}
+    c.rewards.weights = {"accuracy": 1.0, "language": 1.0, "maye_penalty": 1.0}
     c.rewards.params = {"accuracy": {"answer_key": "solution"}, "maye_penalty": {"min_response_length": 1}}
     c.rewards.overrides = {"maye_penalty": -0.1}
     c.rewards.judge = {"mode": "maye_compat", "timeout_s": 10.0}

@@ -455,3 +455,43 @@ def test_progress_resume_eta_disabled_and_tty():
 def test_format_duration():
     assert [format_duration(s) for s in (7.2, 65, 3725, None, -1, float("inf"))] == [
         "7s", "1m05s", "1h02m05s", "?", "?", "?"]
+
+
+def test_evaluator_gives_the_reward_set_lengths_and_truncation():
+    """MAYE's reward set (maye_penalty needs `lengths` and `truncated`) scores evaluation samples: the
+    sampler's lengths and ~stopped reach it; the samples' prompt is the whole user turn."""
+    import types
+
+    from vrl_jax.data.pipeline import Batch
+    from vrl_jax.evaluate import Evaluator, settings_from_names
+    from vrl_jax.rewards import RewardSet
+    from vrl_jax.sampling.sampler import SampleOutput
+
+    class Tokenizer:
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return ["\\boxed{4}" if row and row[0] == 1 else "\\boxed{5}" for row in rows]
+
+    def sampler(params, inputs, key, temperature=1.0, top_p=1.0):
+        tokens = np.array([[1, 2, 0], [3, 2, 0]], np.int32)  # row 0 stops after 2 tokens, row 1 runs out
+        return SampleOutput(tokens=tokens, logprobs=np.zeros((2, 3), np.float32), mask=np.array([[1, 1, 0], [1, 1, 1]]),
+                            lengths=np.array([2, 3], np.int32), stopped=np.array([True, False]))
+
+    spec = {"weights": {"accuracy": 1.0, "maye_penalty": 1.0}, "overrides": {"maye_penalty": -0.1},
+            "params": {"maye_penalty": {"min_response_length": 1}}}
+    calls = []
+    with RewardSet(spec) as rewards:
+        def recording(texts, examples, **kw):
+            calls.append(kw)
+            return rewards(texts, examples, **kw)
+        ev = Evaluator(None, types.SimpleNamespace(tokenizer=Tokenizer()), recording,
+                       settings_from_names(["low"], 1, 3), stop_ids=[2], pad_id=0)
+        ev.samplers = {1: sampler}
+        messages = [{"role": "user", "content": [{"type": "text", "text": "Q: "}, {"type": "image"},
+                                                  {"type": "text", "text": "what is 2+2?"}]}]
+        examples = [{"id": f"p{i}", "prompt_messages": messages, "answer": "4", "solution": "\\boxed{4}"}
+                    for i in range(2)]
+        batch = Batch(inputs=None, examples=examples, valid=np.array([True, True]), epoch=0)
+        metrics, samples = ev.evaluate_split(None, [batch], jax.random.key(0), "val", keep_samples=2)
+    assert calls[0]["lengths"].tolist() == [2, 3] and calls[0]["truncated"].tolist() == [False, True]
+    assert metrics["acc/Validation Set Epoch Accuracy pass@1 Temperature=0.01"] == 0.5
+    assert [s["prompt"] for s in samples] == ["Q: <image>what is 2+2?"] * 2

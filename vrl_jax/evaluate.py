@@ -42,6 +42,13 @@ def decode_responses(tokenizer, tokens, mask) -> list[str]:
     return tokenizer.batch_decode([t[m > 0].tolist() for t, m in zip(tokens, mask)], skip_special_tokens=True)
 
 
+def user_text(messages) -> str:
+    """The last turn's text as the model reads it, `<image>` where an image stands (a template may put
+    text on both sides of an image, e.g. DyME's instruction before a question with an image tag)."""
+    return "".join(item.get("text", "") if item.get("type") == "text" else "<image>"
+                   for item in messages[-1]["content"])
+
+
 class Evaluator:
     """Runs the settings over a split's batches. One compiled sampler per distinct k (the temperature
     and top-p are traced), so the three settings compile twice per prompt-length bucket."""
@@ -68,11 +75,14 @@ class Evaluator:
         for i, batch in enumerate(batches):
             valid = np.asarray(batch.valid)
             for j, s in enumerate(self.settings):
-                out = self.samplers[s.k](params, batch.inputs, jax.random.fold_in(key, i * 16 + j),
-                                         temperature=s.temperature, top_p=s.top_p)
+                out = jax.device_get(self.samplers[s.k](params, batch.inputs, jax.random.fold_in(key, i * 16 + j),
+                                                        temperature=s.temperature, top_p=s.top_p))
                 texts = decode_responses(self.processor.tokenizer, out.tokens, out.mask)
                 examples = [e for e in batch.examples for _ in range(s.k)]
-                acc = self.reward_set(texts, examples)["accuracy"] if self.reward_set else np.zeros(len(texts))
+                # The run's whole reward set scores the samples, so length-aware components
+                # (maye_penalty, soft_overlong) get the same context as in training.
+                acc = (self.reward_set(texts, examples, lengths=out.lengths, truncated=~out.stopped)["accuracy"]
+                       if self.reward_set else np.zeros(len(texts)))
                 per_problem = np.asarray(acc).reshape(-1, s.k) > 0.5
                 correct[s.name].append(per_problem[valid])
                 hits_so_far[0] += int(per_problem[valid].any(1).sum())
@@ -81,9 +91,9 @@ class Evaluator:
                 if j == 0 and len(samples) < keep_samples:
                     for e, text, ok, v in zip(batch.examples, texts[::s.k], per_problem[:, 0], valid):
                         if v and len(samples) < keep_samples:
-                            samples.append({"id": e["id"], "prompt": e["prompt_messages"][-1]["content"][-1].get(
-                                "text", ""), "image_id": e["id"], "response": text, "answer": e["answer"],
-                                "reward": float(ok), "correct": bool(ok), "setting": s.label})
+                            samples.append({"id": e["id"], "prompt": user_text(e["prompt_messages"]),
+                                            "image_id": e["id"], "response": text, "answer": e["answer"],
+                                            "reward": float(ok), "correct": bool(ok), "setting": s.label})
         bar.close()
         metrics = {}
         for s in self.settings:

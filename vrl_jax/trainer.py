@@ -12,6 +12,7 @@ run killed at any step and restarted resumes exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -75,7 +76,10 @@ class Loop:
                                  num_mini=c.num_mini, ppo_epochs=c.ppo_epochs, loss=loss, remat=c.model.remat,
                                  chunk_size=c.loss.chunk_size, temperature=c.rollout.temperature or 1.0,
                                  with_entropy=True)
-        self.sft_cfg = StepConfig(batch_size=c.sft.batch_size, num_micro=c.num_micro, loss=loss,
+        # The SFT stage trains the NLL of the references alone: no KL term (RL's reference is the policy RL
+        # starts from, which SFT is still making) and no entropy bonus.
+        self.sft_cfg = StepConfig(batch_size=c.sft.batch_size, num_micro=c.num_micro,
+                                  loss=dataclasses.replace(loss, kl_coef=0.0, entropy_coef=0.0),
                                   remat=c.model.remat, chunk_size=c.loss.chunk_size, with_entropy=False)
         self.needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and
                                                   c.advantage.kl_reward_coef))
@@ -232,6 +236,26 @@ class Loop:
 EPOCH_KEYS = ("rews/scores", "response/response_lengths", "training/entropy", "health/zero_variance_groups")
 
 
+REFERENCE_DIR = "reference"
+
+
+def save_reference(setup: RunSetup, params, workdir: str):
+    """RL's KL reference is the policy RL starts from: after an SFT stage, its result. It is written to
+    `workdir/reference` (a vrl_jax model directory) so that a resumed run measures KL against it too."""
+    from vrl_jax.models.loading import save_orbax
+    ref = jax.tree.map(jnp.copy, params)
+    if jax.process_index() == 0:
+        save_orbax(nnx.merge(setup.graphdef, ref), os.path.join(workdir, REFERENCE_DIR), source_dir=setup.model_dir)
+    return ref
+
+
+def load_reference(c, workdir: str):
+    from vrl_jax.models.loading import load_model
+    model = load_model(os.path.join(workdir, REFERENCE_DIR), dtype=jnp.dtype(c.model.dtype),
+                       param_dtype=jnp.dtype(c.model.param_dtype))
+    return nnx.split(model, nnx.Param)[1].to_pure_dict()
+
+
 def train(config, workdir: str) -> dict:
     """Runs an experiment in `workdir` (resuming it if it holds checkpoints). Returns the last eval."""
     c = config
@@ -273,6 +297,8 @@ def train(config, workdir: str) -> dict:
             acc, acc_epoch = EpochAccumulator.from_dict(restored.extra["epoch_acc"]), restored.extra["acc_epoch"]
         if stage == "rl" and c.sft.steps:
             _, step_fn = new_state("rl")
+            if loop.needs_ref:
+                setup.ref_params = load_reference(c, workdir)
         for name, st in (restored.data_state or {}).items():
             if iters.get(name) is not None and st is not None:
                 iters[name].set_state(st)
@@ -309,6 +335,8 @@ def train(config, workdir: str) -> dict:
             if stage == "sft" and step >= c.sft.steps:
                 stage = "rl"
                 state, step_fn = new_state("rl", state.params)
+                if loop.needs_ref:
+                    setup.ref_params = save_reference(setup, state.params, workdir)
             batch = next(iters[stage])
             if stage == "sft":
                 state, metrics = loop.sft_step(state, step_fn, batch)
