@@ -20,6 +20,8 @@ import re
 import sys
 import traceback
 
+from vrl_jax.errors import UserError, hide_logged_user_errors, run_cli
+
 PROG = "python -m vrl_jax.train"
 USAGE = (f"usage: {PROG} --config experiments/<name>.py[:variant] --workdir DIR [--config.KEY=VALUE ...] "
          "[--allow_config_change] [--noreport] [--debug]")
@@ -40,11 +42,6 @@ class Command:
     workdir: str
     report: bool = True
     allow_config_change: bool = False
-
-
-def _user_error(message: str):
-    from vrl_jax.errors import UserError
-    return UserError(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,13 +68,13 @@ def load_config_file(spec: str):
     import ml_collections
     path, _, arg = spec.partition(":")
     if not path:
-        raise _user_error(f"--config is empty; expected FILE.py[:variant]. {USAGE}")
+        raise UserError(f"--config is empty; expected FILE.py[:variant]. {USAGE}")
     if not os.path.isfile(path):
         directory = os.path.dirname(path) or "."
         known = _experiment_files(directory) or _experiment_files("experiments")
         where = directory if _experiment_files(directory) else "experiments"
         hint = f" The experiment files in {where}/ are: {', '.join(known)}." if known else ""
-        raise _user_error(f"--config {spec}: no config file {path} (relative to {os.getcwd()}).{hint}")
+        raise UserError(f"--config {spec}: no config file {path} (relative to {os.getcwd()}).{hint}")
     siblings = {os.path.abspath(os.path.join(os.path.dirname(path) or ".", f))
                 for f in _experiment_files(os.path.dirname(path) or ".")} | {os.path.abspath(path)}
     module_spec = importlib.util.spec_from_file_location("vrl_jax_experiment_config", path)
@@ -87,24 +84,24 @@ def load_config_file(spec: str):
     except SyntaxError as e:
         column = f", column {e.offset}" if e.offset else ""
         text = f": {e.text.strip()}" if e.text and e.text.strip() else ""
-        raise _user_error(f"--config {spec}: {e.filename}, line {e.lineno}{column}: syntax error: {e.msg}{text}") \
+        raise UserError(f"--config {spec}: {e.filename}, line {e.lineno}{column}: syntax error: {e.msg}{text}") \
             from e
     except Exception as e:  # noqa: BLE001 - whatever the file raises is reported with its line
         where = _where_in(e, siblings) or path
-        raise _user_error(f"--config {spec}: loading {where} failed: {type(e).__name__}: {e}") from e
+        raise UserError(f"--config {spec}: loading {where} failed: {type(e).__name__}: {e}") from e
     if not callable(getattr(module, "get_config", None)):
-        raise _user_error(f"--config {spec}: {path} defines no get_config(variant) function; an experiment file "
+        raise UserError(f"--config {spec}: {path} defines no get_config(variant) function; an experiment file "
                           "returns its ConfigDict from get_config (see experiments/default.py)")
     try:
         config = module.get_config(arg) if arg else module.get_config()
     except ValueError as e:  # the experiments' convention for an unknown variant or a bad argument
-        raise _user_error(f"--config {spec}: {e}") from e
+        raise UserError(f"--config {spec}: {e}") from e
     except Exception as e:  # noqa: BLE001
         where = _where_in(e, siblings) or path
         call = f"get_config({arg!r})" if arg else "get_config()"
-        raise _user_error(f"--config {spec}: {call} failed at {where}: {type(e).__name__}: {e}") from e
+        raise UserError(f"--config {spec}: {call} failed at {where}: {type(e).__name__}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
-        raise _user_error(f"--config {spec}: get_config returned a {type(config).__name__}, expected an "
+        raise UserError(f"--config {spec}: get_config returned a {type(config).__name__}, expected an "
                           "ml_collections.ConfigDict (start from vrl_jax.configs.base_config())")
     return config
 
@@ -120,7 +117,7 @@ def _take_config_spec(argv: list[str]) -> tuple[str | None, list[str]]:
         arg = argv[i]
         if re.fullmatch(r"--?config", arg):
             if i + 1 >= len(argv):
-                raise _user_error(f"--config needs a value, e.g. --config experiments/default.py. {USAGE}")
+                raise UserError(f"--config needs a value, e.g. --config experiments/default.py. {USAGE}")
             spec, i = argv[i + 1], i + 2
             continue
         m = re.fullmatch(r"--?config=(.*)", arg, flags=re.S)
@@ -173,7 +170,7 @@ def parse_command_line(argv: list[str]) -> Command:
     from ml_collections import config_flags
     spec, rest = _take_config_spec(argv)
     if spec is None:
-        raise _user_error(f"--config is required, e.g. --config experiments/default.py. {USAGE}")
+        raise UserError(f"--config is required, e.g. --config experiments/default.py. {USAGE}")
     config = load_config_file(spec)
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
@@ -188,20 +185,20 @@ def parse_command_line(argv: list[str]) -> Command:
         try:
             config_flags.config_path.get_value(dotted, config)
         except (KeyError, AttributeError, IndexError):
-            raise _user_error(_unknown_key_message(config, dotted)) from None
+            raise UserError(_unknown_key_message(config, dotted)) from None
     try:
         config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True, sys_argv=argv)
         positional = fv(argv)[1:]
     except flags.IllegalFlagValueError as e:
-        raise _user_error(_bad_value_message(config, e)) from e
+        raise UserError(_bad_value_message(config, e)) from e
     except flags.UnrecognizedFlagError as e:
-        raise _user_error(f"unknown flag --{e.flagname}. {USAGE}") from e
+        raise UserError(f"unknown flag --{e.flagname}. {USAGE}") from e
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        raise _user_error(f"{e} ({USAGE})") from e
+        raise UserError(f"{e} ({USAGE})") from e
     if positional:
-        raise _user_error(f"unexpected argument(s) {positional}; flags take the form --name=value. {USAGE}")
+        raise UserError(f"unexpected argument(s) {positional}; flags take the form --name=value. {USAGE}")
     if not fv.workdir:
-        raise _user_error(f"--workdir is required: the directory for checkpoints, metrics and the report. {USAGE}")
+        raise UserError(f"--workdir is required: the directory for checkpoints, metrics and the report. {USAGE}")
     return Command(config, fv.workdir, fv.report, fv.allow_config_change)
 
 
@@ -217,20 +214,14 @@ def main(argv: list[str]) -> int:
     if not flags.FLAGS.is_parsed():  # libraries (grain) read their absl flags; they take the defaults
         flags.FLAGS.mark_as_parsed()
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from vrl_jax.errors import hide_logged_user_errors
     hide_logged_user_errors()  # a full disk is reported once below, not by every orbax thread
     import jax
-
-    from vrl_jax import configs
-    from vrl_jax.run_setup import check_inputs
-    configs.validate(command.config, jax.device_count())
-    check_inputs(command.config, command.workdir)  # data files, model directory, a writable workdir
     workdir = command.workdir
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         # A restarted (preempted, killed) run reuses the compiled steps instead of compiling again.
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from vrl_jax.trainer import train
+    from vrl_jax.trainer import train  # validates the config and checks the inputs before anything slow
     result = train(command.config, workdir, allow_config_change=command.allow_config_change)
     if result.stopped:
         print(result.stopped, flush=True)
@@ -244,5 +235,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from vrl_jax.errors import run_cli
     sys.exit(run_cli(main, PROG))

@@ -35,7 +35,7 @@ from vrl_jax.rl import algorithms, rollout
 from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.train_state import create_train_state, train_state_shardings
 from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step
-from vrl_jax.run_setup import RunSetup, prepare_run
+from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 
 
@@ -262,14 +262,14 @@ def _read_config(workdir: str) -> dict | None:
 def train(config, workdir: str, allow_config_change: bool = False) -> TrainResult:
     """Runs an experiment in `workdir` (resuming it if it holds checkpoints). Returns the last eval.
 
-    A workdir whose checkpoints were written with another config is refused (the error lists the keys
+    The config is validated and the inputs checked (`run_setup.check_inputs`) first. A workdir whose checkpoints were written with another config is refused (the error lists the keys
     that differ) before anything is written or built, unless `allow_config_change`. A damaged latest
     checkpoint is set aside and the run resumes from the newest intact one. When a write fails (a full
     disk), the half-written checkpoint is removed, so the workdir holds only complete ones.
     """
     c = config
     configs.validate(c, jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
+    check_inputs(c, workdir)  # data files, model directory, a writable workdir: before anything slow
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep,
                         best_metric=c.checkpoint.best_metric or None, fingerprint=config_fingerprint(c.to_dict()),
                         config=c.to_dict())
