@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import textwrap
+import warnings
 from typing import Callable, Sequence
 
 DEBUG_ENV = "VRL_JAX_DEBUG"
@@ -82,14 +83,40 @@ class _HideUserErrors(logging.Filter):
         return not (m and int(m.group(1)) in _USER_ERRNOS)
 
 
-def hide_logged_user_errors(loggers: Sequence[str] = ("absl", "")) -> None:
-    """Installs `_HideUserErrors` on `loggers` (absl's, which orbax uses, and the root), once; not with --debug."""
+def _is_late_callback(unraisable) -> bool:
+    """tensorstore completing a write after orbax closed the event loop that awaited it: orbax stops
+    waiting at the first failed write of a save, and each later one reports 'Event loop is closed' from
+    `call_soon_threadsafe`, with no bearing on the failure, which is reported on its own."""
+    exc, frames, tb = unraisable.exc_value, [], unraisable.exc_traceback
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and "call_soon_threadsafe" in frames
+
+
+def hide_logged_user_errors(loggers: Sequence[str] = ("absl", "asyncio", "")) -> None:
+    """Keeps a failed write (a full disk) to the one paragraph the CLI prints: installs `_HideUserErrors`
+    on `loggers` (absl's, which orbax uses; asyncio's, which reports the writes orbax stopped awaiting;
+    the root) and drops tensorstore's late callbacks into orbax's closed event loop
+    (`_is_late_callback`). Once per process; nothing is hidden with --debug."""
     if debug_requested():
         return
     for name in loggers:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _HideUserErrors) for f in logger.filters):
             logger.addFilter(_HideUserErrors())
+    # The writes orbax abandoned are garbage-collected at exit, unawaited.
+    warnings.filterwarnings("ignore", message=r"coroutine '.*write_fragment' was never awaited",
+                            category=RuntimeWarning)
+    previous = sys.unraisablehook
+    if getattr(previous, "_vrl_jax", False):
+        return
+
+    def hook(unraisable):
+        if not _is_late_callback(unraisable):
+            previous(unraisable)
+    hook._vrl_jax = True
+    sys.unraisablehook = hook
 
 
 def ensure_writable_dir(path: str, what: str) -> None:
