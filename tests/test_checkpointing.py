@@ -22,8 +22,9 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from vrl_jax.checkpointing import (Checkpointer, ConfigMismatchError, PreemptionGuard, abstract_like,
-                                   config_fingerprint)
+from vrl_jax.checkpointing import (Checkpointer, ConfigMismatchError, DamagedCheckpointError, PreemptionGuard,
+                                   abstract_like, config_diff, config_fingerprint)
+from vrl_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -239,6 +240,91 @@ def test_config_fingerprint_mismatch(tmp_path):
         assert r.fingerprint == fp_a and np.asarray(r.state["x"]).tolist() == [1.0, 1.0]
     with Checkpointer(tmp_path) as ck:  # no fingerprint of its own (e.g. an eval script): not checked
         assert ck.restore(abstract_state=abstract).step == 4
+
+
+def test_config_mismatch_names_the_keys_that_differ(tmp_path):
+    """The config travels with the checkpoint: a rerun with another one is refused with the changed keys
+    (old -> new), checked from the step metadata alone, before any tensor is read."""
+    old = {"rl_steps": 4, "optim": {"learning_rate": 5e-5, "b1": 0.9}, "eval": {"splits": ("val",)}}
+    new = {"rl_steps": 6, "optim": {"learning_rate": 1e-4, "b1": 0.9}, "eval": {"splits": ["val"]}}
+    assert config_diff(old, new) == ["optim.learning_rate: 5e-05 -> 0.0001", "rl_steps: 4 -> 6"]
+    with Checkpointer(tmp_path, fingerprint=config_fingerprint(old), config=old) as ck:
+        ck.save(2, {"x": jnp.ones(2)}, None, {})
+    with Checkpointer(tmp_path, fingerprint=config_fingerprint(new), config=new) as ck:
+        with pytest.raises(ConfigMismatchError) as e:
+            ck.check_config()
+        assert isinstance(e.value, UserError)
+        msg = str(e.value)
+        assert "optim.learning_rate: 5e-05 -> 0.0001\n  rl_steps: 4 -> 6\n" in msg and "--allow_config_change" in msg
+        assert ck.check_config(allow_config_change=True) == 2
+    with Checkpointer(tmp_path, fingerprint=config_fingerprint(old), config=old) as ck:
+        assert ck.check_config() == 2
+    # Checkpoints written without the config (older runs): the diff comes from the previous config.json.
+    with Checkpointer(tmp_path / "old", fingerprint=config_fingerprint(old)) as ck:
+        ck.save(1, {"x": jnp.ones(2)}, None, {})
+    with Checkpointer(tmp_path / "old", fingerprint=config_fingerprint(new), config=new) as ck:
+        with pytest.raises(ConfigMismatchError, match="rl_steps: 4 -> 6"):
+            ck.check_config(previous=old)
+
+
+def damage(step_dir, how: str):
+    """The damage a crash, a full disk or a careless copy does to a finished step directory."""
+    if how == "truncated tensor file":
+        files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs
+                 if os.path.basename(r) == "d"]
+        for path in files:
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+    else:
+        os.remove(step_dir / {"missing _METADATA": "state/_METADATA", "missing data-state file":
+                              "data/process_0-of-1.json", "missing step metadata": "_CHECKPOINT_METADATA"}[how])
+
+
+@pytest.mark.parametrize("how", ["truncated tensor file", "missing _METADATA", "missing data-state file",
+                                 "missing step metadata"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, how):
+    states = {s: {"x": jnp.full((64,), float(s))} for s in (1, 2, 3)}
+    with Checkpointer(tmp_path, fingerprint="fp", max_to_keep=3) as ck:
+        for s, st in states.items():
+            ck.save(s, st, {"pos": s}, {"s": s})
+    damage(tmp_path / "3", how)
+    abstract = abstract_like(states[1])
+    with Checkpointer(tmp_path, fingerprint="fp", max_to_keep=3) as ck:
+        assert ck.check_config() in (2, 3)  # the step metadata may still be readable
+        restored, damaged = ck.restore_latest_intact(abstract)
+        assert restored.step == 2 and restored.data_state == {"pos": 2} and restored.extra == {"s": 2}
+        assert np.asarray(restored.state["x"]).tolist() == [2.0] * 64
+        assert [d.step for d in damaged] == [3] and damaged[0].reason
+        assert damaged[0].set_aside_as == str(tmp_path / "damaged_step_3")
+        assert ck.all_steps() == [1, 2]
+        ck.save(3, states[3], {"pos": 3}, {"s": 3}, force=True)  # the run goes on and saves step 3 again
+        ck.save(4, states[3], {"pos": 4}, {"s": 4}, force=True)
+    assert (tmp_path / "damaged_step_3").is_dir()  # kept: user data is never deleted
+    with Checkpointer(tmp_path, fingerprint="fp") as ck:
+        assert ck.all_steps() == [2, 3, 4] and ck.restore_latest_intact(abstract)[0].step == 4
+
+
+def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path):
+    with Checkpointer(tmp_path, fingerprint="fp") as ck:
+        ck.save(1, {"x": jnp.ones(8)}, None, {})
+        ck.save(2, {"x": jnp.ones(8)}, None, {})
+    damage(tmp_path / "1", "missing _METADATA")
+    damage(tmp_path / "2", "truncated tensor file")
+    with Checkpointer(tmp_path, fingerprint="fp") as ck:
+        with pytest.raises(DamagedCheckpointError, match=r"(?s)no checkpoint in .* can be restored:.*step 2: .*"
+                                                         r"step 1: .*lacks state/_METADATA"):
+            ck.restore_latest_intact({"x": jax.ShapeDtypeStruct((8,), jnp.float32)})
+        assert ck.all_steps() == [1, 2]
+
+
+def test_discard_unfinished_removes_half_written_steps_only(tmp_path):
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, {"x": jnp.ones(2)}, None, {})
+        ck.wait()
+        (tmp_path / "2.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+        (tmp_path / "damaged_step_7").mkdir()
+        assert ck.discard_unfinished() == ["2.orbax-checkpoint-tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["1", "damaged_step_7"]
 
 
 def test_clear_errors(tmp_path):

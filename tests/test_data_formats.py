@@ -192,6 +192,31 @@ def test_broken_json_array_names_file_and_line(tmp_path):
         load_examples(tmp_path / "bad.json")
 
 
+def test_malformed_jsonl_lines_report_their_own_line_and_json_column(tmp_path):
+    """A stray carriage return inside a record (copied from a Windows tool) used to split the record in
+    two: its fault named the wrong column and every later line was off by one. A UTF-8 byte-order mark
+    used to make the first record malformed."""
+    write_png(str(tmp_path / "a.png"))
+    good = [json.dumps(maye_record(i, image="a.png")) for i in range(3)]
+    bad_cr = '{"question": "<image>x\ry", "answer": }'
+    bad_col = '  {"question": "<image>é", "answer": 3,, "image": "a.png"}'
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(("\ufeff" + "\r\n".join([good[0], bad_cr, good[1], bad_col, good[2]]) + "\r\n").encode())
+    faults = FaultCounter(max_share=0.5)
+    examples = load_examples(path, faults=faults)
+    assert [e.id for e in examples] == ["geometry3k_0", "geometry3k_1", "geometry3k_2"]
+    assert [e.source for e in examples] == [f"{path}:1", f"{path}:3", f"{path}:5"]
+    expected = {}
+    for line in (bad_cr, bad_col):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as err:
+            expected[line] = f"invalid JSON at column {err.colno}: {err.msg}"
+    assert [(f.where, f.detail) for f in faults.examples] == [(f"{path}:2", expected[bad_cr]),
+                                                              (f"{path}:4", expected[bad_col])]
+    assert "column 23" in expected[bad_cr] and "column 40" in expected[bad_col]  # 1-based, in characters
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-sample faults
 

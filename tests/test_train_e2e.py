@@ -9,8 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+
+from tests.test_checkpointing import damage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "default.py") + ":smoke"
@@ -29,15 +32,16 @@ def compilation_cache(tmp_path_factory):
     yield
 
 
-def run_train(workdir, *overrides, wait=True, env=None):
+def run_train(workdir, *overrides, wait=True, env=None, preexec_fn=None):
     cmd = [sys.executable, "-m", "vrl_jax.train", f"--config={SMOKE}", f"--workdir={workdir}", *FAST, *overrides]
     # One device: the smoke batch is too small to split over conftest's 8 virtual devices (the
     # sharded step itself is tested in test_train_step.py).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": CACHE["dir"],
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env or {})}
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=preexec_fn)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, preexec_fn=preexec_fn)
 
 
 def rows(workdir, split="train"):
@@ -114,6 +118,7 @@ def test_sigterm_saves_then_sigkill_then_restart_resumes_exactly(uninterrupted, 
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert "stopped by signal" in output, output[-3000:]
+    assert proc.returncode == 0, output[-3000:]  # a clean, saved stop is not a failure
     saved = [int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
     last_logged = max(r["step"] for r in rows(wd))
     assert saved and max(saved) == last_logged  # SIGTERM saved the step it was on
@@ -123,9 +128,19 @@ def test_sigterm_saves_then_sigkill_then_restart_resumes_exactly(uninterrupted, 
     wait_for_step(proc, wd, 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # Damage the newest checkpoint as a crash or a full disk can (a tensor file cut short): the restart
+    # sets it aside and resumes from the one before, and the run must still equal the uninterrupted one.
+    ckpts = os.path.join(wd, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    if len(steps) >= 2:
+        damage(Path(ckpts) / str(steps[-1]), "truncated tensor file")
     out = run_train(wd, *same)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resumed" in out.stdout
+    if len(steps) >= 2:
+        assert f"checkpoint step {steps[-1]} cannot be restored and was set aside" in out.stdout, out.stdout[-3000:]
+        assert f"resumed {wd} at step {steps[-2]}" in out.stdout
+        assert os.path.isdir(os.path.join(ckpts, f"damaged_step_{steps[-1]}"))
     assert rows(wd) == rows(uninterrupted)
     assert rows(wd, "eval") == rows(uninterrupted, "eval")
     assert rows(wd, "epoch") == rows(uninterrupted, "epoch")

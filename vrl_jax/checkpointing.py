@@ -8,7 +8,8 @@ A checkpoint is one orbax step directory `<directory>/<step>/` with three items:
            for `DataLoader` iterators), one JSON file per process: every host reads its own shard
            of the data, so every host saves and restores its own position;
   "extra"  a JSON dict from the trainer (epoch accumulators, counters, the step's metrics).
-The config fingerprint goes into orbax's step metadata (`custom_metadata`), next to the items.
+The config fingerprint and the config itself go into orbax's step metadata (`custom_metadata`), next
+to the items, so a rerun with another config is refused with the keys that differ.
 
 Atomicity, retention and async writes are orbax's `CheckpointManager`: a step is written under
 `<step>.orbax-checkpoint-tmp-<timestamp>` and renamed when complete (on object stores, where rename
@@ -19,6 +20,12 @@ BestN(keep_best))` keeps a checkpoint that either policy keeps, i.e. "the last N
 (one checkpoint can be both). A checkpoint saved without metrics is only ever kept as one of the
 last N. Saving follows orbax's default decision policy: every `save_interval_steps`-th step, the
 first save of a fresh manager, orbax preemption points, and any `force=True` save.
+
+Damage: a step whose files were cut short or lost after it was written (a truncated tensor file, a
+missing `_METADATA` or data-state file) is not restorable. `restore_latest_intact` then resumes from
+the newest intact step and sets the damaged ones aside as `damaged_step_<N>` (kept, never deleted;
+orbax ignores them), saying which and why. `discard_unfinished` removes the half-written
+`<step>.orbax-checkpoint-tmp` directory a failed save (a full disk) leaves behind.
 
 Preemption: `PreemptionGuard` turns SIGTERM / SIGINT into a flag; the trainer polls it once per step
 (`guard.should_stop(step, checkpointer)`, which also asks orbax/JAX about multi-host TPU preemption
@@ -32,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import signal
 import threading
 from typing import Any, NamedTuple
@@ -42,11 +50,46 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from vrl_jax.errors import ORBAX_TMP_SUFFIX, UserError
+
 FINGERPRINT_KEY = "config_fingerprint"  # key in the step's orbax custom_metadata
+CONFIG_KEY = "config"  # the config itself, for saying which keys changed
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's per-step metadata (custom_metadata lives there)
+DAMAGED_PREFIX = "damaged_step_"
+_ITEMS = ("state", "data", "extra")
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError, ValueError):
     """The checkpoint was written under a different config fingerprint."""
+
+
+class DamagedCheckpointError(UserError):
+    """A step directory that cannot be restored (files cut short or missing)."""
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two nested config dicts (keys dotted)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif _json_copy(a) != _json_copy(b):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _json_copy(value: Any) -> Any:
+    """What the value looks like after a JSON round trip (tuples become lists), for comparing."""
+    return json.loads(json.dumps(value, sort_keys=True, default=repr))
+
+
+class Damaged(NamedTuple):
+    """A step that could not be restored: why, and where it was set aside (None if it was not moved)."""
+
+    step: int
+    reason: str
+    set_aside_as: str | None = None
 
 
 class Restored(NamedTuple):
@@ -181,11 +224,12 @@ class Checkpointer:
       so the caller may donate / overwrite its buffers right away. `wait()` blocks until written.
     fingerprint: this run's config fingerprint (`config_fingerprint(cfg)`), stored with every save
       and compared on restore; None = neither stored nor checked.
+    config: this run's config as a dict, stored with every save, so that a mismatch names the keys.
     """
 
     def __init__(self, directory: str | epath.PathLike, *, max_to_keep: int | None = 3, best_metric: str | None = None,
                  best_mode: str = "max", keep_best: int = 1, save_interval_steps: int = 1, async_save: bool = True,
-                 fingerprint: str | None = None):
+                 fingerprint: str | None = None, config: dict | None = None):
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
             raise ValueError(f"Checkpointer: max_to_keep must be a positive int or None; got {max_to_keep!r}")
         if best_mode not in ("max", "min"):
@@ -201,6 +245,7 @@ class Checkpointer:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.fingerprint = fingerprint
+        self.config = None if config is None else _json_copy(config)
 
         policies: list[Any] = [ocm.LatestN(n=max_to_keep)]
         if best_metric is not None:
@@ -252,7 +297,10 @@ class Checkpointer:
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataStateSave(envelope),
                                   extra=ocp.args.JsonSave(extra))
-        custom = {FINGERPRINT_KEY: self.fingerprint} if self.fingerprint is not None else None
+        custom = {FINGERPRINT_KEY: self.fingerprint} if self.fingerprint is not None else {}
+        if self.config is not None:
+            custom[CONFIG_KEY] = self.config
+        custom = custom or None
         return bool(self._manager.save(step, args=args, metrics=metrics, force=force, custom_metadata=custom))
 
     def wait(self) -> None:
@@ -295,11 +343,8 @@ class Checkpointer:
         elif step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {steps}")
         path = self.step_path(step)
-        saved_fp = (self._manager.metadata(step).custom_metadata or {}).get(FINGERPRINT_KEY)
-        if self.fingerprint is not None and saved_fp != self.fingerprint and not allow_config_change:
-            raise ConfigMismatchError(
-                f"checkpoint {path} was written with config fingerprint {saved_fp!r}, this run has "
-                f"{self.fingerprint!r}; restore with allow_config_change=True to resume anyway")
+        saved_fp, saved_config = self._saved_config(step)
+        self._check_fingerprint(step, saved_fp, saved_config, allow_config_change)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore(),
                                   extra=ocp.args.JsonRestore())
         try:
@@ -307,6 +352,103 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as e:  # orbax's messages do not name the checkpoint
             raise ValueError(f"restoring {path} failed: {type(e).__name__}: {e}") from e
         return Restored(step, out["state"], out["data"], out["extra"], saved_fp)
+
+    def check_config(self, allow_config_change: bool = False, previous: dict | None = None) -> int | None:
+        """Before a resume, and before anything slow: compares this run's fingerprint with the newest
+        checkpoint whose metadata is readable; raises ConfigMismatchError listing the keys that differ
+        (from the config stored with the checkpoint, else from `previous`, e.g. the workdir's config.json).
+        Returns that step, or None when there is nothing to resume."""
+        for step in reversed(self.all_steps()):
+            try:
+                saved_fp, saved_config = self._saved_config(step)
+            except DamagedCheckpointError:
+                continue  # restore_latest_intact says so and falls back
+            self._check_fingerprint(step, saved_fp, saved_config or previous, allow_config_change)
+            return step
+        return None
+
+    def restore_latest_intact(self, abstract_state: Any, allow_config_change: bool = False
+                              ) -> tuple[Restored | None, list[Damaged]]:
+        """Restores the newest step that restores, and sets every newer (damaged) one aside as
+        `damaged_step_<N>` (kept on disk). Returns (restored or None when there is no checkpoint, the
+        damaged steps). A config mismatch is not damage: it raises at once. When no step restores,
+        nothing is moved and a UserError lists why each failed."""
+        self.wait()
+        damaged: list[Damaged] = []
+        for step in reversed(self.all_steps()):
+            try:
+                self._check_complete(step)
+                restored = self.restore(step, abstract_state=abstract_state, allow_config_change=allow_config_change)
+            except ConfigMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - damage shows as tensorstore ValueErrors, missing files, bad JSON
+                damaged.append(Damaged(step, " ".join(f"{type(e).__name__}: {e}".split())[:400]))
+                continue
+            return restored, [d._replace(set_aside_as=str(self.set_aside(d.step))) for d in damaged]
+        if damaged:
+            reasons = "\n".join(f"  step {d.step}: {d.reason}" for d in damaged)
+            raise DamagedCheckpointError(
+                f"no checkpoint in {self.directory} can be restored:\n{reasons}\nMove the checkpoints directory "
+                "away to start the run over, or restore its files from a backup.")
+        return None, []
+
+    def set_aside(self, step: int) -> epath.Path:
+        """Renames step `step` to `damaged_step_<step>` (orbax no longer lists it; nothing is deleted)."""
+        target, n = self.directory / f"{DAMAGED_PREFIX}{step}", 1
+        while target.exists():
+            target, n = self.directory / f"{DAMAGED_PREFIX}{step}.{n}", n + 1
+        self.step_path(step).rename(target)
+        self._manager.reload()
+        return target
+
+    def discard_unfinished(self) -> list[str]:
+        """After a failed save (a full disk, a read-only file system): lets the background save end, then
+        deletes the half-written `<step>.orbax-checkpoint-tmp` directories, so only complete checkpoints
+        remain. Returns the names removed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the failure itself is reported by whoever called save()
+            pass
+        removed = []
+        for p in self.directory.iterdir() if self.directory.exists() else ():
+            if ORBAX_TMP_SUFFIX in p.name:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        return removed
+
+    def _saved_config(self, step: int) -> tuple[str | None, dict | None]:
+        """(fingerprint, config) stored with `step`, read from orbax's step metadata file alone (reading
+        the item metadata would open every tensor file)."""
+        path = self.step_path(step) / STEP_METADATA_FILE
+        try:
+            custom = json.loads(path.read_text()).get("custom_metadata") or {}
+        except (OSError, ValueError, AttributeError) as e:
+            raise DamagedCheckpointError(f"{path}: cannot read the step metadata ({type(e).__name__}: {e})") from e
+        return custom.get(FINGERPRINT_KEY), custom.get(CONFIG_KEY)
+
+    def _check_complete(self, step: int) -> None:
+        """Files a restore needs that orbax would only miss deep inside (or not at all: a lost `_METADATA`)."""
+        path = self.step_path(step)
+        needed = [path / STEP_METADATA_FILE, path / "state" / "_METADATA", path / "data" / _process_file(),
+                  path / "extra" / "metadata"]
+        missing = [str(p.relative_to(path)) for p in needed if not p.exists()]
+        if missing:
+            raise DamagedCheckpointError(f"{path} lacks {', '.join(missing)}")
+
+    def _check_fingerprint(self, step: int, saved_fp: str | None, saved_config: dict | None,
+                           allow_config_change: bool) -> None:
+        if self.fingerprint is None or saved_fp == self.fingerprint or allow_config_change:
+            return
+        path = self.step_path(step)
+        if saved_config is not None and self.config is not None:
+            changes = config_diff(saved_config, self.config) or ["(no key differs: the config's format changed)"]
+            what = "these keys differ (checkpoint -> this run):\n" + "\n".join(f"  {c}" for c in changes) + "\n"
+        else:
+            what = f"config fingerprint {saved_fp!r} there, {self.fingerprint!r} here (the keys were not recorded). "
+        raise ConfigMismatchError(
+            f"checkpoint {path} was written with a different config; {what}Rerun with the checkpoint's config to "
+            "resume it, use another workdir for a new run, or resume anyway with the new values: "
+            "--allow_config_change on the train command line (allow_config_change=True from Python).")
 
     # -- lifetime -------------------------------------------------------------------------------
 

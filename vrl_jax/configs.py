@@ -8,8 +8,12 @@ model is loaded or anything compiles.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import ml_collections
 
+from vrl_jax.errors import UserError
 from vrl_jax.rl.losses import AGG_MODES, KL_ESTIMATORS, RATIO_LEVELS, PolicyLossConfig
 from vrl_jax.rl.train_state import OptimizerConfig
 
@@ -17,9 +21,10 @@ ALGORITHMS = ("grpo", "reinforce_pp", "dyme", "sft")
 ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")
 DATA_SOURCES = ("synthgeo", "maye", "easyr1", "dyme")
 EVAL_SETTINGS = ("low", "medium", "high")
+SYNTHGEO_EVAL_SPLITS = ("val", "test_iid", "test_ood")
 
 
-class ConfigValidationError(ValueError):
+class ConfigValidationError(UserError, ValueError):
     """A config value or combination that cannot run; the message names the key."""
 
 
@@ -93,21 +98,121 @@ def _fail(key: str, message: str):
     raise ConfigValidationError(f"config.{key}: {message}")
 
 
-def _choice(c, key: str, choices):
+def _get(c, key: str, default=None):
+    """The value at a dotted key, or `default` where an experiment left the key out (e.g. judge options)."""
     value = c
     for part in key.split("."):
+        if not hasattr(value, "keys") or part not in value:
+            return default
         value = value[part]
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers a key accepts: [low, high] with either end open or absent; `off` is also accepted
+    (a switch-off value outside the range, such as 0 for the dual clip)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    off: float | None = None
+
+    def holds(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.off is not None and value == self.off:
+            return True
+        if not math.isfinite(value):  # NaN compares False either way; inf is never a useful size or rate
+            return False
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        if self.high is None:
+            text = f"{'>' if self.low_open else '>='} {self.low}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        return text if self.off is None else f"{self.off} (off) or {text}"
+
+
+POSITIVE, NON_NEGATIVE = Range(0, low_open=True), Range(0)
+UNIT, UNIT_OPEN_HIGH = Range(0, 1), Range(0, 1, high_open=True)
+
+# Every numeric key and the values it accepts, with what 0 means where 0 is allowed. Checked before
+# anything is built, so a value that would fail deep inside (an optimizer, a fault counter, a modulo in
+# the loop) is reported under the key the user set.
+RULES: dict[str, tuple[Range, str]] = {
+    "seed": (NON_NEGATIVE, ""),
+    "rl_steps": (NON_NEGATIVE, ""), "prompts_per_step": (POSITIVE, ""), "num_micro": (POSITIVE, ""),
+    "num_mini": (POSITIVE, ""), "ppo_epochs": (POSITIVE, ""),
+    "model.tiny.hidden": (POSITIVE, ""), "model.tiny.layers": (POSITIVE, ""),
+    "model.tiny.intermediate": (POSITIVE, ""), "model.tiny.vision_width": (POSITIVE, ""),
+    "model.tiny.vision_depth": (POSITIVE, ""), "model.tiny.vocab_size": (POSITIVE, ""),
+    "data.max_fault_share": (UNIT, "the share of samples that may be skipped as faulty"),
+    "data.synthgeo.train": (NON_NEGATIVE, ""), "data.synthgeo.val": (NON_NEGATIVE, ""),
+    "data.synthgeo.test": (NON_NEGATIVE, ""), "data.synthgeo.seed": (NON_NEGATIVE, ""),
+    "data.synthgeo.text_fraction": (UNIT, ""),
+    "rollout.num_samples": (POSITIVE, ""), "rollout.max_new_tokens": (POSITIVE, ""),
+    "rollout.temperature": (NON_NEGATIVE, "0 samples greedily"),
+    "rollout.top_p": (Range(0, 1, low_open=True), "1 keeps the whole distribution"),
+    "rollout.top_k": (NON_NEGATIVE, "0 = off"),
+    "sft.steps": (NON_NEGATIVE, ""), "sft.batch_size": (POSITIVE, ""), "sft.learning_rate": (POSITIVE, ""),
+    "sft.max_target_tokens": (POSITIVE, ""),
+    "optim.learning_rate": (POSITIVE, ""), "optim.warmup_ratio": (UNIT, "the share of updates spent warming up"),
+    "optim.final_lr_ratio": (UNIT, ""), "optim.b1": (UNIT_OPEN_HIGH, ""), "optim.b2": (UNIT_OPEN_HIGH, ""),
+    "optim.eps": (POSITIVE, ""), "optim.weight_decay": (NON_NEGATIVE, ""),
+    "optim.clip_grad_norm": (NON_NEGATIVE, "0 = no clipping"),
+    "loss.clip_low": (UNIT_OPEN_HIGH, ""), "loss.clip_high": (NON_NEGATIVE, ""),
+    "loss.clip_c": (Range(1, low_open=True, off=0), "the dual-clip cap"),
+    "loss.kl_coef": (NON_NEGATIVE, ""), "loss.kl_clamp": (NON_NEGATIVE, "0 = no clamp"),
+    "loss.chunk_size": (POSITIVE, ""),
+    "advantage.eps": (NON_NEGATIVE, ""), "advantage.gamma": (UNIT, ""), "advantage.kl_reward_coef": (NON_NEGATIVE, ""),
+    "rewards.judge.timeout_s": (POSITIVE, ""),
+    "dapo.max_rounds": (POSITIVE, ""), "dyme.thinking_weight": (NON_NEGATIVE, ""),
+    "eval.every_steps": (NON_NEGATIVE, "0 = only at the start, after SFT and at the end"),
+    "eval.max_examples": (NON_NEGATIVE, "0 = every example"), "eval.batch_size": (POSITIVE, ""),
+    "eval.pass_k": (POSITIVE, ""), "eval.max_new_tokens": (NON_NEGATIVE, "0 = rollout.max_new_tokens"),
+    "checkpoint.every_steps": (NON_NEGATIVE, "0 = only at the end of the run and when stopped by a signal"),
+    "checkpoint.keep": (POSITIVE, ""),
+    "log.every_steps": (POSITIVE, ""), "log.samples_per_eval": (NON_NEGATIVE, ""),
+}
+
+# Typed configs built from a config section, and the section their field names stand for: whatever the
+# rules above miss is still reported under the user's key, not the internal class's.
+_TYPED_SECTIONS = {"OptimizerConfig": "optim", "PolicyLossConfig": "loss", "JudgeConfig": "rewards.judge",
+                   "GeneratorConfig": "data.synthgeo"}
+
+
+_MISSING = object()
+
+
+def _check_rules(c) -> None:
+    for key, (allowed, meaning) in RULES.items():
+        value = _get(c, key, _MISSING)
+        if value is _MISSING:
+            continue
+        if not allowed.holds(value):
+            _fail(key, f"must be {allowed.describe()}, got {value!r}" + (f" ({meaning})" if meaning else ""))
+
+
+def _choice(c, key: str, choices):
+    value = _get(c, key)
     if value not in choices:
         _fail(key, f"{value!r} is not one of {tuple(choices)}")
 
 
-def _positive(c, *keys, allow_zero=False):
-    for key in keys:
-        value = c
-        for part in key.split("."):
-            value = value[part]
-        if value < 0 or (value == 0 and not allow_zero):
-            _fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+def _typed(build) -> None:
+    """Builds a typed config and reports its complaint under the config key it came from."""
+    try:
+        build()
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        for cls, section in _TYPED_SECTIONS.items():
+            message = message.replace(f"{cls}.", f"config.{section}.").replace(f"{cls}:", f"config.{section}:")
+        raise ConfigValidationError(message if message.startswith("config.") else f"config: {message}") from None
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
@@ -124,12 +229,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     for s in c.eval.settings:
         if s not in EVAL_SETTINGS:
             _fail("eval.settings", f"{s!r} is not one of {EVAL_SETTINGS}")
-    _positive(c, "prompts_per_step", "num_micro", "num_mini", "ppo_epochs", "rollout.num_samples",
-              "rollout.max_new_tokens", "eval.batch_size", "eval.pass_k", "sft.batch_size", "sft.max_target_tokens",
-              "checkpoint.keep",
-              "log.every_steps")
-    _positive(c, "rl_steps", "sft.steps", "eval.every_steps", "checkpoint.every_steps", "eval.max_examples",
-              "rollout.temperature", allow_zero=True)
+    _check_rules(c)
+    if c.model.tiny.hidden % 8:
+        _fail("model.tiny.hidden", f"must be a multiple of 8 (4 heads of an even width), got {c.model.tiny.hidden}")
+    if c.model.tiny.vision_width % 4:
+        _fail("model.tiny.vision_width", f"must be a multiple of 4 (2 heads of an even width), "
+                                         f"got {c.model.tiny.vision_width}")
     if c.algorithm == "sft" and c.sft.steps == 0:
         _fail("sft.steps", "algorithm 'sft' needs sft.steps > 0")
     if c.algorithm != "sft" and c.rl_steps == 0 and c.sft.steps == 0:
@@ -140,6 +245,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         _fail("advantage.estimator", "algorithm 'reinforce_pp' needs advantage.estimator 'reinforce_pp'")
     if c.algorithm == "dyme" and c.loss.kl_coef:
         _fail("loss.kl_coef", "DyME trains without a reference model (its trainer asserts beta == 0)")
+    if not (c.optim.train_vit or c.optim.train_connector or c.optim.train_llm):
+        _fail("optim.train_llm", "optim.train_vit, train_connector and train_llm are all False: nothing would train")
     rows = c.prompts_per_step * c.rollout.num_samples
     if rows % c.num_micro:
         _fail("num_micro", f"prompts_per_step * rollout.num_samples = {rows} rows must divide by num_micro "
@@ -159,13 +266,41 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         _fail("eval.batch_size", f"{c.eval.batch_size} does not split over {data_parallel} devices")
     if c.data.source != "synthgeo" and not c.data.train and (c.rl_steps or c.sft.steps):
         _fail("data.train", f"data.source {c.data.source!r} needs a training file")
-    if not c.rewards.weights:
-        _fail("rewards.weights", "no reward components")
+    if c.data.source == "synthgeo":
+        unknown = [s for s in c.eval.splits if s not in SYNTHGEO_EVAL_SPLITS]
+        if unknown:  # they would be left out without a word
+            _fail("eval.splits", f"{unknown} are not synthgeo splits; choose from {SYNTHGEO_EVAL_SPLITS}")
+    _check_rewards(c)
     for key in ("length_buckets", "patch_buckets"):
         if not c.data[key] or any(b <= 0 for b in c.data[key]):
             _fail(f"data.{key}", f"needs positive sizes, got {tuple(c.data[key])}")
     if any(b % 4 for b in c.data.patch_buckets):
         _fail("data.patch_buckets", "sizes must be multiples of 4 (one merge unit)")
+    _typed(lambda: optimizer_config(c, max(c.rl_steps * c.num_mini * c.ppo_epochs, 1)))
+    _typed(lambda: loss_config(c, max_len=c.rollout.max_new_tokens))
+    if c.data.source == "synthgeo":
+        _typed(lambda: _generator_config(c))
+
+
+def _check_rewards(c) -> None:
+    from vrl_jax.rewards.compose import resolve_reward
+    from vrl_jax.rewards.judge import JudgeConfig
+    if not c.rewards.weights:
+        _fail("rewards.weights", "no reward components")
+    for section in ("weights", "params", "overrides"):
+        for name in c.rewards[section].keys():
+            try:
+                resolve_reward(name)
+            except ValueError as e:
+                _fail(f"rewards.{section}", str(e))
+    _typed(lambda: JudgeConfig.from_mapping(c.rewards.judge.to_dict()))
+
+
+def _generator_config(c):
+    from vrl_jax.data.synthgeo import GeneratorConfig
+    s = c.data.synthgeo
+    return GeneratorConfig(seed=s.seed, levels=tuple(s.levels), text_fraction=s.text_fraction,
+                           **({"families": tuple(s.families)} if s.families else {}))
 
 
 def _data_parallel(c, num_devices: int) -> int:

@@ -1,5 +1,9 @@
 """Everything a run needs before its first step: data on disk, the model, the processor, the rewards and
 the input pipelines. Separate from the loop so the loop reads as the algorithm.
+
+`check_inputs` runs first and is cheap: the data files, the model directory and the workdir are checked
+before anything is generated, loaded or compiled, and a missing one is explained (what it should
+hold, where to get it, how to try the recipe on synthetic data in the same format).
 """
 
 from __future__ import annotations
@@ -12,14 +16,53 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vrl_jax.configs import SYNTHGEO_EVAL_SPLITS
 from vrl_jax.data.faults import FaultCounter
-from vrl_jax.data.formats import Example, load_examples, load_image
+from vrl_jax.data.formats import Example, SampleFault, load_examples, load_image
 from vrl_jax.data.pipeline import eval_dataset, eval_num_batches, train_dataset
-from vrl_jax.models.loading import load_model
+from vrl_jax.errors import UserError, ensure_writable_dir
+from vrl_jax.models.loading import check_model_dir, load_model
 from vrl_jax.models.processor import VLProcessor
 from vrl_jax.rewards import RewardSet
 
-SYNTHGEO_EVAL_SPLITS = ("val", "test_iid", "test_ood")
+
+@dataclasses.dataclass(frozen=True)
+class DataOrigin:
+    """What a data source's files hold and where they come from, for the message about a missing one."""
+
+    holds: str
+    origin: str
+    synthgeo_format: str  # `python -m vrl_jax.data.synthgeo --formats` name writing the same format
+    synthgeo_file: str  # the file it writes for a split
+
+
+DATA_ORIGINS = {
+    "maye": DataOrigin(
+        "MAYE's JSONL: one JSON object per line with question (starting with <image>), answer, solution, id "
+        "and image (a path relative to the file's directory)",
+        "the Hugging Face dataset ManTle/MAYE (https://huggingface.co/datasets/ManTle/MAYE, files and images), "
+        "laid out as MAYE's README does under the directory you run from: datasets/geometry3k/{geometry3k_images/, "
+        "geometry3k_rl_v0.jsonl, geometry3k_validation_v0.jsonl, geometry3k_test_v0.jsonl} and "
+        "datasets/mm_math/{images/, mathverse_images/, mm_math_rl_v0.jsonl, mm_math_validation_v0.jsonl, "
+        "math_verse_test_v0.jsonl}",
+        "maye", "maye_{split}.jsonl"),
+    "dyme": DataOrigin(
+        "DyME's JSON array of records with question, answer, hint and image (an image path)",
+        "DyME's data_utils/chartqa/download.py (github.com/HKUST-LongGroup/DyME), which builds "
+        "data/chartqa/train_high.json (and train_medium/train_low) from the Hugging Face dataset "
+        "HuggingFaceM4/ChartQA, with the images under data/images/",
+        "dyme", "dyme_{split}.json"),
+    "easyr1": DataOrigin(
+        "EasyR1's parquet: problem (with <image>), answer and images (a list of {bytes, path})",
+        "the Hugging Face dataset hiyouga/geometry3k (its train/validation/test parquet files)",
+        "easyr1", "easyr1_{split}.parquet"),
+}
+
+MODEL_ORIGIN = ("It should hold a Qwen2-VL or Qwen2.5-VL checkpoint: config.json, the tokenizer (tokenizer.json or "
+                "tokenizer_config.json) and the weights (*.safetensors as Hugging Face ships them, or params/ "
+                "written by vrl_jax). Get one by downloading a Hugging Face checkpoint (e.g. "
+                "Qwen/Qwen2.5-VL-7B-Instruct) and converting it: `python -m vrl_jax.convert to-orbax HF_DIR {path}`; "
+                "or set --config.model.path= (empty) to build the tiny offline model in the workdir.")
 
 
 @dataclasses.dataclass
@@ -88,9 +131,43 @@ def prepare_model(c, workdir: str, train_examples: list[Example]) -> str:
     return model_dir
 
 
+def _missing_data_message(c, missing: list[tuple[str, str]]) -> str:
+    origin = DATA_ORIGINS[c.data.source]
+    files = "; ".join(f"config.{key} = {path}" for key, path in missing)
+    out = "data/synthgeo"
+    split_file = lambda split: f"{out}/{origin.synthgeo_file.format(split=split)}"  # noqa: E731
+    try_it = (f"python -m vrl_jax.data.synthgeo --out {out} --train 2000 --val 100 --test 200 --formats "
+              f"{origin.synthgeo_format}` and add `--config.data.train={split_file('train')} "
+              f"--config.data.eval.val={split_file('val')} --config.data.eval.test={split_file('test_iid')}")
+    return (f"data file(s) not found (relative to {os.getcwd()}): {files}. For data.source {c.data.source!r} each "
+            f"should hold {origin.holds}. Get them from {origin.origin}. To try the recipe on synthetic data in "
+            f"the same format, run `{try_it}`.")
+
+
+def check_inputs(c, workdir: str) -> None:
+    """The cheap checks that spare a user minutes of setup before a missing input stops the run: the
+    data files exist, the model directory holds a loadable model, the workdir can be written. Raises one
+    UserError naming every missing input, what it should hold and how to get it."""
+    ensure_writable_dir(workdir, "--workdir")
+    problems = []
+    if c.data.source != "synthgeo":
+        wanted = ([("data.train", c.data.train)] if c.data.train and (c.rl_steps or c.sft.steps) else []) + \
+                 [(f"data.eval.{split}", path) for split, path in c.data.eval.items() if path]
+        missing = [(key, path) for key, path in wanted if not os.path.isfile(path)]
+        if missing:
+            problems.append(_missing_data_message(c, missing))
+    if c.model.path:
+        try:
+            check_model_dir(c.model.path)
+        except UserError as e:
+            problems.append(f"config.model.path: {str(e).rstrip('.')}. {MODEL_ORIGIN.format(path=c.model.path)}")
+    if problems:
+        raise UserError("\n".join(problems))
+
+
 def prompt_length(example: Example, processor: VLProcessor, template) -> int:
-    """Tokens of the rendered prompt with every image placeholder expanded (image headers only are read)."""
-    from PIL import Image
+    """Tokens of the rendered prompt with every image placeholder expanded (image headers only are read).
+    Raises SampleFault (`corrupt_image`, `missing_image`) for an image whose header cannot be read."""
 
     from vrl_jax.data.prompts import build_messages
     from vrl_jax.models.image_processing import num_image_tokens
@@ -98,14 +175,25 @@ def prompt_length(example: Example, processor: VLProcessor, template) -> int:
     n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
     ip = processor.image_processor
     for ref in example.images:
-        if ref.path is not None:
-            with Image.open(ref.path) as im:
-                w, h = im.size
-        else:
-            w, h = load_image(ref).size
+        w, h = _image_size(ref)
         rh, rw = ip.target_size(h, w)
         n += int(num_image_tokens((1, rh // ip.patch_size, rw // ip.patch_size), ip.merge_size)) - 1
     return n
+
+
+def _image_size(ref) -> tuple[int, int]:
+    """(width, height) from the image's header only; a file PIL cannot identify is a `corrupt_image` fault."""
+    from PIL import Image
+    if ref.path is None:
+        return load_image(ref).size  # in memory: decoding is cheap and raises SampleFault itself
+    try:
+        with Image.open(ref.path) as im:
+            return im.size
+    except FileNotFoundError as err:
+        raise SampleFault("missing_image", f"image file not found: {ref.path}") from err
+    # UnidentifiedImageError (no decoder knows the bytes) is an OSError.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise SampleFault("corrupt_image", f"cannot read image {ref.path}: {err}") from err
 
 
 def drop_long_prompts(examples: list[Example], processor: VLProcessor, template, limit: int,
@@ -114,9 +202,15 @@ def drop_long_prompts(examples: list[Example], processor: VLProcessor, template,
     bucket, and leaves them out, instead of letting one sample fail a whole batch mid-run."""
     kept = []
     for ex in examples:
-        n = prompt_length(ex, processor, template)
-        if n > limit:  # the loader already counted the sample as read; this turns it into a fault
-            faults.record("prompt_too_long", ex.source, f"prompt has {n} tokens, the largest length bucket is {limit}")
+        # The loader already counted each sample as good; a fault found here turns it into a faulty one.
+        try:
+            n = prompt_length(ex, processor, template)
+        except SampleFault as fault:
+            faults.record(fault.kind, ex.source or ex.id, fault.detail, counted_ok=True)
+            continue
+        if n > limit:
+            faults.record("prompt_too_long", ex.source, f"prompt has {n} tokens, the largest length bucket is {limit}",
+                          counted_ok=True)
         else:
             kept.append(ex)
     faults.check(final=True)
@@ -145,6 +239,10 @@ def prepare_run(c, workdir: str) -> RunSetup:
     limit = max(c.data.length_buckets)
     train = drop_long_prompts(train, processor, c.data.template, limit, faults)
     evals = {k: drop_long_prompts(v, processor, c.data.template, limit, faults) for k, v in evals.items()}
+    if (c.rl_steps or c.sft.steps) and not train:
+        raise UserError(f"no training example is left to train on: {faults.brief()}")
+    sizes = ", ".join(f"{len(v)} {k}" for k, v in {"train": train, **evals}.items())
+    print(f"data: {sizes} examples; {faults.brief()}", flush=True)
     model = load_model(model_dir, dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype))
     graphdef, params = nnx.split(model, nnx.Param)
     needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef))

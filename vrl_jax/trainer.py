@@ -13,6 +13,7 @@ run killed at any step and restarted resumes exactly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -23,6 +24,7 @@ from flax import nnx
 
 from vrl_jax import configs, sharding
 from vrl_jax.checkpointing import Checkpointer, PreemptionGuard, config_fingerprint
+from vrl_jax.errors import as_user_error
 from vrl_jax.evaluate import Evaluator, decode_responses, settings_from_names
 from vrl_jax.evaluation.metrics import EpochAccumulator, step_metrics
 from vrl_jax.evaluation.pooling import pool_epoch, pool_reflection
@@ -33,7 +35,7 @@ from vrl_jax.rl import algorithms, rollout
 from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.train_state import create_train_state, train_state_shardings
 from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step
-from vrl_jax.run_setup import RunSetup, prepare_run
+from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 
 
@@ -256,11 +258,55 @@ def load_reference(c, workdir: str):
     return nnx.split(model, nnx.Param)[1].to_pure_dict()
 
 
-def train(config, workdir: str) -> dict:
-    """Runs an experiment in `workdir` (resuming it if it holds checkpoints). Returns the last eval."""
+@dataclasses.dataclass
+class TrainResult:
+    """The last evaluation's metrics, and why the run stopped early (a signal), or None if it finished."""
+
+    metrics: dict
+    stopped: str | None = None
+
+
+def _write_config(workdir: str, config: dict) -> None:
+    """`workdir/config.json`, replaced atomically: a full disk leaves the previous one, not half a file."""
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def _read_config(workdir: str) -> dict | None:
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def train(config, workdir: str, allow_config_change: bool = False) -> TrainResult:
+    """Runs an experiment in `workdir` (resuming it if it holds checkpoints). Returns the last eval.
+
+    The config is validated and the inputs checked (`run_setup.check_inputs`) first. A workdir whose checkpoints were written with another config is refused (the error lists the keys
+    that differ) before anything is written or built, unless `allow_config_change`. A damaged latest
+    checkpoint is set aside and the run resumes from the newest intact one. When a write fails (a full
+    disk), the half-written checkpoint is removed, so the workdir holds only complete ones.
+    """
     c = config
     configs.validate(c, jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
+    check_inputs(c, workdir)  # data files, model directory, a writable workdir: before anything slow
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep,
+                        best_metric=c.checkpoint.best_metric or None, fingerprint=config_fingerprint(c.to_dict()),
+                        config=c.to_dict())
+    ckpt.check_config(allow_config_change, previous=_read_config(workdir))
+    _write_config(workdir, c.to_dict())  # only once the checkpoints accept this config
+    try:
+        return _train(c, workdir, ckpt, allow_config_change)
+    except Exception as e:
+        if as_user_error(e) is not None:  # a write failed: keep only complete checkpoints
+            ckpt.discard_unfinished()
+        raise
+
+
+def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> TrainResult:
     setup = prepare_run(c, workdir)
     loop = Loop(c, workdir, setup)
     mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh)) if jax.device_count() > 1 else None
@@ -282,15 +328,17 @@ def train(config, workdir: str) -> dict:
     stage = "sft" if c.sft.steps else "rl"
     state, step_fn = new_state(stage)
     iters = {name: (iter(ds) if ds is not None else None) for name, ds in (("sft", setup.sft_data), ("rl", setup.rl_data))}
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep,
-                        best_metric=c.checkpoint.best_metric or None, fingerprint=config_fingerprint(c.to_dict()))
     start = 0
     # The RL epoch being accumulated (None before the first RL step) and its running sums; both are in
     # every checkpoint, so a resumed run summarises its epoch exactly as an uninterrupted one.
     acc, acc_epoch = EpochAccumulator.create(EPOCH_KEYS), None
-    if ckpt.latest_step() is not None:
-        restored = ckpt.restore(abstract_state=jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state))
+    restored, damaged = ckpt.restore_latest_intact(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state),
+        allow_config_change=allow_config_change)
+    for d in damaged:
+        print(f"checkpoint step {d.step} cannot be restored and was set aside as {d.set_aside_as} (kept, not "
+              f"deleted); resuming from step {restored.step}. Why: {d.reason}", flush=True)
+    if restored is not None:
         start, state = restored.step, restored.state
         stage = restored.extra["stage"]
         if restored.extra.get("epoch_acc") is not None:
@@ -307,6 +355,7 @@ def train(config, workdir: str) -> dict:
                           tensorboard=c.log.tensorboard, wandb=c.log.wandb, wandb_project=c.log.wandb_project,
                           run_name=c.name, config=c.to_dict())
     last_eval: dict = {}
+    stopped = None
 
     def evaluate(step: int):
         nonlocal last_eval
@@ -362,20 +411,27 @@ def train(config, workdir: str) -> dict:
             if done == total_steps and acc_epoch is not None:  # the last, possibly partial, epoch
                 write_epoch(done, complete=False)
             extra = {"stage": stage, "eval": last_eval, "epoch_acc": acc.to_dict(), "acc_epoch": acc_epoch}
-            if done % c.checkpoint.every_steps == 0 or done == total_steps:
+            # checkpoint.every_steps = 0: only at the end (and on a stop signal, below).
+            if (c.checkpoint.every_steps and done % c.checkpoint.every_steps == 0) or done == total_steps:
                 writer.flush()
                 ranked = last_eval if ckpt.best_metric and ckpt.best_metric in last_eval else None
                 ckpt.save(done, state, data_state, extra, metrics=ranked, force=True)
             if guard.should_stop(done, ckpt):
+                writer.flush()
                 ckpt.save(done, state, data_state, extra, force=True)
-                ckpt.wait()
-                writer.close()
-                raise SystemExit(f"stopped by signal at step {done}: checkpoint saved in {workdir}/checkpoints")
+                stopped = (f"stopped by signal ({guard.reason}) at step {done}: checkpoint saved in "
+                           f"{workdir}/checkpoints; run the same command again to resume")
+                break
     ckpt.wait()
     ckpt.close()
     writer.close()
+    if setup.faults.num_faults:
+        print(f"data: {setup.faults.brief()}", flush=True)
+    if stopped:
+        setup.close()
+        return TrainResult(last_eval, stopped)
     if c.checkpoint.export_hf and jax.process_index() == 0:
         from vrl_jax.models.loading import export_hf
         export_hf(nnx.merge(setup.graphdef, state.params), os.path.join(workdir, "export"), source_dir=setup.model_dir)
     setup.close()
-    return last_eval
+    return TrainResult(last_eval)

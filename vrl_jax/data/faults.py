@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import threading
 
+from vrl_jax.errors import UserError
+
 _LOG = logging.getLogger(__name__)
 
 # The kinds a loader or the pipeline may report; a typo in a kind is a bug, so `record` checks it.
@@ -26,7 +28,7 @@ FAULT_KINDS = (
 )
 
 
-class TooManyFaultsError(RuntimeError):
+class TooManyFaultsError(UserError, RuntimeError):
     """The share of faulty samples passed the configured maximum; the data copy is likely broken."""
 
 
@@ -91,12 +93,18 @@ class FaultCounter:
             self.num_ok += n
         self.check()
 
-    def record(self, kind: str, where: str, detail: str) -> Fault:
-        """Logs and counts one skipped sample; raises `TooManyFaultsError` past the maximum share."""
+    def record(self, kind: str, where: str, detail: str, counted_ok: bool = False) -> Fault:
+        """Logs and counts one skipped sample; raises `TooManyFaultsError` past the maximum share.
+
+        counted_ok: the sample was already counted by `ok()` (a later stage found the fault), so it moves
+          from the good samples to the faulty ones instead of being counted twice.
+        """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
         fault = Fault(kind, where, detail)
         with self._lock:
+            if counted_ok:
+                self.num_ok -= 1
             self.counts[kind] += 1
             count = self.counts[kind]
             if len(self.examples) < self.keep:
@@ -121,6 +129,14 @@ class FaultCounter:
             raise TooManyFaultsError(
                 f"{self.num_faults} of {self.num_seen} samples were faulty ({self.share:.1%}), more than "
                 f"the allowed {self.max_share:.1%}; the data copy is probably broken.\n{self.summary()}")
+
+    def brief(self) -> str:
+        """One line for the run's log: how many samples were skipped, by kind, and the first one."""
+        if not self.num_faults:
+            return f"no faulty samples ({self.num_ok} read)"
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.counts.items()))
+        return (f"{self.num_faults} of {self.num_seen} samples skipped as faulty ({kinds}; allowed share "
+                f"{self.max_share:.1%}); first: {self.examples[0]}")
 
     def summary(self) -> str:
         """Counts by kind and the first faults, one per line."""

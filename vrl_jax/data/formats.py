@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from vrl_jax.data.faults import FaultCounter
+from vrl_jax.errors import UserError
 
 SCHEMAS = ("maye", "easyr1", "dyme")
 DYME_ANSWER_FLAG = "Answer:"
@@ -70,6 +71,14 @@ class Example:
     hint: str = ""
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     source: str = ""
+
+
+class DataFileError(UserError, ValueError):
+    """A data file that cannot be read as a whole (not one bad sample): the message names the file."""
+
+
+class MissingDataError(UserError, FileNotFoundError):
+    """A data file that does not exist."""
 
 
 class SampleFault(Exception):
@@ -127,27 +136,33 @@ def load_image(ref: ImageRef, max_side: int | None = None) -> Image.Image:
 # Containers: yield (where, raw record) pairs; a line that is not a JSON object is a fault.
 
 
+# utf-8-sig: a byte-order mark (editors on Windows write one) is not part of the first record.
+_ENCODING = "utf-8-sig"
+
+
 def _read_jsonl(path: str, faults: FaultCounter) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
+    # newline="\n": a record ends at a line feed only, so a stray carriage return inside a record neither
+    # splits it nor shifts the line numbers and columns of what follows (CRLF endings still work).
+    with open(path, encoding=_ENCODING, newline="\n") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
                 yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                faults.record("malformed_record", where, f"invalid JSON ({err.msg} at column {err.colno})")
+            except json.JSONDecodeError as err:  # lineno is 1 within one line; colno counts characters from 1
+                faults.record("malformed_record", where, f"invalid JSON at column {err.colno}: {err.msg}")
 
 
 def _read_json_array(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=_ENCODING) as f:
         try:
             records = json.load(f)
         except json.JSONDecodeError as err:
             # One broken array cannot be split into samples: the whole file is unusable.
-            raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON array: {err.msg}") from err
+            raise DataFileError(f"{path}:{err.lineno}:{err.colno}: invalid JSON array: {err.msg}") from err
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got a {type(records).__name__}")
+        raise DataFileError(f"{path}: expected a JSON array of records, got a {type(records).__name__}")
     for index, record in enumerate(records):
         yield f"{path}[{index}]", record
 
@@ -167,10 +182,10 @@ def _container(path: str) -> str:
     if ext == ".jsonl":
         return "jsonl"
     if ext == ".json":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=_ENCODING) as f:
             head = f.read(4096).lstrip()
         return "json" if head.startswith("[") else "jsonl"
-    raise ValueError(f"{path}: unknown data file extension {ext!r}; expected .jsonl, .json or .parquet")
+    raise DataFileError(f"{path}: unknown data file extension {ext!r}; expected .jsonl, .json or .parquet")
 
 
 def _read_records(path: str, faults: FaultCounter) -> Iterator[tuple[str, Any]]:
@@ -191,8 +206,8 @@ def detect_schema(keys: Sequence[str], path: str = "<records>") -> str:
         return "dyme"
     if "question" in keys:
         return "maye"
-    raise ValueError(f"{path}: cannot tell the dataset format from the record keys {sorted(keys)}; "
-                     f"pass format= one of {SCHEMAS}")
+    raise DataFileError(f"{path}: cannot tell the dataset format from the record keys {sorted(keys)}; "
+                        f"set data.source (or pass format=) to one of {SCHEMAS}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +337,7 @@ def load_examples(
     if (max_prompt_length is None) != (prompt_length_fn is None):
         raise ValueError("max_prompt_length and prompt_length_fn must be given together")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingDataError(f"data file not found: {path}")
     faults = FaultCounter() if faults is None else faults
     base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
     stem = os.path.splitext(os.path.basename(path))[0]

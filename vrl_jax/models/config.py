@@ -14,11 +14,17 @@ import json
 import os
 from typing import Any
 
+from vrl_jax.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config.json that vrl_jax cannot serve, with the file and field named."""
+
+
+class MissingConfigError(UserError, FileNotFoundError):
+    """A model directory without its config.json."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +99,14 @@ class ModelConfig:
         """Reads `path/config.json` (or `path` itself if it is a file)."""
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
-            raise FileNotFoundError(f"{file}: no config.json (expected a Hugging Face model directory)")
+            raise MissingConfigError(f"{file}: no config.json (expected a Hugging Face model directory)")
         try:
             with open(file) as f:
                 raw = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file}: expected a JSON object, got a {type(raw).__name__}")
         return cls.from_dict(raw, source=file)
 
     @classmethod
@@ -106,7 +114,8 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"{source}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+                f"{source}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES} "
+                "(vrl_jax implements Qwen2-VL and Qwen2.5-VL)")
         text_raw = dict(raw.get("text_config") or {})
         # Flat hub configs keep the text fields at the top level; nested ones win where both exist.
         text = _text_config({**{k: v for k, v in raw.items() if k not in ("text_config", "vision_config")},

@@ -18,10 +18,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from vrl_jax.errors import UserError
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.qwen_vl import QwenVL
-from vrl_jax.models.safetensors_io import save_sharded
-from vrl_jax.models.weights import abstract_model, hf_tensors, load_hf_params
+from vrl_jax.models.safetensors_io import CheckpointError, SafetensorsFile, checkpoint_files, save_sharded
+from vrl_jax.models.weights import abstract_model, check_hf_shape, hf_target, hf_tensors, load_hf_params, param_shapes
 
 PARAMS_DIR = "params"
 # Files that travel with the weights so a converted directory is self-contained.
@@ -29,11 +30,49 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
               "generation_config.json")
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either one makes a loadable tokenizer
+ORBAX_METADATA = "_METADATA"  # written last by orbax: without it the parameters cannot be restored
+
 Shardings = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
 
 def is_orbax_model_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, PARAMS_DIR))
+
+
+class ModelDirError(UserError, FileNotFoundError):
+    """A model directory that is missing or lacks the files a model needs."""
+
+
+def check_model_dir(path: str) -> ModelConfig:
+    """Checks, without reading any weight, that `path` is a model directory vrl_jax loads: config.json of
+    a supported model_type, tokenizer files, and weights: safetensors whose headers are intact and whose
+    shapes fit the config, or an orbax `params/` checkpoint. Raises a UserError naming the file at fault."""
+    if not os.path.isdir(path):
+        raise ModelDirError(f"{path}: {'not a directory' if os.path.exists(path) else 'no such directory'}")
+    has_weights = is_orbax_model_dir(path) or any(f.endswith(".safetensors") for f in os.listdir(path))
+    lacks = [what for what, present in (
+        ("config.json", os.path.isfile(os.path.join(path, "config.json"))),
+        ("tokenizer files (tokenizer.json or tokenizer_config.json)",
+         any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)),
+        ("weights (*.safetensors, or params/ written by convert to-orbax)", has_weights)) if not present]
+    if lacks:
+        raise ModelDirError(f"{path} lacks {', '.join(lacks)}" + (" (the directory is empty)" if not os.listdir(path)
+                                                                   else ""))
+    config = ModelConfig.from_pretrained(path)
+    if is_orbax_model_dir(path):
+        if not os.path.isfile(os.path.join(path, PARAMS_DIR, ORBAX_METADATA)):
+            raise CheckpointError(f"{os.path.join(path, PARAMS_DIR)}: incomplete orbax checkpoint (no "
+                                  f"{ORBAX_METADATA}); convert the model again")
+        return config
+    shapes = param_shapes(config)
+    for file in checkpoint_files(path):
+        st = SafetensorsFile(file)  # checks the header and that the file holds every byte it announces
+        for key in st.keys():
+            target = hf_target(key, file, config, shapes)
+            if target is not None:
+                check_hf_shape(target, key, file, st.shape(key))
+    return config
 
 
 def load_model(path: str, dtype=jnp.float32, param_dtype=jnp.float32, shardings: Shardings | None = None) -> QwenVL:

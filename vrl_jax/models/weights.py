@@ -13,7 +13,7 @@ copies of the weights.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +100,56 @@ def _flat_params(state: nnx.State) -> dict[str, object]:
     return {".".join(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(state)}
 
 
+class Target(NamedTuple):
+    """Where one HF tensor goes: the vrl_jax parameter, its layer slice (None: the whole parameter), the
+    layout, the shape it fills in vrl_jax's layout and the shape HF stores it in."""
+
+    path: str
+    layer: int | None
+    layout: str | None
+    shape: tuple[int, ...]
+    hf_shape: tuple[int, ...]
+
+
+def hf_target(key: str, where: str, config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> Target | None:
+    """The target of HF tensor `key` (read from file `where`) in a model of parameter `shapes`; None for a
+    tensor to skip (the lm_head copy of a tied checkpoint). Raises CheckpointError naming the file and key."""
+    hit = match(key)
+    if hit is None:
+        raise CheckpointError(f"{where}: tensor {key!r} has no counterpart in vrl_jax's "
+                              f"{config.model_type} model (unknown key)")
+    path, layer, layout = hit
+    if path == "language.lm_head" and config.tie_word_embeddings:
+        return None  # tied checkpoints may still carry a copy; the embedding is the source of truth
+    if path not in shapes:
+        raise CheckpointError(f"{where}: tensor {key!r} maps to {path}, which this config "
+                              f"({config.model_type}) does not have")
+    full = shapes[path]
+    want = full[1:] if layer is not None else full
+    if layer is not None and layer >= full[0]:
+        raise CheckpointError(f"{where}: tensor {key!r} is layer {layer}, but the config has {full[0]} layers")
+    if layout == "linear":
+        hf_shape = want[::-1]
+    elif layout == "conv":
+        v = config.vision
+        hf_shape = (want[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    else:
+        hf_shape = want
+    return Target(path, layer, layout, tuple(want), tuple(hf_shape))
+
+
+def check_hf_shape(target: Target, key: str, where: str, stored: tuple[int, ...]) -> None:
+    if tuple(stored) != target.hf_shape:
+        raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(stored)}, but the config "
+                              f"implies {target.hf_shape} (as stored by HF)")
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter path -> shape of the model `config` describes (nothing allocated)."""
+    _, abstract = abstract_model(config)
+    return {k: tuple(v.value.shape) for k, v in _flat_params(abstract).items()}
+
+
 def load_hf_params(directory: str, config: ModelConfig, param_dtype=jnp.float32,
                    shardings: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
                    dtype=jnp.float32) -> QwenVL:
@@ -115,25 +165,13 @@ def load_hf_params(directory: str, config: ModelConfig, param_dtype=jnp.float32,
     filled: dict[str, set] = {}
     values: dict[str, jax.Array] = {}
     for key, file in iterate_tensors(directory):
-        hit = match(key)
-        if hit is None:
-            raise CheckpointError(f"{file.path}: tensor {key!r} has no counterpart in vrl_jax's "
-                                  f"{config.model_type} model (unknown key)")
-        path, layer, layout = hit
-        if path == "language.lm_head" and config.tie_word_embeddings:
-            continue  # tied checkpoints may still carry a copy; the embedding is the source of truth
-        if path not in shapes:
-            raise CheckpointError(f"{file.path}: tensor {key!r} maps to {path}, which this config "
-                                  f"({config.model_type}) does not have")
+        target = hf_target(key, file.path, config, shapes)
+        if target is None:
+            continue
+        path, layer, layout, want, _ = target
         full = shapes[path]
-        want = full[1:] if layer is not None else full
-        if layer is not None and layer >= full[0]:
-            raise CheckpointError(f"{file.path}: tensor {key!r} is layer {layer}, but the config has {full[0]} layers")
+        check_hf_shape(target, key, file.path, file.shape(key))
         arr = to_jax_layout(file.get(key), layout)
-        if tuple(arr.shape) != want:
-            hf_want = want[::-1] if layout == "linear" else want
-            raise CheckpointError(f"{file.path}: tensor {key!r} has shape {tuple(file.shape(key))}, but the config "
-                                  f"implies {tuple(hf_want)} (as stored by HF)")
         np_dtype = np.dtype(targets[path].value.dtype)
         if layer is None:
             buffers[path] = arr.astype(np_dtype)
