@@ -21,9 +21,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tests.test_train_e2e import (CACHE, ROOT, SMOKE, compilation_cache, load_config, rows,  # noqa: F401
-                                  run_train)
+from tests.test_train_e2e import CACHE, ROOT, SMOKE, compilation_cache, rows, run_train  # noqa: F401
 from vrl_jax import configs, train
+from vrl_jax.train import load_config_file as load_config
 from vrl_jax.errors import UserError, run_cli
 
 PROG = "python -m vrl_jax.train"
