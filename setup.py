@@ -41,11 +41,15 @@ setup(
         "tqdm",
         "tensorboardX",
         "matplotlib",
+        "lemminflect>=0.2.3",  # DyME's thinking reward without spaCy (rewards/visual/keywords.py)
     ],
     extras_require={
         "test": TEST,
         "tfds": ["tensorflow-datasets>=4.9.10"],
         "wandb": ["wandb"],
+        # DyME's thinking reward as its released run computes it; then `python -m spacy download
+        # en_core_web_sm`. Without it the reward uses the offline lemminflect approximation.
+        "spacy": ["spacy>=3.7,<3.9"],
     },
     entry_points={
         "console_scripts": [

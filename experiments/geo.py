@@ -7,9 +7,17 @@ r"""MAYE's geometry3k recipe: REINFORCE++ on a Qwen2.5-VL checkpoint converted t
 Hyper-parameters are MAYE's launch script (`scripts/train_ppo_vllm_distributed.sh`, paper App. A):
 one rollout per prompt, 128 prompts per device x 7 devices, 32 updates per generation step (ppo
 batch 4 per device), AdamW 5e-6 with 10% warmup and cosine decay, betas (0.9, 0.95), eps 1e-5,
-grad-norm clip 1.0, KL loss k3 0.001, no KL reward, gamma 1, whitened advantages with the mean
-added back (MAYE's torchtune quirk), only the LLM trained, max 2048 new tokens, temperature 1.0.
-The score is MAYE's judge against `solution`, replaced by -0.1 for no EOS or a too-short response.
+grad-norm clip 1.0, KL loss k3 0.001 with the clamp to [-10, 10] on each backward batch's mean (as
+MAYE clamps it), no KL reward, gamma 1, advantages whitened per device (7 blocks of 128 rows, MAYE's
+per-rank whitening) with the mean added back (MAYE's torchtune quirk), only the LLM trained, max 2048
+new tokens, temperature 1.0. The score is MAYE's judge against `solution` (with MAYE's LaTeX fixes),
+replaced by -0.1 for no EOS or a too-short response; reflection words are matched as substrings, as
+MAYE counts them. Metrics carry MAYE's names and definitions (`training/kl` is the k3 sum,
+`loss/kl_loss` the unscaled KL).
+
+Deviations, on purpose: evaluation accuracy and reflection ratios are pooled over processes (MAYE
+averages per-rank ratios); `training/ratios` and `training/approx_policy_kl` are masked means (MAYE's
+include its padding); the vision inputs are packed per micro-batch rather than re-collated.
 `experiments/geo.py:tiny` runs the same recipe on the synthetic data and the tiny model, offline.
 """
 
@@ -23,8 +31,11 @@ def maye_recipe(c, dataset: str):
     c.advantage.kl_reward_coef = 0.0
     c.advantage.whiten = True
     c.advantage.shift_mean = True
+    c.advantage.num_whiten_shards = 7  # MAYE whitens on each of its 7 training GPUs (128 rows each)
+    c.log.reflection_match = "substring"
     c.loss.kl_coef = 0.001
     c.loss.kl_estimator = "k3"
+    c.loss.kl_clamp_mode = "mean"
     c.loss.clip_low = c.loss.clip_high = 0.2
     c.loss.agg_mode = "token_mean"
     c.optim.learning_rate = 5e-6
@@ -77,6 +88,7 @@ def get_config(arg: str | None = None):
         c.data.length_buckets = (96, 128)
         c.data.patch_buckets = (512, 1024, 2048)
         c.prompts_per_step, c.num_mini, c.num_micro = 32, 4, 8
+        c.advantage.num_whiten_shards = 2  # two "devices" of 16 rows
         c.rollout.max_new_tokens = 224
         c.sft.steps, c.sft.batch_size, c.sft.learning_rate, c.sft.max_target_tokens = 150, 16, 2e-3, 224
         c.optim.learning_rate = 2e-4

@@ -63,7 +63,7 @@ def run(spec: str, root: str, workdir: str, stop_at: int = 0) -> dict:
     probe = {"credit": [], "advantage_ndim": []}
     original, algorithms.credit = probed_credit(probe)
     try:
-        final = train(config, workdir)  # as `python -m vrl_jax.train` does after its flags: train, then report
+        final = train(config, workdir).metrics  # as `python -m vrl_jax.train` does: train, then report
     finally:
         algorithms.credit = original
     make_report([workdir], plots=False)  # the tables from the recipe's metrics; plots: test_report.py

@@ -54,6 +54,10 @@ COVERAGE = {
         "tests/test_cli_commands.py::test_readme_convert",
     f"python -m vrl_jax.convert check {HF_PLACEHOLDER} [--model ckpt/qwen25vl3b] [--dtype bfloat16]":
         "tests/test_cli_commands.py::test_readme_convert",
+    "python -m vrl_jax.standin experiments/geo.py workdirs/standin":
+        "tests/test_experiments.py::test_standin_command_runs_the_recipe_through_the_train_cli",
+    "python -m vrl_jax.train --config experiments/geo.py ...":
+        "tests/test_experiments.py::test_standin_command_runs_the_recipe_through_the_train_cli",
     # inline code spans
     "python -m vrl_jax.convert": "tests/test_cli_commands.py::test_readme_convert",
     "python -m vrl_jax.data.synthgeo": "tests/test_cli_commands.py::test_readme_synthgeo",
@@ -336,7 +340,7 @@ def test_readme_benchmarks():
 # ---- install_requires --------------------------------------------------------------------------
 
 # Imported only where an optional feature needs it, and declared in the extra that brings it.
-OPTIONAL_IMPORTS = {"torch": "test", "tensorflow_datasets": "tfds", "wandb": "wandb"}
+OPTIONAL_IMPORTS = {"torch": "test", "tensorflow_datasets": "tfds", "wandb": "wandb", "spacy": "spacy"}
 
 
 def _setup_requirements() -> tuple[set[str], dict[str, set[str]]]:

@@ -88,7 +88,8 @@ def test_standin_changes_only_size_and_path_keys(variant, tmp_path):
     assert set(before) == set(after)
     changed = sorted(k for k in before if before[k] != after[k])
     assert changed and all(standin.is_size_key(k) for k in changed), changed
-    assert (s.sft.steps > 0) == (c.sft.steps > 0) and (s.rl_steps > 0) == (c.rl_steps > 0)
+    assert (s.sft.steps > 0) == (c.sft.steps > 0) and (s.rl_steps > 0) == (c.rl_steps + c.rl_epochs > 0)
+    assert (s.advantage.num_whiten_shards > 1) == (c.advantage.num_whiten_shards > 1)
     assert (s.num_mini > 1) == (c.num_mini > 1) and (s.num_micro > s.num_mini) == (c.num_micro > c.num_mini)
     configs.validate(s, num_devices=1)
 
@@ -98,13 +99,14 @@ def test_size_keys_are_sizes_and_paths_only():
     assert standin.SIZE_KEYS == (
         "model.path", "data.train", "data.eval.*", "data.synthgeo.train", "data.synthgeo.val",
         "data.synthgeo.test", "data.length_buckets", "data.patch_buckets", "sft.steps", "sft.batch_size",
-        "sft.max_target_tokens", "rl_steps", "prompts_per_step", "num_micro", "num_mini", "rollout.max_new_tokens",
-        "eval.max_new_tokens", "eval.batch_size")
+        "sft.max_target_tokens", "rl_steps", "rl_epochs", "prompts_per_step", "num_micro", "num_mini",
+        "rollout.max_new_tokens", "eval.max_new_tokens", "eval.batch_size", "advantage.num_whiten_shards")
 
 
 def test_standin_cli_explains_a_missing_file_or_variant(tmp_path, capsys):
     assert standin.main([str(tmp_path / "nope.py"), str(tmp_path)]) == 2
-    assert "nope.py: no such experiment file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no config file" in err and "nope.py" in err
     assert standin.main([os.path.join(ROOT, "experiments", "geo.py:huge"), str(tmp_path)]) == 2
     assert "unknown variant 'huge'" in capsys.readouterr().err
     assert not os.listdir(tmp_path)  # nothing was written
@@ -255,7 +257,7 @@ def test_experiment_runs_its_recipe(variant, worker, standin_root, tmp_path):
     TIMES[variant] = (len(sft), len(rl), len(evals), reply["seconds"], reply["cpu_seconds"])
     # The steps the stand-in asked for, and evaluations on the recipe's schedule (at least one).
     assert len(sft) == (standin.SFT_STEPS if c.sft.steps else 0)
-    assert len(rl) == (standin.RL_STEPS if c.rl_steps else 0)
+    assert len(rl) == (standin.RL_STEPS if c.rl_steps or c.rl_epochs else 0)
     assert [r["step"] for r in train] == list(range(1, len(train) + 1))
     assert [r["step"] for r in evals] == expected_eval_steps(s) and evals
     if sft:

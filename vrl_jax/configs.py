@@ -14,13 +14,17 @@ import math
 import ml_collections
 
 from vrl_jax.errors import UserError
-from vrl_jax.rl.losses import AGG_MODES, KL_ESTIMATORS, RATIO_LEVELS, PolicyLossConfig
-from vrl_jax.rl.train_state import OptimizerConfig
+from vrl_jax.evaluation.reflection import MATCH_MODES
+from vrl_jax.rl.losses import (AGG_MODES, KL_CLAMP_MODES, KL_ESTIMATORS, RATIO_LEVELS, PolicyLossConfig,
+                               check_combination)
+from vrl_jax.rl.train_state import DECAY_MASKS, SCHEDULES, OptimizerConfig
 
 ALGORITHMS = ("grpo", "reinforce_pp", "dyme", "sft")
 ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")
 DATA_SOURCES = ("synthgeo", "maye", "easyr1", "dyme")
 EVAL_SETTINGS = ("low", "medium", "high")
+OLD_LOGPROBS = ("sampler", "recompute", "forward")
+DAPO_FILLS = ("masked", "zero_advantage")
 SYNTHGEO_EVAL_SPLITS = ("val", "test_iid", "test_ood")
 
 
@@ -55,10 +59,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_fault_share = 0.05
     c.data.hint_field = "hint"
 
+    # old_logprobs: the ratio's pi_old: "sampler" (the rollout's log-probs), "recompute" (a training-forward
+    # pass over the batch before the update), "forward" (the update's own forward, detached: the ratio is
+    # exactly 1, as in TRL/DyME with one update per step).
     c.rollout = ml_collections.ConfigDict(dict(num_samples=8, max_new_tokens=256, temperature=1.0, top_p=1.0,
-                                               top_k=0))
+                                               top_k=0, old_logprobs="sampler"))
     c.prompts_per_step = 8
     c.rl_steps = 100
+    c.rl_epochs = 0.0  # > 0: rl_steps = ceil(rl_epochs * training prompts / prompts_per_step), once data is read
     c.num_micro = 1
     c.num_mini = 1
     c.ppo_epochs = 1
@@ -67,30 +75,48 @@ def base_config() -> ml_collections.ConfigDict:
     # ones are truncated and counted); a batch takes the next power of two above its longest target.
     c.sft = ml_collections.ConfigDict(dict(steps=0, batch_size=16, learning_rate=1e-4, max_target_tokens=256))
 
+    # schedule after warmup: cosine (MAYE) | linear (HF Trainer, DyME) | constant; decay_mask: which weights
+    # decay: all (MAYE's torch AdamW) | no_bias_norm | hf_trainer (HF Trainer's rule, DyME).
     c.optim = ml_collections.ConfigDict(dict(learning_rate=5e-6, warmup_ratio=0.1, final_lr_ratio=0.0, b1=0.9,
                                              b2=0.95, eps=1e-5, weight_decay=0.01, clip_grad_norm=1.0,
-                                             train_vit=False, train_connector=False, train_llm=True))
+                                             train_vit=False, train_connector=False, train_llm=True,
+                                             schedule="cosine", decay_mask="all"))
     c.loss = ml_collections.ConfigDict(dict(clip_low=0.2, clip_high=0.2, clip_c=0.0, ratio_level="token",
                                             agg_mode="token_mean", kl_coef=0.0, kl_estimator="k3", kl_clamp=10.0,
-                                            entropy_coef=0.0, chunk_size=8192))
+                                            kl_clamp_mode="mean", entropy_coef=0.0, chunk_size=8192))
+    # num_whiten_shards: REINFORCE++ whitens each of this many consecutive blocks of rows on its own
+    # (MAYE whitens per GPU: 7 blocks of 128 prompts); 1 = the whole batch.
     c.advantage = ml_collections.ConfigDict(dict(estimator="grpo", eps=1e-6, gamma=1.0, kl_reward_coef=0.0,
-                                                 whiten=True, shift_mean=True))
+                                                 whiten=True, shift_mean=True, num_whiten_shards=1))
     c.rewards = ml_collections.ConfigDict()
     c.rewards.weights = {"accuracy": 1.0}
     c.rewards.params = ml_collections.ConfigDict()
     c.rewards.overrides = ml_collections.ConfigDict()
     c.rewards.judge = ml_collections.ConfigDict(dict(mode="default", timeout_s=2.0))
-    c.dapo = ml_collections.ConfigDict(dict(dynamic_sampling=False, max_rounds=3))
-    c.dyme = ml_collections.ConfigDict(dict(visual=ml_collections.ConfigDict({"kind": "rule_based"}),
-                                            refine=True, answer_format="boxed", thinking_weight=0.0))
+    # DAPO's dynamic sampling: groups whose `filter_on` reward is the same for every sample are dropped and
+    # more prompts drawn (at most max_rounds rounds). fill: a batch still short after that is completed with
+    # dropped groups whose rows are "masked" (they count in no loss or denominator: DAPO trains on fewer
+    # groups) or kept as "zero_advantage" rows (they dilute token-mean denominators).
+    c.dapo = ml_collections.ConfigDict(dict(dynamic_sampling=False, max_rounds=3, filter_on="accuracy",
+                                            fill="masked"))
+    # visual: DyME's checker/refiner (`rewards.visual` kinds): "lexical" is its released run (spaCy lemma F1
+    # thinking reward, hints kept as they are); "rule_based" and "http" rewrite hints. max_target_tokens:
+    # the most response columns a memorized reference may widen a rollout batch to.
+    c.dyme = ml_collections.ConfigDict(dict(visual=ml_collections.ConfigDict({"kind": "lexical"}),
+                                            refine=True, answer_format="boxed", thinking_weight=0.0,
+                                            max_target_tokens=1024))
 
     c.eval = ml_collections.ConfigDict(dict(every_steps=10, splits=("val", "test"), settings=EVAL_SETTINGS,
                                             max_examples=0, batch_size=16, pass_k=8, max_new_tokens=0,
                                             at_start=True))
+    # The evaluation's judge (JudgeConfig fields); mode "" = the training reward's (rewards.judge). DyME
+    # trains on exact answers and evaluates with ChartQA's 5% relaxed accuracy.
+    c.eval.judge = ml_collections.ConfigDict(dict(mode="", timeout_s=2.0))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=3, best_metric="", export_hf=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # reflection_match: MAYE's reflection words as whole words, or as substrings (MAYE's own rule).
     c.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True, wandb=False, wandb_project="vrl_jax",
-                                           samples_per_eval=16))
+                                           samples_per_eval=16, reflection_match="word"))
     return c
 
 
@@ -146,7 +172,7 @@ UNIT, UNIT_OPEN_HIGH = Range(0, 1), Range(0, 1, high_open=True)
 # the loop) is reported under the key the user set.
 RULES: dict[str, tuple[Range, str]] = {
     "seed": (NON_NEGATIVE, ""),
-    "rl_steps": (NON_NEGATIVE, ""), "prompts_per_step": (POSITIVE, ""), "num_micro": (POSITIVE, ""),
+    "rl_steps": (NON_NEGATIVE, ""), "rl_epochs": (NON_NEGATIVE, "0 = run rl_steps steps"), "prompts_per_step": (POSITIVE, ""), "num_micro": (POSITIVE, ""),
     "num_mini": (POSITIVE, ""), "ppo_epochs": (POSITIVE, ""),
     "model.tiny.hidden": (POSITIVE, ""), "model.tiny.layers": (POSITIVE, ""),
     "model.tiny.intermediate": (POSITIVE, ""), "model.tiny.vision_width": (POSITIVE, ""),
@@ -170,7 +196,8 @@ RULES: dict[str, tuple[Range, str]] = {
     "loss.kl_coef": (NON_NEGATIVE, ""), "loss.kl_clamp": (NON_NEGATIVE, "0 = no clamp"),
     "loss.chunk_size": (POSITIVE, ""),
     "advantage.eps": (NON_NEGATIVE, ""), "advantage.gamma": (UNIT, ""), "advantage.kl_reward_coef": (NON_NEGATIVE, ""),
-    "rewards.judge.timeout_s": (POSITIVE, ""),
+    "rewards.judge.timeout_s": (POSITIVE, ""), "eval.judge.timeout_s": (POSITIVE, ""),
+    "advantage.num_whiten_shards": (POSITIVE, ""), "dyme.max_target_tokens": (POSITIVE, ""),
     "dapo.max_rounds": (POSITIVE, ""), "dyme.thinking_weight": (NON_NEGATIVE, ""),
     "eval.every_steps": (NON_NEGATIVE, "0 = only at the start, after SFT and at the end"),
     "eval.max_examples": (NON_NEGATIVE, "0 = every example"), "eval.batch_size": (POSITIVE, ""),
@@ -226,6 +253,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _choice(c, "model.dtype", ("float32", "bfloat16"))
     _choice(c, "model.param_dtype", ("float32", "bfloat16"))
     _choice(c, "dyme.answer_format", ("boxed", "flag"))
+    _choice(c, "loss.kl_clamp_mode", KL_CLAMP_MODES)
+    _choice(c, "optim.schedule", tuple(SCHEDULES))
+    _choice(c, "optim.decay_mask", tuple(DECAY_MASKS))
+    _choice(c, "rollout.old_logprobs", OLD_LOGPROBS)
+    _choice(c, "dapo.filter_on", tuple(c.rewards.weights.keys()) + ("accuracy", "total"))
+    _choice(c, "dapo.fill", DAPO_FILLS)
+    _choice(c, "log.reflection_match", MATCH_MODES)
     for s in c.eval.settings:
         if s not in EVAL_SETTINGS:
             _fail("eval.settings", f"{s!r} is not one of {EVAL_SETTINGS}")
@@ -237,7 +271,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                                          f"got {c.model.tiny.vision_width}")
     if c.algorithm == "sft" and c.sft.steps == 0:
         _fail("sft.steps", "algorithm 'sft' needs sft.steps > 0")
-    if c.algorithm != "sft" and c.rl_steps == 0 and c.sft.steps == 0:
+    if c.algorithm != "sft" and c.rl_steps == 0 and c.rl_epochs == 0 and c.sft.steps == 0:
         _fail("rl_steps", "nothing to run: rl_steps and sft.steps are both 0")
     if c.algorithm in ("grpo", "dyme") and c.rollout.num_samples < 2:
         _fail("rollout.num_samples", f"{c.algorithm} compares samples within a group: needs >= 2")
@@ -245,6 +279,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         _fail("advantage.estimator", "algorithm 'reinforce_pp' needs advantage.estimator 'reinforce_pp'")
     if c.algorithm == "dyme" and c.loss.kl_coef:
         _fail("loss.kl_coef", "DyME trains without a reference model (its trainer asserts beta == 0)")
+    if c.rollout.old_logprobs == "forward" and c.num_mini * c.ppo_epochs != 1:
+        _fail("rollout.old_logprobs", f"'forward' takes pi_old from the update's own forward, which is only "
+                                      f"the rollout policy for one update per step; num_mini * ppo_epochs = "
+                                      f"{c.num_mini * c.ppo_epochs} (use 'recompute')")
+    try:
+        check_combination(None if c.algorithm in ("dyme", "sft") else c.advantage.estimator, c.loss.ratio_level,
+                          c.loss.agg_mode)
+    except ValueError as e:
+        raise ConfigValidationError(f"config.{e}") from None
     if not (c.optim.train_vit or c.optim.train_connector or c.optim.train_llm):
         _fail("optim.train_llm", "optim.train_vit, train_connector and train_llm are all False: nothing would train")
     rows = c.prompts_per_step * c.rollout.num_samples
@@ -264,7 +307,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         _fail("prompts_per_step", f"{c.prompts_per_step} prompts do not split over {data_parallel} devices")
     if c.eval.batch_size % data_parallel:
         _fail("eval.batch_size", f"{c.eval.batch_size} does not split over {data_parallel} devices")
-    if c.data.source != "synthgeo" and not c.data.train and (c.rl_steps or c.sft.steps):
+    if c.data.source != "synthgeo" and not c.data.train and (c.rl_steps or c.rl_epochs or c.sft.steps):
         _fail("data.train", f"data.source {c.data.source!r} needs a training file")
     if c.data.source == "synthgeo":
         unknown = [s for s in c.eval.splits if s not in SYNTHGEO_EVAL_SPLITS]
@@ -294,6 +337,16 @@ def _check_rewards(c) -> None:
             except ValueError as e:
                 _fail(f"rewards.{section}", str(e))
     _typed(lambda: JudgeConfig.from_mapping(c.rewards.judge.to_dict()))
+    try:
+        JudgeConfig.from_mapping(eval_judge(c))
+    except (ValueError, TypeError) as e:
+        _fail("eval.judge", str(e).replace("JudgeConfig.", ""))
+
+
+def eval_judge(c) -> dict:
+    """The evaluation's JudgeConfig fields: `eval.judge`, or `rewards.judge` where its mode is ""."""
+    judge = c.eval.judge.to_dict()
+    return c.rewards.judge.to_dict() if not judge.get("mode") else judge
 
 
 def _generator_config(c):
@@ -329,7 +382,7 @@ def optimizer_config(c, total_updates: int, learning_rate: float | None = None) 
         warmup_steps=int(round(o.warmup_ratio * total_updates)), total_steps=max(total_updates, 1),
         final_lr_ratio=o.final_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
         clip_grad_norm=o.clip_grad_norm or None, train_vit=o.train_vit, train_connector=o.train_connector,
-        train_llm=o.train_llm)
+        train_llm=o.train_llm, schedule=o.schedule, decay_mask=o.decay_mask)
 
 
 def loss_config(c, max_len: int | None = None) -> PolicyLossConfig:
@@ -338,4 +391,5 @@ def loss_config(c, max_len: int | None = None) -> PolicyLossConfig:
         clip_low=lo.clip_low, clip_high=lo.clip_high, clip_c=lo.clip_c or None, ratio_level=lo.ratio_level,
         agg_mode=lo.agg_mode, max_len=max_len if lo.agg_mode == "seq_mean_token_sum_norm" else None,
         kl_coef=lo.kl_coef, kl_estimator=lo.kl_estimator, kl_clamp=lo.kl_clamp or None,
+        kl_clamp_mode=lo.kl_clamp_mode,
         entropy_coef=lo.entropy_coef, sft_coef=1.0)

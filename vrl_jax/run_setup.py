@@ -9,6 +9,7 @@ hold, where to get it, how to try the recipe on synthetic data in the same forma
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vrl_jax import configs
 from vrl_jax.configs import SYNTHGEO_EVAL_SPLITS
 from vrl_jax.data.faults import FaultCounter
 from vrl_jax.data.formats import Example, SampleFault, load_examples, load_image
@@ -72,6 +74,7 @@ class RunSetup:
     model: Any
     graphdef: Any
     rewards: RewardSet
+    eval_rewards: RewardSet  # accuracy under the evaluation's judge (`eval.judge`)
     visual: Any  # DyME's checker/refiner pair, or None
     sft_data: Any  # grain IterDataset of SFT batches, or None
     rl_data: Any
@@ -79,9 +82,11 @@ class RunSetup:
     ref_params: Any
     faults: FaultCounter
     eval_batches: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> batches per pass
+    num_train: int = 0  # training examples after faults and over-long prompts were left out
 
     def close(self):
         self.rewards.close()
+        self.eval_rewards.close()
         if self.visual is not None:
             self.visual.close()
 
@@ -224,7 +229,33 @@ def reward_spec(c) -> dict:
             "judge": c.rewards.judge.to_dict()}
 
 
+def eval_reward_spec(c) -> dict:
+    """Accuracy alone (with the training reward's accuracy options, e.g. MAYE's answer key), judged by
+    `eval.judge`: evaluation measures correctness, not the shaped training reward."""
+    params = c.rewards.params.to_dict().get("accuracy", {})
+    return {"weights": {"accuracy": 1.0}, "params": {"accuracy": params} if params else {},
+            "judge": configs.eval_judge(c)}
+
+
+def make_visual(c):
+    """DyME's checker/refiner pair (`dyme.visual`), answering in the run's answer format, or None."""
+    if c.algorithm != "dyme":
+        return None
+    from vrl_jax.rewards.visual import make_visual_supervision
+    try:
+        return make_visual_supervision(c.dyme.visual.to_dict(), answer_format=c.dyme.answer_format)
+    except (ValueError, ImportError, OSError) as e:
+        raise UserError(f"config.dyme.visual: {e}") from None
+
+
+def rl_steps(c, num_train: int) -> int:
+    """RL steps of the run: `rl_steps`, or `rl_epochs` passes over the training prompts (DyME and TRL
+    count epochs over prompts) at `prompts_per_step` prompts a step."""
+    return math.ceil(c.rl_epochs * num_train / c.prompts_per_step) if c.rl_epochs else c.rl_steps
+
+
 def prepare_run(c, workdir: str) -> RunSetup:
+    visual = make_visual(c)  # a bad dyme.visual fails before the data and the model are read
     faults = FaultCounter(max_share=c.data.max_fault_share)
     if c.data.source == "synthgeo":
         train, evals = synthgeo_data(c, workdir, faults)
@@ -239,7 +270,7 @@ def prepare_run(c, workdir: str) -> RunSetup:
     limit = max(c.data.length_buckets)
     train = drop_long_prompts(train, processor, c.data.template, limit, faults)
     evals = {k: drop_long_prompts(v, processor, c.data.template, limit, faults) for k, v in evals.items()}
-    if (c.rl_steps or c.sft.steps) and not train:
+    if (c.rl_steps or c.rl_epochs or c.sft.steps) and not train:
         raise UserError(f"no training example is left to train on: {faults.brief()}")
     sizes = ", ".join(f"{len(v)} {k}" for k, v in {"train": train, **evals}.items())
     print(f"data: {sizes} examples; {faults.brief()}", flush=True)
@@ -247,19 +278,15 @@ def prepare_run(c, workdir: str) -> RunSetup:
     graphdef, params = nnx.split(model, nnx.Param)
     needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef))
     ref_params = jax.tree.map(jnp.copy, params.to_pure_dict()) if needs_ref else None
-    visual = None
-    if c.algorithm == "dyme":
-        from vrl_jax.rewards.visual import make_visual_supervision
-        visual = make_visual_supervision({**c.dyme.visual.to_dict()})
     encode = processor.encode_examples
     pi, pc = jax.process_index(), jax.process_count()
     common = dict(template=c.data.template, process_index=pi, process_count=pc, faults=faults)
     rl_data = train_dataset(train, encode, batch_size=c.prompts_per_step, seed=c.seed, **common) \
-        if c.rl_steps else None
+        if c.rl_steps or c.rl_epochs else None
     sft_data = train_dataset(train, encode, batch_size=c.sft.batch_size, seed=c.seed + 1, **common) \
         if c.sft.steps else None
     eval_data = {split: (lambda ex=ex: eval_dataset(ex, encode, batch_size=c.eval.batch_size, **common))
                  for split, ex in evals.items() if ex}
     eval_batches = {split: eval_num_batches(len(ex), c.eval.batch_size, pc) for split, ex in evals.items() if ex}
-    return RunSetup(model_dir, processor, model, graphdef, RewardSet(reward_spec(c)), visual, sft_data, rl_data,
-                    eval_data, ref_params, faults, eval_batches)
+    return RunSetup(model_dir, processor, model, graphdef, RewardSet(reward_spec(c)), RewardSet(eval_reward_spec(c)),
+                    visual, sft_data, rl_data, eval_data, ref_params, faults, eval_batches, len(train))

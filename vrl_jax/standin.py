@@ -30,14 +30,14 @@ import shlex
 import sys
 from typing import Any, Mapping
 
-from vrl_jax.errors import UserError, run_cli
+from vrl_jax.errors import run_cli
 
 # The keys a stand-in may change (fnmatch patterns over dotted config keys); nothing else.
 SIZE_KEYS = (
     "model.path", "data.train", "data.eval.*", "data.synthgeo.train", "data.synthgeo.val", "data.synthgeo.test",
     "data.length_buckets", "data.patch_buckets", "sft.steps", "sft.batch_size", "sft.max_target_tokens",
-    "rl_steps", "prompts_per_step", "num_micro", "num_mini", "rollout.max_new_tokens", "eval.max_new_tokens",
-    "eval.batch_size",
+    "rl_steps", "rl_epochs", "prompts_per_step", "num_micro", "num_mini", "rollout.max_new_tokens",
+    "eval.max_new_tokens", "eval.batch_size", "advantage.num_whiten_shards",
 )
 
 # Sizes of the stand-in itself.
@@ -80,14 +80,18 @@ def standin_overrides(c, root: str) -> dict[str, Any]:
         out.update({f"data.eval.{split}": data_file(root, c.data.source, split) for split in c.data.eval.keys()})
     if c.sft.steps:
         out["sft.steps"] = SFT_STEPS
-    if c.rl_steps:
-        out["rl_steps"] = RL_STEPS
+    if c.rl_steps or c.rl_epochs:
+        out["rl_steps"], out["rl_epochs"] = RL_STEPS, 0.0
     # Several mini-batches (updates per generation step) and micro-batches per mini-batch (gradient
     # accumulation) where the recipe has them, two of each at most.
     num_mini = min(c.num_mini, 2)
     num_micro = num_mini * min(c.num_micro // c.num_mini, 2)
     n = c.rollout.num_samples
     prompts = _smallest_multiple(num_micro // math.gcd(num_micro, n), 2)  # rows split into micro-batches
+    # Per-device whitening blocks (MAYE: one per GPU) follow the batch: several where the recipe has several.
+    shards = c.advantage.num_whiten_shards
+    if (prompts * n) % shards:
+        out["advantage.num_whiten_shards"] = 2 if shards > 1 and (prompts * n) % 2 == 0 else 1
     out.update({"num_mini": num_mini, "num_micro": num_micro, "prompts_per_step": prompts,
                 "sft.batch_size": _smallest_multiple(num_micro, 2), "sft.max_target_tokens": MAX_TARGET_TOKENS,
                 "rollout.max_new_tokens": MAX_NEW_TOKENS, "eval.batch_size": EVAL_BATCH})
@@ -151,18 +155,9 @@ def as_flags(overrides: Mapping[str, Any]) -> list[str]:
 
 
 def load_experiment(spec: str):
-    """`experiments/<file>.py[:variant]` -> its config, as `python -m vrl_jax.train --config` builds it."""
-    import importlib.util
-    path, _, variant = spec.partition(":")
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such experiment file; expected experiments/<file>.py[:variant]")
-    module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    try:
-        return module.get_config(variant or None)
-    except ValueError as e:  # the file's own message for an unknown variant
-        raise UserError(str(e)) from e
+    """`experiments/<file>.py[:variant]` -> its config, loaded as `python -m vrl_jax.train --config` loads it."""
+    from vrl_jax.train import load_config_file
+    return load_config_file(spec)
 
 
 PROG = "python -m vrl_jax.standin"

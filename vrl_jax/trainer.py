@@ -33,9 +33,10 @@ from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
 from vrl_jax.evaluation.writers import MetricWriter
 from vrl_jax.rl import algorithms, rollout
 from vrl_jax.rl.logprobs import make_logprob_fn
+from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
 from vrl_jax.rl.train_state import create_train_state, train_state_shardings
-from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step
-from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run
+from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step, recompute_old_logprobs
+from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run, rl_steps
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 
 
@@ -77,7 +78,8 @@ class Loop:
         self.rl_cfg = StepConfig(batch_size=c.prompts_per_step * c.rollout.num_samples, num_micro=c.num_micro,
                                  num_mini=c.num_mini, ppo_epochs=c.ppo_epochs, loss=loss, remat=c.model.remat,
                                  chunk_size=c.loss.chunk_size, temperature=c.rollout.temperature or 1.0,
-                                 with_entropy=True)
+                                 with_entropy=True,
+                                 old_logprobs="forward" if c.rollout.old_logprobs == "forward" else "batch")
         # The SFT stage trains the NLL of the references alone: no KL term (RL's reference is the policy RL
         # starts from, which SFT is still making) and no entropy bonus.
         self.sft_cfg = StepConfig(batch_size=c.sft.batch_size, num_micro=c.num_micro,
@@ -86,12 +88,15 @@ class Loop:
         self.needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and
                                                   c.advantage.kl_reward_coef))
         self.logprob_fn = make_logprob_fn(setup.graphdef, chunk_size=c.loss.chunk_size,
-                                          temperature=self.rl_cfg.temperature) if self.needs_ref else None
-        self.evaluator = Evaluator(setup.graphdef, setup.processor, setup.rewards,
+                                          temperature=self.rl_cfg.temperature)
+        self.evaluator = Evaluator(setup.graphdef, setup.processor, setup.eval_rewards,
                                    settings_from_names(c.eval.settings, c.eval.pass_k,
                                                        c.eval.max_new_tokens or n_new),
                                    self.stop_ids, self.pad_id)
         self.key = jax.random.key(c.seed)
+        self.thinking_info: dict = {}
+        if setup.visual is not None and hasattr(setup.visual.checker, "impl") and c.dyme.thinking_weight:
+            print(f"DyME thinking reward: {setup.visual.checker.impl}", flush=True)
 
     # -- the update's inputs ------------------------------------------------------------------
 
@@ -121,6 +126,14 @@ class Loop:
                                             self.s.processor.patch_buckets)
         return rollout.to_train_batch(seqs, advantages, sft_weights, c.num_micro, vision, ref_logprobs), seqs
 
+    def response_logprobs(self, params, ro: rollout.Rollouts, tokens, mask, logprobs):
+        """float [R, N]: log-probs of the sampled response tokens under `params` (0 off the mask)."""
+        rows = len(tokens)
+        tb, _ = self.train_batch(ro.inputs, tokens, mask, logprobs, self.c.rollout.num_samples, np.zeros(rows),
+                                 np.zeros(rows), ro.row_images)
+        full = np.asarray(self.logprob_fn(params, _device_batch(tb)).logprobs)
+        return rollout.response_slice(full.reshape(rows, -1), ro.inputs.input_ids.shape[1], tokens.shape[1]) * mask
+
     # -- one step of each stage ---------------------------------------------------------------
 
     def sft_step(self, state, step_fn, batch):
@@ -149,17 +162,24 @@ class Loop:
         examples = [e for e in batch.examples for _ in range(n)]
         rewards = s.rewards(texts, examples, lengths=out.lengths, truncated=~out.stopped)
         if c.algorithm == "dyme" and c.dyme.thinking_weight and s.visual is not None:
-            thinking = np.nan_to_num(s.visual.checker.check(texts, examples).scores)
+            # DyME's total is format + accuracy + thinking (NaN, a checker that could not score, counts 0).
+            checked = s.visual.checker.check(texts, examples)
+            thinking = np.nan_to_num(checked.scores)
             rewards["thinking"] = thinking
+            self.thinking_info = {"thinking/fallback_share": float(np.mean(checked.fallback)),
+                                  # which keyword extractor scored (the lexical checker): spaCy, as DyME
+                                  # runs it, or the offline lemminflect approximation
+                                  "thinking/spacy": float(getattr(s.visual.checker, "backend", "") == "spacy")}
             rewards["total"] = np.asarray(rewards["total"], np.float32) + c.dyme.thinking_weight * thinking
         return rollout.Rollouts(batch.inputs, list(batch.examples), np.asarray(batch.valid), out.tokens, out.mask,
                                 out.logprobs, out.lengths, out.stopped, texts,
                                 {k: np.asarray(v, np.float32) for k, v in rewards.items()})
 
     def collect(self, params, next_batch, first_batch, step: int) -> tuple[rollout.Rollouts, int]:
-        """Rollouts for one step. With DAPO's dynamic sampling, groups whose rewards are all equal are
-        dropped and more prompts are drawn until the batch is full (at most `dapo.max_rounds` rounds);
-        if it is still short, dropped groups fill it back (they carry no advantage)."""
+        """Rollouts for one step. With DAPO's dynamic sampling, groups whose `dapo.filter_on` reward is the
+        same for every sample are dropped and more prompts are drawn until the batch is full (at most
+        `dapo.max_rounds` rounds); if it is still short, dropped groups fill it back, as invalid rows
+        (`dapo.fill = "masked"`: they count nowhere) or as zero-advantage rows ("zero_advantage")."""
         c, n = self.c, self.c.rollout.num_samples
         key = jax.random.fold_in(self.key, step)
         first = self.rollout_round(params, first_batch, jax.random.fold_in(key, 0))
@@ -167,15 +187,18 @@ class Loop:
             return first, 1
         kept, dropped, rounds, batch = [], [], 0, first
         while True:
-            flat = algorithms.zero_variance_groups(batch.rewards["total"], n) | ~batch.valid
-            kept += [(batch, g) for g in np.flatnonzero(~flat)]
-            dropped += [(batch, g) for g in np.flatnonzero(flat)]
+            keep = algorithms.dynamic_sampling_keep(batch.rewards, n, on=c.dapo.filter_on, valid=batch.valid)
+            kept += [(batch, g) for g in np.flatnonzero(keep)]
+            dropped += [(batch, g) for g in np.flatnonzero(~keep)]
             rounds += 1
             if len(kept) >= c.prompts_per_step or rounds >= c.dapo.max_rounds:
                 break
             batch = self.rollout_round(params, next_batch(), jax.random.fold_in(key, rounds))
-        chosen = (kept + dropped)[:c.prompts_per_step]
-        return rollout.select_groups(chosen, n, self.pad_id), rounds
+        choice = algorithms.choose_groups(kept, dropped, c.prompts_per_step)
+        ro = rollout.select_groups(choice.chosen, n, self.pad_id)
+        if c.dapo.fill == "masked":
+            ro = ro._replace(valid=ro.valid & ~choice.filler)
+        return ro, rounds
 
     def rl_step(self, state, step_fn, batch, step: int, next_batch=None):
         c = self.c
@@ -186,24 +209,25 @@ class Loop:
         t1 = time.perf_counter()
         correct, total = ro.rewards["accuracy"], ro.rewards["total"]
         valid = np.repeat(ro.valid, n)
-        tokens, mask, logprobs = ro.tokens, ro.mask, ro.logprobs
+        # Rows of padding prompts and of DAPO's fillers count in no loss, denominator or whitening statistic.
+        tokens, mask, logprobs = ro.tokens, ro.mask * valid[:, None].astype(ro.mask.dtype), ro.logprobs
         ref = None
         if self.needs_ref:  # the reference policy's log-probs of the sampled tokens (KL reward / KL loss)
-            tb, _ = self.train_batch(ro.inputs, tokens, mask, logprobs, n, np.zeros(len(total)), np.zeros(len(total)),
-                                     ro.row_images)
-            ref_full = np.asarray(self.logprob_fn(self.s.ref_params, _device_batch(tb)).logprobs)
-            ref = rollout.response_slice(ref_full.reshape(len(total), -1), ro.inputs.input_ids.shape[1],
-                                         tokens.shape[1]) * mask
+            ref = self.response_logprobs(self.s.ref_params, ro, tokens, mask, logprobs)
         cred = algorithms.credit(c.algorithm, c.advantage.estimator, total, correct, n, eps=c.advantage.eps,
                                  response_mask=mask, logprobs=logprobs, ref_logprobs=ref,
                                  kl_reward_coef=c.advantage.kl_reward_coef, gamma=c.advantage.gamma,
-                                 whiten=c.advantage.whiten, shift_mean=c.advantage.shift_mean)
+                                 whiten=c.advantage.whiten, shift_mean=c.advantage.shift_mean,
+                                 num_whiten_shards=c.advantage.num_whiten_shards)
         sft_weights = np.zeros(len(total), np.float32)
+        extra = {}
         if cred.sft_rows.any():
             rows = np.flatnonzero(cred.sft_rows)
             examples = [e for e in ro.examples for _ in range(n)]
             targets = self.sft_targets([examples[r] for r in rows], refine=c.dyme.refine)
-            tokens, mask, logprobs = rollout.replace_responses(tokens, mask, logprobs, rows, targets)
+            tokens, mask, logprobs, truncated = rollout.insert_targets(tokens, mask, logprobs, rows, targets,
+                                                                       c.dyme.max_target_tokens)
+            extra["dyme/truncated_targets"] = float(truncated)  # longer than dyme.max_target_tokens
             sft_weights[rows] = 1.0
         advantages = cred.advantages
         if advantages.ndim == 2:  # token level over the response -> over the whole row
@@ -215,21 +239,32 @@ class Loop:
         tb, _ = self.train_batch(ro.inputs, tokens, mask, logprobs, n, advantages, sft_weights, ro.row_images,
                                  ref_logprobs=None if ref is None else rollout.response_to_row(
                                      ref, ro.inputs.input_ids.shape[1]))
+        if c.rollout.old_logprobs == "recompute":  # pi_old from the training forward, not the sampler
+            sampler_logprobs = tb.old_logprobs
+            tb = recompute_old_logprobs(self.logprob_fn, state.params, _device_batch(tb))
+            rl_tokens = tb.loss_mask * (tb.sft_weights[..., None] == 0)
+            extra["training/sampler_max_abs_ratio_minus_1"] = float(max_abs_ratio_minus_one(
+                tb.old_logprobs, sampler_logprobs, rl_tokens))
         state, update = step_fn(state, tb)
         update = jax.device_get(update)
         t3 = time.perf_counter()
-        reflection = analyze_reflection(ro.texts, correct)
-        kl_seq = None if ref is None else ((logprobs - ref) * mask).sum(-1)
+        reflection = analyze_reflection(ro.texts, correct, match=c.log.reflection_match)
+        # MAYE's training/kl: per sequence, the sum of k3(ref || rollout policy) over the sampled tokens.
+        kl_seq = None if ref is None else np.asarray(sequence_kl(ro.logprobs, ref, ro.mask))
         metrics = step_metrics(
             rewards=ro.rewards, response_lengths=ro.lengths, max_tokens=c.rollout.max_new_tokens, correct=correct,
-            stopped=ro.stopped, group_size=n, modes=cred.modes, update=update, lr=update.get("learning_rate"),
-            grad_norm=update.get("grad_norm"), temperature=c.rollout.temperature, kl_per_sequence=kl_seq,
+            stopped=ro.stopped, group_size=n, modes=cred.modes, update=update, temperature=c.rollout.temperature,
+            kl_per_sequence=kl_seq, kl_reward=cred.kl_reward,
             timings={"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2},
             rollout_tokens=int(np.asarray(ro.lengths).sum()), update_tokens=int(tb.loss_mask.sum()),
             num_devices=jax.device_count(), generation_step=step, gradient_step=int(state.step), epoch=batch.epoch)
         metrics.update(reflection_metrics(pool_reflection(reflection.counts)))
         metrics.update(cred.stats)
+        metrics.update(extra)
+        metrics.update(self.thinking_info)
         metrics["dapo/sampling_rounds"] = float(rounds)
+        if c.dapo.dynamic_sampling:
+            metrics["dapo/filler_groups"] = float((~ro.valid).sum())
         sample = ro.texts[reflection.example] if reflection.example is not None else None
         return state, metrics, correct[valid], sample
 
@@ -310,10 +345,10 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
     setup = prepare_run(c, workdir)
     loop = Loop(c, workdir, setup)
     mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh)) if jax.device_count() > 1 else None
-    total_steps = c.sft.steps + c.rl_steps
+    total_steps = c.sft.steps + rl_steps(c, setup.num_train)
 
     def new_state(stage: str, params=None):
-        updates = (c.sft.steps if stage == "sft" else c.rl_steps * c.num_mini * c.ppo_epochs)
+        updates = (c.sft.steps if stage == "sft" else (total_steps - c.sft.steps) * c.num_mini * c.ppo_epochs)
         lr = c.sft.learning_rate if stage == "sft" else None
         model = setup.model if params is None else nnx.merge(setup.graphdef, params)
         opt_cfg = configs.optimizer_config(c, updates, lr)
