@@ -198,7 +198,7 @@ def test_step_metrics_hand_computed():
         update={"loss": SumCount(jnp.array([2.0, 4.0]), jnp.array([2.0, 2.0])), "pg_loss": np.array([1.0, 2.0]),
                 "clip_frac": jnp.float32(0.25), "sampled_token_entropy": 0.7, "kl": 0.05, "custom": 3.0},
         lr=1e-6, grad_norm=jnp.float32(2.0), temperature=1.0,
-        timings={"rollout": 2.0, "update": 4.0, "reward": 1.0}, rollout_tokens=1000, update_tokens=2000,
+        timings={"sample": 2.0, "update": 4.0, "score": 1.0}, rollout_tokens=1000, update_tokens=2000,
         num_devices=4, generation_step=7, gradient_step=224, epoch=3)
     std0, std1 = 0.5, math.sqrt(1 / 12)  # ddof-1 std of [1.5, .5, 1] and [0, .5, 0]
     expected = {
@@ -211,8 +211,8 @@ def test_step_metrics_hand_computed():
         "dyme/memorize_share": 0.5, "dyme/explore_share": 0.5, "dyme/skip_share": 0.0,
         "loss/loss": 1.5, "loss/policy_loss": 1.5, "training/clipfrac": 0.25, "training/entropy": 0.7,
         "training/kl_token_mean": 0.05, "update/custom": 3.0, "training/lr": 1e-6, "training/grad_norm": 2.0,
-        "training/temperature": 1.0, "time/rollout": 2.0, "time/update": 4.0, "time/reward": 1.0,
-        "time/step": 7.0, "speed/rollout_tokens_per_second": 500.0,
+        "training/temperature": 1.0, "time/sample": 2.0, "time/update": 4.0, "time/score": 1.0,
+        "time/step": 7.0, "speed/sample_tokens_per_second": 500.0,
         "speed/tokens_per_second_per_gpu_trajectory": 125.0, "speed/update_tokens_per_second": 500.0,
         "speed/tokens_per_second_per_gpu_ppo": 125.0, "generation_steps": 7.0, "gradient_steps": 224.0,
         "epoch": 3.0,

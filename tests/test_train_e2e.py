@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "default.py") + ":smoke"
 # Cheaper evaluation than the smoke default: one split, two settings.
 FAST = ["--config.eval.splits=('val',)", "--config.eval.settings=('low','high')", "--report=false"]
-VOLATILE = ("time/", "speed/", "timestamp", "time")
+VOLATILE = ("time/", "speed/", "compile/", "timestamp", "time")
 
 
 CACHE = {}

@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.patch_buckets = (256, 1024, 4096)
     c.data.max_fault_share = 0.05
     c.data.hint_field = "hint"
+    c.data.shuffle = True  # reshuffle the training examples every epoch (False: file order, e.g. a curriculum)
 
     # old_logprobs: the ratio's pi_old: "sampler" (the rollout's log-probs), "recompute" (a training-forward
     # pass over the batch before the update), "forward" (the update's own forward, detached: the ratio is
@@ -115,8 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=3, best_metric="", export_hf=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # reflection_match: MAYE's reflection words as whole words, or as substrings (MAYE's own rule).
+    # every_steps: train rows are written (and the update's device metrics fetched) every N steps and at the
+    # end; profile_steps: steps (1-based) traced with jax.profiler into workdir/profile (TensorBoard/Perfetto).
     c.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True, wandb=False, wandb_project="vrl_jax",
-                                           samples_per_eval=16, reflection_match="word"))
+                                           samples_per_eval=16, reflection_match="word", profile_steps=()))
     return c
 
 
@@ -264,6 +267,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         if s not in EVAL_SETTINGS:
             _fail("eval.settings", f"{s!r} is not one of {EVAL_SETTINGS}")
     _check_rules(c)
+    if any(not isinstance(s, int) or s < 1 for s in c.log.profile_steps):
+        _fail("log.profile_steps", f"expected step numbers >= 1, got {tuple(c.log.profile_steps)}")
     if c.model.tiny.hidden % 8:
         _fail("model.tiny.hidden", f"must be a multiple of 8 (4 heads of an even width), got {c.model.tiny.hidden}")
     if c.model.tiny.vision_width % 4:

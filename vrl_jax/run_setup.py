@@ -281,9 +281,11 @@ def prepare_run(c, workdir: str) -> RunSetup:
     encode = processor.encode_examples
     pi, pc = jax.process_index(), jax.process_count()
     common = dict(template=c.data.template, process_index=pi, process_count=pc, faults=faults)
-    rl_data = train_dataset(train, encode, batch_size=c.prompts_per_step, seed=c.seed, **common) \
+    rl_data = train_dataset(train, encode, batch_size=c.prompts_per_step, seed=c.seed, shuffle=c.data.shuffle,
+                            **common) \
         if c.rl_steps or c.rl_epochs else None
-    sft_data = train_dataset(train, encode, batch_size=c.sft.batch_size, seed=c.seed + 1, **common) \
+    sft_data = train_dataset(train, encode, batch_size=c.sft.batch_size, seed=c.seed + 1, shuffle=c.data.shuffle,
+                             **common) \
         if c.sft.steps else None
     eval_data = {split: (lambda ex=ex: eval_dataset(ex, encode, batch_size=c.eval.batch_size, **common))
                  for split, ex in evals.items() if ex}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +37,22 @@ from vrl_jax.rl.train_state import create_train_state, train_state_shardings
 from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step, recompute_old_logprobs
 from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run, rl_steps
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
+from vrl_jax.timing import CompileWatch, PhaseTimer
 
 
 def _device_batch(batch):
     return jax.tree.map(jnp.asarray, batch)
+
+
+def batch_shapes(tb, prompts=None) -> dict[str, float]:
+    """The bucketed shapes a step compiled for (a new combination compiles the sampler or the train step
+    once): the train batch's columns and packed patches, and the sampler's prompt columns and patches."""
+    out = {"shapes/train_columns": float(tb.input_ids.shape[-1]),
+           "shapes/train_patches": float(0 if tb.vision is None else tb.vision.pixel_values.shape[1])}
+    if prompts is not None:
+        out["shapes/prompt_columns"] = float(prompts.input_ids.shape[1])
+        out["shapes/prompt_patches"] = float(0 if prompts.vision is None else prompts.vision.pixel_values.shape[0])
+    return out
 
 
 class MeshStep:
@@ -150,14 +161,20 @@ class Loop:
         state, metrics = step_fn(state, tb)
         out = {f"sft/{k}": float(v) for k, v in jax.device_get(metrics).items()}
         out["sft/truncated_targets"] = float(truncated)  # longer than sft.max_target_tokens
-        return state, out
+        return state, {**out, **batch_shapes(tb)}
 
     def rollout_round(self, params, batch, key) -> rollout.Rollouts:
         """Steps 2 and 3 for one batch of prompts: sample n responses each, decode, score."""
-        c, s = self.c, self.s
-        n = c.rollout.num_samples
-        out = jax.device_get(self.sampler(params, batch.inputs, key, temperature=c.rollout.temperature,
-                                          top_p=c.rollout.top_p))
+        c = self.c
+        with self.timer("sample"):
+            out = jax.device_get(self.sampler(params, batch.inputs, key, temperature=c.rollout.temperature,
+                                              top_p=c.rollout.top_p))
+        with self.timer("score"):
+            return self.score(batch, out)
+
+    def score(self, batch, out) -> rollout.Rollouts:
+        """Step 3's rewards for sampled responses: decode, judge, and DyME's thinking reward."""
+        c, s, n = self.c, self.s, self.c.rollout.num_samples
         texts = decode_responses(s.processor.tokenizer, out.tokens, out.mask)
         examples = [e for e in batch.examples for _ in range(n)]
         rewards = s.rewards(texts, examples, lengths=out.lengths, truncated=~out.stopped)
@@ -200,22 +217,65 @@ class Loop:
             ro = ro._replace(valid=ro.valid & ~choice.filler)
         return ro, rounds
 
-    def rl_step(self, state, step_fn, batch, step: int, next_batch=None):
-        c = self.c
-        n = c.rollout.num_samples
-        t0 = time.perf_counter()
+    def rl_step(self, state, step_fn, batch, step: int, next_batch=None, fetch_metrics: bool = True):
+        """One RL step, its phases timed apart (sample, score, reference, credit, update). The update's
+        device metrics are fetched only when `fetch_metrics` (a logging step): no host sync otherwise."""
+        c, n = self.c, self.c.rollout.num_samples
+        self.timer = timer = PhaseTimer()
         # 2. rollout and 3. trajectory and reward (steps 1-3 repeat under dynamic sampling)
         ro, rounds = self.collect(state.params, next_batch, batch, step)
-        t1 = time.perf_counter()
-        correct, total = ro.rewards["accuracy"], ro.rewards["total"]
         valid = np.repeat(ro.valid, n)
         # Rows of padding prompts and of DAPO's fillers count in no loss, denominator or whitening statistic.
-        tokens, mask, logprobs = ro.tokens, ro.mask * valid[:, None].astype(ro.mask.dtype), ro.logprobs
+        mask = ro.mask * valid[:, None].astype(ro.mask.dtype)
         ref = None
         if self.needs_ref:  # the reference policy's log-probs of the sampled tokens (KL reward / KL loss)
-            ref = self.response_logprobs(self.s.ref_params, ro, tokens, mask, logprobs)
-        cred = algorithms.credit(c.algorithm, c.advantage.estimator, total, correct, n, eps=c.advantage.eps,
-                                 response_mask=mask, logprobs=logprobs, ref_logprobs=ref,
+            with timer("reference"):
+                ref = self.response_logprobs(self.s.ref_params, ro, ro.tokens, mask, ro.logprobs)
+        with timer("credit"):
+            tb, cred, extra = self.credit_batch(ro, mask, valid, ref)
+        if c.rollout.old_logprobs == "recompute":  # pi_old from the training forward, not the sampler
+            with timer("reference"):
+                sampler_logprobs = tb.old_logprobs
+                tb = timer.block(recompute_old_logprobs(self.logprob_fn, state.params, _device_batch(tb)))
+                rl_tokens = tb.loss_mask * (tb.sft_weights[..., None] == 0)
+                extra["training/sampler_max_abs_ratio_minus_1"] = float(max_abs_ratio_minus_one(
+                    tb.old_logprobs, sampler_logprobs, rl_tokens))
+        # 4. policy update
+        with timer("update"):
+            state, update = step_fn(state, tb)
+            if fetch_metrics:
+                update = jax.device_get(update)
+            else:  # the update's time is still its own; its metrics stay on the device
+                timer.block(state.params)
+                update = None
+        correct = ro.rewards["accuracy"]
+        reflection = analyze_reflection(ro.texts, correct, match=c.log.reflection_match)
+        # MAYE's training/kl: per sequence, the sum of k3(ref || rollout policy) over the sampled tokens.
+        kl_seq = None if ref is None else np.asarray(sequence_kl(ro.logprobs, ref, ro.mask))
+        metrics = step_metrics(
+            rewards=ro.rewards, response_lengths=ro.lengths, max_tokens=c.rollout.max_new_tokens, correct=correct,
+            stopped=ro.stopped, group_size=n, modes=cred.modes, update=update, temperature=c.rollout.temperature,
+            kl_per_sequence=kl_seq, kl_reward=cred.kl_reward, timings=timer.seconds,
+            rollout_tokens=int(np.asarray(ro.lengths).sum()), update_tokens=int(tb.loss_mask.sum()),
+            num_devices=jax.device_count(), generation_step=step, gradient_step=int(state.step), epoch=batch.epoch)
+        metrics.update(reflection_metrics(pool_reflection(reflection.counts)))
+        metrics.update(cred.stats)
+        metrics.update(extra)
+        metrics.update(self.thinking_info)
+        metrics.update(batch_shapes(tb, ro.inputs))
+        metrics["dapo/sampling_rounds"] = float(rounds)
+        if c.dapo.dynamic_sampling:
+            metrics["dapo/filler_groups"] = float((~ro.valid).sum())
+        sample = ro.texts[reflection.example] if reflection.example is not None else None
+        return state, metrics, correct[valid], sample
+
+    def credit_batch(self, ro: rollout.Rollouts, mask, valid, ref):
+        """Step 3's credit and the update's batch: advantages (or DyME's modes, with memorized rows'
+        references in place of their responses), laid out as micro-batches. Returns (batch, credit, metrics)."""
+        c, n = self.c, self.c.rollout.num_samples
+        tokens, logprobs, total = ro.tokens, ro.logprobs, ro.rewards["total"]
+        cred = algorithms.credit(c.algorithm, c.advantage.estimator, total, ro.rewards["accuracy"], n,
+                                 eps=c.advantage.eps, response_mask=mask, logprobs=logprobs, ref_logprobs=ref,
                                  kl_reward_coef=c.advantage.kl_reward_coef, gamma=c.advantage.gamma,
                                  whiten=c.advantage.whiten, shift_mean=c.advantage.shift_mean,
                                  num_whiten_shards=c.advantage.num_whiten_shards)
@@ -233,40 +293,10 @@ class Loop:
         if advantages.ndim == 2:  # token level over the response -> over the whole row
             advantages = rollout.response_to_row(advantages, ro.inputs.input_ids.shape[1])
         advantages = advantages * (valid[:, None] if advantages.ndim == 2 else valid)
-        sft_weights = sft_weights * valid
-        t2 = time.perf_counter()
-        # 4. policy update
-        tb, _ = self.train_batch(ro.inputs, tokens, mask, logprobs, n, advantages, sft_weights, ro.row_images,
-                                 ref_logprobs=None if ref is None else rollout.response_to_row(
-                                     ref, ro.inputs.input_ids.shape[1]))
-        if c.rollout.old_logprobs == "recompute":  # pi_old from the training forward, not the sampler
-            sampler_logprobs = tb.old_logprobs
-            tb = recompute_old_logprobs(self.logprob_fn, state.params, _device_batch(tb))
-            rl_tokens = tb.loss_mask * (tb.sft_weights[..., None] == 0)
-            extra["training/sampler_max_abs_ratio_minus_1"] = float(max_abs_ratio_minus_one(
-                tb.old_logprobs, sampler_logprobs, rl_tokens))
-        state, update = step_fn(state, tb)
-        update = jax.device_get(update)
-        t3 = time.perf_counter()
-        reflection = analyze_reflection(ro.texts, correct, match=c.log.reflection_match)
-        # MAYE's training/kl: per sequence, the sum of k3(ref || rollout policy) over the sampled tokens.
-        kl_seq = None if ref is None else np.asarray(sequence_kl(ro.logprobs, ref, ro.mask))
-        metrics = step_metrics(
-            rewards=ro.rewards, response_lengths=ro.lengths, max_tokens=c.rollout.max_new_tokens, correct=correct,
-            stopped=ro.stopped, group_size=n, modes=cred.modes, update=update, temperature=c.rollout.temperature,
-            kl_per_sequence=kl_seq, kl_reward=cred.kl_reward,
-            timings={"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2},
-            rollout_tokens=int(np.asarray(ro.lengths).sum()), update_tokens=int(tb.loss_mask.sum()),
-            num_devices=jax.device_count(), generation_step=step, gradient_step=int(state.step), epoch=batch.epoch)
-        metrics.update(reflection_metrics(pool_reflection(reflection.counts)))
-        metrics.update(cred.stats)
-        metrics.update(extra)
-        metrics.update(self.thinking_info)
-        metrics["dapo/sampling_rounds"] = float(rounds)
-        if c.dapo.dynamic_sampling:
-            metrics["dapo/filler_groups"] = float((~ro.valid).sum())
-        sample = ro.texts[reflection.example] if reflection.example is not None else None
-        return state, metrics, correct[valid], sample
+        ref_rows = None if ref is None else rollout.response_to_row(ref, ro.inputs.input_ids.shape[1])
+        tb, _ = self.train_batch(ro.inputs, tokens, mask, logprobs, n, advantages, sft_weights * valid,
+                                 ro.row_images, ref_logprobs=ref_rows)
+        return tb, cred, extra
 
 
 # Per-step means kept over each RL epoch (with the training accuracy), summarised on the epoch's last step.
@@ -391,6 +421,7 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
                           run_name=c.name, config=c.to_dict())
     last_eval: dict = {}
     stopped = None
+    compiles = CompileWatch()
 
     def evaluate(step: int):
         nonlocal last_eval
@@ -401,7 +432,8 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
                 num_batches=setup.eval_batches.get(split, 0))
             last_eval.update(metrics)
             writer.write_samples(split, step, samples)
-        writer.write(step, last_eval, split="eval", kind="eval")
+        count, seconds = compiles.take()  # the evaluation's own compiling, apart from the step's
+        writer.write(step, {**last_eval, "compile/count": count, "time/compile": seconds}, split="eval", kind="eval")
         return last_eval
 
     def write_epoch(step: int, complete: bool):
@@ -416,6 +448,11 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
         if start == 0 and setup.eval_data and c.eval.at_start:
             evaluate(0)
         for step in range(start, total_steps):
+            done = step + 1
+            log_now = done % c.log.every_steps == 0 or done == total_steps
+            profiling = done in tuple(c.log.profile_steps)
+            if profiling:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
             if stage == "sft" and step >= c.sft.steps:
                 stage = "rl"
                 state, step_fn = new_state("rl", state.params)
@@ -429,14 +466,18 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
                     write_epoch(step, complete=True)
                     acc = acc.reset()
                 acc_epoch = int(batch.epoch)
-                state, metrics, correct, sample = loop.rl_step(state, step_fn, batch, step,
+                state, metrics, correct, sample = loop.rl_step(state, step_fn, batch, step, fetch_metrics=log_now,
                                                                next_batch=lambda: next(iters["rl"]))
                 acc = acc.update(correct, {k: metrics[k] for k in EPOCH_KEYS if k in metrics})
-                if sample and step % c.log.every_steps == 0:
-                    writer.write_text(step + 1, "reflective_correct_sample", sample)
-            done = step + 1
+                if sample and log_now:
+                    writer.write_text(done, "reflective_correct_sample", sample)
+            if profiling:
+                jax.profiler.stop_trace()
+            # Compiling is reported apart from the phases it slowed: after warm-up it should stay at 0.
+            metrics["compile/count"], metrics["time/compile"] = compiles.take()
             metrics["stage"] = 0.0 if stage == "sft" else 1.0
-            writer.write(done, metrics, split="train")
+            if log_now:
+                writer.write(done, metrics, split="train")
             # Evaluate at the start (eval.at_start), at the SFT -> RL boundary, at the end, and every N steps.
             if setup.eval_data and (done in (c.sft.steps, total_steps) or
                                     (c.eval.every_steps and done % c.eval.every_steps == 0)):

@@ -48,8 +48,9 @@ Additions:
   health/zero_std_reward_groups share of groups whose total reward is all equal (zero GRPO advantage)
   health/all_correct_groups, health/all_wrong_groups
   dyme/memorize_share, dyme/explore_share, dyme/skip_share   shares of DyME modes over groups
-  speed/rollout_tokens_per_second, speed/update_tokens_per_second   totals over devices
-  time/<phase>             seconds per phase (`timings`), time/step their sum
+  speed/sample_tokens_per_second, speed/update_tokens_per_second   totals over devices
+  time/<phase>             seconds per phase (`timings`): sample, score, reference, credit, update; time/step
+                           their sum (compiling inside a phase is also logged apart, as time/compile)
   epoch
 
 Everything here is host-side numpy; call it on the arrays of one step after `jax.device_get`.
@@ -224,7 +225,7 @@ def step_metrics(
         for phase, seconds in timings.items():
             out[f"time/{phase}"] = float(seconds)
         out["time/step"] = float(sum(timings.values()))
-    for phase, tokens, maye_key in (("rollout", rollout_tokens, "trajectory"), ("update", update_tokens, "ppo")):
+    for phase, tokens, maye_key in (("sample", rollout_tokens, "trajectory"), ("update", update_tokens, "ppo")):
         seconds = (timings or {}).get(phase)
         if tokens is not None and seconds:
             out[f"speed/{phase}_tokens_per_second"] = tokens / seconds
