@@ -65,7 +65,7 @@ def vrl_jax_config(args, model_dir: str, data_file: str):
     c.data.source, c.data.train, c.data.shuffle = "maye", data_file, False
     c.data.eval = {"val": "", "test": ""}
     c.data.template = "plain"
-    c.data.length_buckets = (args.prompt_bucket,)
+    c.data.length_buckets = tuple(int(b) for b in args.prompt_buckets.split(","))
     c.data.patch_buckets = (64 * args.prompts, 64 * args.prompts * args.group)  # 112 x 112 images: 64 patches
     c.rl_steps = args.warmup + args.steps
     c.prompts_per_step, c.rollout.num_samples, c.rollout.max_new_tokens = args.prompts, args.group, args.new
@@ -116,9 +116,15 @@ def run_trl(args, model_dir: str, data_file: str, workdir: str) -> list[dict]:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
-    # The PIL image processor: the fast one needs torchvision, which has no wheel for this CPU torch.
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_dir),
-                                    tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    # The PIL image processor and no video processor: the fast image processor and every video processor
+    # need torchvision, which has no wheel for this CPU torch.
+    class ImageTextProcessor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            return None if name == "video_processor" and arg is None else super().check_argument_for_proper_class(
+                name, arg)
+
+    processor = ImageTextProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_dir),
+                                   tokenizer=tokenizer, video_processor=None, chat_template=tokenizer.chat_template)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     rows = []
     for ex in load_examples(data_file):
@@ -184,7 +190,8 @@ def main():
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--prompt-bucket", type=int, default=160, help="vrl_jax's one prompt-length bucket")
+    parser.add_argument("--prompt-buckets", default="64,72,80,96,128,160,192,256",
+                        help="vrl_jax's prompt-length buckets (TRL pads each batch to its longest prompt)")
     args = parser.parse_args()
     try:
         import trl  # noqa: F401

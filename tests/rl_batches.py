@@ -99,7 +99,7 @@ def train_batch(rollouts: dict, config: ModelConfig, num_micro: int, old_logprob
         need = max(sum(img.patches.shape[0] for img in g) for g in groups)
         bucket = min(x for x in PATCH_BUCKETS if x >= max(need, 1))
         packed = [_pack(g, config, bucket) for g in groups]
-        vision = VisionInputs(*(np.stack(field) for field in zip(*packed)))
+        vision = VisionInputs(*(np.stack(field) for field in zip(*(p[:4] for p in packed))))
     pos = rollouts["positions"].reshape(3, num_micro, mb, t).transpose(1, 0, 2, 3)
     return TrainBatch(
         input_ids=split(rollouts["input_ids"]), attention_mask=split(rollouts["attention_mask"]),

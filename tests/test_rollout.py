@@ -133,3 +133,63 @@ def test_target_width_is_the_next_power_of_two_capped():
     assert [rollout.target_width(n, 224) for n in (1, 32, 33, 74, 104, 128, 129, 300)] == [
         32, 32, 64, 128, 128, 128, 224, 224]
     assert rollout.target_width(5, 16) == 16  # the cap wins over the smallest width
+
+
+class _Packer:
+    """The processor surface `pack_micro_batches` uses, over a model config."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def pack(self, images, buckets):
+        return pack_images(images, buckets, self.config.vision.window_size)
+
+
+@pytest.mark.parametrize("num_micro", [1, 2])
+def test_a_groups_image_is_encoded_once_and_feeds_every_sample(sampled, num_micro):
+    """`pack_micro_batches` packs each prompt's image once per micro-batch (not once per sample): the
+    training forward's log-probs and gradient equal those with every row's image packed and encoded."""
+    config, graphdef, params, inputs, out = sampled
+    seqs = rollout.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
+    vision = rollout.pack_micro_batches(inputs.row_images, seqs.prompt_index, num_micro, _Packer(config), [256, 512])
+    per = len(seqs.prompt_index) // num_micro
+    for m in range(num_micro):  # each micro-batch encodes its prompts' images once, not once per row
+        prompts = set(seqs.prompt_index[m * per:(m + 1) * per])
+        patches = sum(int(np.prod(im.grid_thw)) for b in prompts for im in inputs.row_images[b])
+        assert (vision.segment_ids[m] >= 0).sum() == patches
+    from vrl_jax.models.qwen_vl import VisionInputs
+
+    def loss(p, m):
+        rows = slice(m * per, (m + 1) * per)
+        v = VisionInputs(*(jnp.asarray(x[m]) for x in vision))
+        stats = sequence_stats(graphdef, p, jnp.asarray(seqs.input_ids[rows]), jnp.asarray(seqs.positions[:, rows]),
+                               jnp.asarray(seqs.attention_mask[rows]), jnp.asarray(seqs.targets[rows]), v,
+                               chunk_size=256, temperature=TEMPERATURE)
+        return (stats.logprobs * jnp.asarray(seqs.loss_mask[rows])).sum(), stats.logprobs
+
+    def reference_loss(p):
+        v = forward_vision(config, seqs, inputs.row_images)
+        stats = sequence_stats(graphdef, p, jnp.asarray(seqs.input_ids), jnp.asarray(seqs.positions),
+                               jnp.asarray(seqs.attention_mask), jnp.asarray(seqs.targets), v,
+                               chunk_size=256, temperature=TEMPERATURE)
+        return (stats.logprobs * jnp.asarray(seqs.loss_mask)).sum(), stats.logprobs
+
+    (ref_total, ref_lp), ref_grad = jax.value_and_grad(reference_loss, has_aux=True)(params)
+    grads, lps = [], []
+    for m in range(num_micro):
+        (_, lp), g = jax.value_and_grad(lambda p: loss(p, m), has_aux=True)(params)
+        grads.append(g)
+        lps.append(np.asarray(lp))
+    np.testing.assert_allclose(np.concatenate(lps), np.asarray(ref_lp), atol=1e-5)
+    grad = jax.tree.map(lambda *g: sum(g), *grads)
+    vit = grad["visual"]["blocks"]["qkv_w"]
+    assert float(jnp.abs(vit).max()) > 0  # the vision tower does get a gradient
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+def forward_vision(config, seqs, row_images):
+    from vrl_jax.models.qwen_vl import VisionInputs
+    flat = [im for b in seqs.prompt_index for im in row_images[b]]
+    vb = pack_images(flat, [512], config.vision.window_size)
+    return VisionInputs(*(jnp.asarray(x) for x in (vb.pixel_values, vb.hw_pos, vb.segment_ids, vb.window_ids)))

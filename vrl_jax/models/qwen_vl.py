@@ -20,26 +20,37 @@ from vrl_jax.models.vision import VisionTower
 
 
 class VisionInputs(NamedTuple):
-    """The device-side part of `image_processing.VisionBatch` (all arrays, no host metadata)."""
+    """The device-side part of `image_processing.VisionBatch` (all arrays, no host metadata).
+
+    feature_index: int [U], optional: for the u-th image placeholder of the batch (reading order), the
+    merged unit of the packed buffer that fills it. Rows that share an image (a GRPO group's samples)
+    then share one encoding of it; None = the buffer's units in placeholder order.
+    """
 
     pixel_values: jax.Array  # [P, patch_dim]
     hw_pos: jax.Array  # int [P, 2]
     segment_ids: jax.Array  # int [P]
     window_ids: jax.Array  # int [P]
+    feature_index: jax.Array | None = None  # int [U]
 
     @classmethod
     def from_batch(cls, batch) -> "VisionInputs":
         return cls(batch.pixel_values, batch.hw_pos, batch.segment_ids, batch.window_ids)
 
 
-def merge_image_features(embeds, input_ids, features, image_token_id: int):
+def merge_image_features(embeds, input_ids, features, image_token_id: int, feature_index=None):
     """Puts image features at image placeholder positions.
 
     embeds: [B, T, H]; input_ids: int [B, T]; features: [U, H] merged image units in reading order
-    (U >= number of placeholders; extra units are padding) -> [B, T, H].
+    (U >= number of placeholders; extra units are padding), or in any order with `feature_index`
+    (int [U'], the unit for each placeholder in reading order) -> [B, T, H].
     """
     is_image = (input_ids == image_token_id).reshape(-1)
-    index = jnp.clip(jnp.cumsum(is_image) - 1, 0, features.shape[0] - 1)
+    order = jnp.cumsum(is_image) - 1
+    if feature_index is None:
+        index = jnp.clip(order, 0, features.shape[0] - 1)
+    else:
+        index = jnp.take(feature_index, jnp.clip(order, 0, feature_index.shape[0] - 1))
     gathered = jnp.take(features, index, axis=0).astype(embeds.dtype)
     flat = jnp.where(is_image[:, None], gathered, embeds.reshape(-1, embeds.shape[-1]))
     return flat.reshape(embeds.shape)
@@ -61,8 +72,9 @@ class QwenVL(nnx.Module):
         """input_ids: int [B, T] -> [B, T, H] with image features merged in."""
         x = self.language.embed_tokens(input_ids, self.dtype)
         if vision is not None:
-            feats = self.visual(*vision, dtype=self.dtype, remat=remat)
-            x = merge_image_features(x, input_ids, feats, self.config.image_token_id)
+            feats = self.visual(vision.pixel_values, vision.hw_pos, vision.segment_ids, vision.window_ids,
+                                dtype=self.dtype, remat=remat)
+            x = merge_image_features(x, input_ids, feats, self.config.image_token_id, vision.feature_index)
         return x
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,

@@ -56,6 +56,16 @@ def batch_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Any, *, chunk_siz
     return jax.lax.map(one, fields)
 
 
+def training_compiler_options() -> dict[str, Any]:
+    """XLA options of the training-side programs (train step, reference and old log-probs). On CPU, YNN
+    (XNNPACK's successor) runs every dot: the update's large GEMMs and their weight-gradient transposes
+    run ~20% faster (`benchmarks/train_step.py`, ratio 0.82 -> 0.99 on 2 cores). The sampler keeps XLA's
+    default dots, which are 4x faster than YNN's for decode's skinny ones (measured in the same run)."""
+    if jax.default_backend() != "cpu":
+        return {}
+    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
 def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int = 8192, temperature: float = 1.0,
                     with_entropy: bool = False, param_shardings: Any = None, batch_shardings: Any = None,
                     out_sharding: Any = None, compiler_options: dict[str, Any] | None = None
@@ -68,6 +78,8 @@ def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int = 8192, temperatu
     def fn(params, batch):
         return batch_logprobs(graphdef, params, batch, chunk_size=chunk_size, temperature=temperature,
                               with_entropy=with_entropy)
+
+    compiler_options = {**training_compiler_options(), **(compiler_options or {})}
 
     if param_shardings is None and batch_shardings is None:
         return jax.jit(fn, compiler_options=compiler_options)

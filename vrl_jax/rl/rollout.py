@@ -109,19 +109,38 @@ def insert_targets(tokens, mask, logprobs, rows: Sequence[int], targets: Sequenc
     return Replaced(*replace_responses(tokens, mask, logprobs, rows, targets), truncated_targets(targets, width))
 
 
+def _patches(images) -> int:
+    return sum(int(np.prod(im.grid_thw)) for im in images)
+
+
 def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray, num_micro: int, processor,
                        buckets: Sequence[int]) -> VisionInputs:
-    """Packs each micro-batch's images (its rows' prompts' images, in row order) into one shared patch
-    bucket, so the micro-batches stack: VisionInputs of [M, P, ...]."""
+    """Packs each micro-batch's images into one shared patch bucket, so the micro-batches stack:
+    VisionInputs of [M, P, ...] with `feature_index` [M, U].
+
+    Each prompt's images are packed once per micro-batch, however many of its rows (a GRPO group's
+    samples) the micro-batch holds, and `feature_index` points every row's placeholders at them: the
+    vision tower encodes a group's image once, not n times (its gradient sums over the rows, as n
+    encodings would). U is the bucketed placeholder count of all rows, so shapes stay bucketed.
+    """
     rows = len(prompt_index)
     per = rows // num_micro
-    groups = [[im for r in range(m * per, (m + 1) * per) for im in row_images[prompt_index[r]]]
-              for m in range(num_micro)]
-    need = max(sum(int(np.prod(im.grid_thw)) for im in g) for g in groups)
-    bucket = choose_bucket(max(need, 1), buckets)
-    packed = [processor.pack(g, [bucket]) for g in groups]
+    merge = processor.config.vision.merge_size ** 2
+    micro = [list(prompt_index[m * per:(m + 1) * per]) for m in range(num_micro)]
+    unique = [list(dict.fromkeys(prompts)) for prompts in micro]
+    bucket = choose_bucket(max(max(_patches(im for p in u for im in row_images[p]) for u in unique), 1), buckets)
+    units = choose_bucket(max(max(_patches(im for p in m for im in row_images[p]) for m in micro), 1),
+                          buckets) // merge
+    packed, index = [], np.zeros((num_micro, units), np.int32)
+    for m, (prompts, u) in enumerate(zip(micro, unique)):
+        packed.append(processor.pack([im for p in u for im in row_images[p]], [bucket]))
+        start, offset = {}, 0
+        for p in u:  # each prompt's first merged unit in the packed buffer
+            start[p], offset = offset, offset + _patches(row_images[p]) // merge
+        flat = [start[p] + k for p in prompts for k in range(_patches(row_images[p]) // merge)]
+        index[m, :len(flat)] = flat
     return VisionInputs(*(np.stack([getattr(p, f) for p in packed])
-                          for f in ("pixel_values", "hw_pos", "segment_ids", "window_ids")))
+                          for f in ("pixel_values", "hw_pos", "segment_ids", "window_ids")), feature_index=index)
 
 
 def to_train_batch(seqs: Sequences, advantages, sft_weights, num_micro: int, vision: VisionInputs | None,

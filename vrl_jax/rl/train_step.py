@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vrl_jax import sharding as shd
 from vrl_jax.models.qwen_vl import VisionInputs
-from vrl_jax.rl.logprobs import sequence_stats
+from vrl_jax.rl.logprobs import sequence_stats, training_compiler_options
 from vrl_jax.rl.losses import PolicyLossConfig, max_abs_ratio_minus_one, policy_objective
 from vrl_jax.rl.train_state import OptimizerConfig, TrainState, lr_schedule, make_optimizer, trainable_mask
 
@@ -179,6 +179,9 @@ class StepConfig:
                 if not ok or p is None:
                     raise ValueError(f"TrainBatch.vision.{name} must be [num_micro={m}, P, ...] with one P for all "
                                      f"fields; got {tuple(x.shape)}")
+            index = batch.vision.feature_index
+            if index is not None and (index.ndim != 2 or index.shape[0] != m):
+                raise ValueError(f"TrainBatch.vision.feature_index must be [num_micro={m}, U]; got {tuple(index.shape)}")
 
 
 # ---- Shardings -----------------------------------------------------------------------------------
@@ -196,7 +199,8 @@ def batch_shardings(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
         out[name] = None if x is None else NamedSharding(mesh, shd.batch_spec(tuple(x.shape), dim, mesh))
     vision = None
     if batch.vision is not None:
-        vision = VisionInputs(*(NamedSharding(mesh, shd.batch_spec(tuple(x.shape), 1, mesh)) for x in batch.vision))
+        vision = VisionInputs(*(None if x is None else NamedSharding(mesh, shd.batch_spec(tuple(x.shape), 1, mesh))
+                                for x in batch.vision))
     return TrainBatch(**out, vision=vision)
 
 
@@ -386,7 +390,8 @@ def make_train_step(graphdef: nnx.GraphDef, opt_cfg: OptimizerConfig, cfg: StepC
     params_sh = None if state_shardings is None else state_shardings.params
     fn = lambda state, batch: train_step(state, batch, graphdef=graphdef, opt_cfg=opt_cfg, cfg=cfg,  # noqa: E731
                                          param_shardings=params_sh)
-    kwargs: dict[str, Any] = dict(donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
+    kwargs: dict[str, Any] = dict(donate_argnums=(0,) if donate else (),
+                                  compiler_options={**training_compiler_options(), **(compiler_options or {})})
     if mesh is not None:
         if state_shardings is None or batch_shardings is None:
             raise ValueError("make_train_step: with a mesh, pass state_shardings and batch_shardings")
