@@ -1,6 +1,6 @@
 """One RL optimizer step: vrl_jax's compiled train step vs a PyTorch step on the transformers model.
 
-  python benchmarks/train_step.py [--batch 32] [--prompt 64] [--response 128] [--repeats 5] [--torch-threads N]
+  python benchmarks/train_step.py [--scale 1] [--batch 32] [--prompt 64] [--response 128] [--repeats 5] [--torch-threads N]
 
 Model: a randomly initialised Qwen2.5-VL-shaped model of ~3.7 M language parameters (text hidden
 256, 4 layers, intermediate 768, 4 heads / 2 KV heads, vocabulary 1024: performance.md's shape),
@@ -52,6 +52,7 @@ def main():
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--response", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--scale", type=int, default=1, help="width multiplier of the model (3: ~8x the parameters)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="PyTorch intra-op threads (0 = one per core, its default). Its OpenMP threads slow "
                              "down sharply when another process holds a core; 1 is robust to that")
@@ -69,7 +70,7 @@ def main():
 
     torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as d:
-        hf = build_checkpoint(d)
+        hf = build_checkpoint(d, args.scale)
         config = ModelConfig.from_pretrained(d)
         model = load_hf_params(d, config)
     lm_params = sum(p.numel() for p in hf.model.language_model.parameters()) + hf.lm_head.weight.numel()
