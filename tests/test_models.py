@@ -172,3 +172,31 @@ def test_image_features_land_on_placeholders(checkpoints, images):
     assert np.abs(la[0, :first_image] - lb[0, :first_image]).max() < 1e-6
     assert np.abs(la[0, first_image:] - lb[0, first_image:]).max() > 1e-3
     assert IMAGE == config.image_token_id
+
+
+@pytest.mark.parametrize("family,tie", FAMILIES)
+def test_banded_vision_attention_equals_transformers(checkpoints, images, family, tie):
+    """With `max_segment` (the processor's most patches per image) the vision tower attends over chunks of
+    the packed buffer within one image's reach instead of a [P, P] mask: the logits still equal
+    transformers', with several images of different sizes (and Qwen2.5-VL's windows) in one buffer."""
+    from vrl_jax.models.image_processing import ImageProcessor
+    from vrl_jax.models.vision import band_shape
+    d, hf = checkpoints[family]
+    config = ModelConfig.from_pretrained(d)
+    model = load_hf_params(d, config)
+    _, processed = images
+    rows = [[5, ("img", 0), 6], [7, 8, ("img", 1), 9], [10, ("img", 0), 11, ("img", 1)]]
+    batch = make_batch(rows, [processed[0], processed[1], processed[0], processed[1]], config)
+    longest = ImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 64).max_patches  # the processor's bound
+    assert max(int(np.prod(p.grid_thw)) for p in processed) <= longest
+    model.visual.max_segment = longest
+    assert band_shape(1024, longest) is not None  # the banded path runs
+    ref = hf_logits(hf, batch)
+    banded = max_diff(forward(model, batch, config.vision.window_size, packed_bucket=1024), ref,
+                      batch["attention_mask"])
+    assert banded <= TOL
+    # A band that cannot reach across an image breaks parity: the test sees the band.
+    model.visual.max_segment = 16
+    broken = max_diff(forward(model, batch, config.vision.window_size, packed_bucket=1024), ref,
+                      batch["attention_mask"])
+    assert broken > max(100 * banded, 1e-5), (broken, banded)

@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     processor = VLProcessor.from_pretrained(args.model)
     with reading_model("--model"):
         model = load_model(args.model)
+        model.visual.max_segment = processor.image_processor.max_patches  # banded vision attention
     graphdef, params = nnx.split(model, nnx.Param)
     rewards = RewardSet({"weights": {"accuracy": 1.0}, "judge": {"mode": args.judge_mode}})
     stop = list(processor.config.eos_token_ids) or [processor.tokenizer.eos_token_id]

@@ -275,6 +275,8 @@ def prepare_run(c, workdir: str) -> RunSetup:
     sizes = ", ".join(f"{len(v)} {k}" for k, v in {"train": train, **evals}.items())
     print(f"data: {sizes} examples; {faults.brief()}", flush=True)
     model = load_model(model_dir, dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype))
+    # No image of this run has more patches than the processor allows: vision attention stays within that.
+    model.visual.max_segment = processor.image_processor.max_patches
     graphdef, params = nnx.split(model, nnx.Param)
     needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef))
     ref_params = jax.tree.map(jnp.copy, params.to_pure_dict()) if needs_ref else None

@@ -130,6 +130,11 @@ class ImageProcessor:
         if any(s == 0 for s in self.image_std):
             raise ValueError(f"ImageProcessor.image_std must be non-zero, got {self.image_std}")
 
+    @property
+    def max_patches(self) -> int:
+        """The most patches one image frame can have (`VisionTower.max_segment`): max_pixels / patch^2."""
+        return self.max_pixels // self.patch_size ** 2
+
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> ImageProcessor:
         """From a ``preprocessor_config.json`` dict; top-level ``min_pixels``/``max_pixels`` override ``size``."""

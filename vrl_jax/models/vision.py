@@ -6,6 +6,12 @@ its full-attention blocks. Patches of all images of a batch are packed into one 
 [P, patch_dim]; frame and window attention are boolean masks from per-patch segment and window ids,
 in the processor's own patch order. That equals transformers' window permutation + cu_seqlens
 without any data-dependent shape, so a new image size never recompiles.
+
+A packed buffer of many images (a training micro-batch, an evaluation batch) would make that mask
+[P, P] while each patch only attends inside its own image: with `VisionTower.max_segment` set (the
+most patches one image frame can have, from the processor's max_pixels), attention runs over
+chunks of the buffer, each against its neighbours within one image's reach (`banded_attention`):
+P x ~3 x max_segment scores instead of P x P, the same result.
 """
 
 from __future__ import annotations
@@ -49,8 +55,46 @@ def _norm(x, w, prefix, cfg: VisionConfig):
     return layers.rms_norm(x, w[prefix + "_w"].astype(x.dtype), VISION_EPS)
 
 
-def vision_block(w: dict, x, cos, sin, mask, *, cfg: VisionConfig):
-    """x: [P, C]; cos/sin: [P, hd] float32; mask: bool [P, P] -> [P, C]."""
+def band_shape(num_patches: int, max_segment: int | None) -> tuple[int, int] | None:
+    """(chunk, band) of `banded_attention` for a buffer of `num_patches` whose segments have at most
+    `max_segment` patches, or None when dense attention is as cheap (small buffers, huge images)."""
+    if not max_segment:
+        return None
+    # Chunks of about a quarter of the longest segment: each query chunk reads (2 band + 1) chunks,
+    # ~2.25 segment lengths, against 3 for chunks of a whole segment (powers of two, 16 to 256).
+    chunk = min(256, max(16, 1 << (max(max_segment // 4, 1).bit_length() - 1)))
+    band = -(-(max_segment - 1) // chunk)  # chunks either side that a segment can reach into
+    return None if (2 * band + 1) * chunk >= num_patches else (chunk, band)
+
+
+def banded_attention(q, k, v, ids, scale: float, chunk: int, band: int):
+    """Attention within contiguous segments of a packed buffer, each at most `band * chunk + 1` long.
+
+    q, k, v: [P, N, D]; ids: int [P], equal ids attend to each other (-1 = padding, attends to nothing).
+    The buffer is cut into chunks of `chunk` patches; chunk i attends to chunks i - band .. i + band,
+    which hold every patch of every segment it touches. Softmax in float32. Returns [P, N, D] (rows of
+    padding are a harmless average, as in the dense masked form).
+    """
+    p, n, d = q.shape
+    total = -(-p // chunk) * chunk
+    pad = lambda x, fill, front=0, back=0: jnp.pad(  # noqa: E731
+        x, ((front, back),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)
+    qc = pad(q, 0, back=total - p).reshape(total // chunk, chunk, n, d)
+    ids_q = pad(ids, -1, back=total - p).reshape(total // chunk, chunk)
+    halo = band * chunk
+    kp, vp, ids_k = (pad(x, f, halo, halo + total - p) for x, f in ((k, 0), (v, 0), (ids, -1)))
+    window = jnp.arange(total // chunk)[:, None] * chunk + jnp.arange((2 * band + 1) * chunk)[None, :]
+    kw, vw, idw = kp[window], vp[window], ids_k[window]  # [chunks, width, N, D], [chunks, width]
+    scores = jnp.einsum("icnd,iwnd->incw", qc, kw).astype(jnp.float32) * scale
+    allowed = (ids_q[:, :, None] == idw[:, None, :]) & (idw[:, None, :] >= 0)
+    scores = jnp.where(allowed[:, None], scores, layers.MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("incw,iwnd->icnd", probs, vw).reshape(total, n, d)[:p]
+
+
+def vision_block(w: dict, x, cos, sin, mask, *, cfg: VisionConfig, ids=None, band=None):
+    """x: [P, C]; cos/sin: [P, hd] float32; mask: bool [P, P] (dense), or with `band` = (chunk, band)
+    the per-patch attention ids [P] of `banded_attention` -> [P, C]."""
     dt = x.dtype
     p, c = x.shape
     w = {k: v.astype(dt) for k, v in w.items()}
@@ -60,8 +104,11 @@ def vision_block(w: dict, x, cos, sin, mask, *, cfg: VisionConfig):
     # Vision rotary runs in float32 whatever the activation dtype, as transformers does.
     q = layers.apply_rotary(q.astype(jnp.float32)[None], cos[None], sin[None]).astype(dt)
     k = layers.apply_rotary(k.astype(jnp.float32)[None], cos[None], sin[None]).astype(dt)
-    attn = layers.attention(q, k.transpose(0, 2, 1, 3), v.transpose(1, 2, 0)[None], mask[None],
-                            cfg.head_dim**-0.5)[0].reshape(p, c)
+    if band is None:
+        attn = layers.attention(q, k.transpose(0, 2, 1, 3), v.transpose(1, 2, 0)[None], mask[None],
+                                cfg.head_dim**-0.5)[0].reshape(p, c)
+    else:
+        attn = banded_attention(q[0], k[0], v, ids, cfg.head_dim**-0.5, *band).reshape(p, c)
     x = x + attn @ w["proj_w"] + w["proj_b"]
     y = _norm(x, w, "norm2", cfg)
     act = layers.activation(cfg.hidden_act)
@@ -86,6 +133,8 @@ class VisionTower(nnx.Module):
         self.merger_fc1_w, self.merger_fc1_b = _param(rngs, (c4, c4), param_dtype), _zeros((c4,), param_dtype)
         self.merger_fc2_w = _param(rngs, (c4, cfg.out_dim), param_dtype)
         self.merger_fc2_b = _zeros((cfg.out_dim,), param_dtype)
+        # The most patches one image frame has (set from the processor's max_pixels): None = dense masks.
+        self.max_segment: int | None = None
 
     def __call__(self, pixel_values, hw_pos, segment_ids, window_ids, dtype=jnp.float32, remat: bool = False):
         """Encodes a packed patch buffer.
@@ -97,13 +146,18 @@ class VisionTower(nnx.Module):
         cfg = self.config
         x = pixel_values.astype(dtype) @ self.patch_embed.value.astype(dtype)
         cos, sin = layers.vision_cos_sin(hw_pos, cfg.head_dim, cfg.rope_theta)
-        frame_mask = (segment_ids[:, None] == segment_ids[None, :]) & (segment_ids[None, :] >= 0)
-        window_mask = (window_ids[:, None] == window_ids[None, :]) & (window_ids[None, :] >= 0)
         full = jnp.array([cfg.is_full_attention(i) for i in range(cfg.depth)])
         stacked = {k: getattr(self.blocks, k).value for k in self.blocks.names()}
+        band = band_shape(pixel_values.shape[0], self.max_segment)
+        if band is None:
+            frame_mask = (segment_ids[:, None] == segment_ids[None, :]) & (segment_ids[None, :] >= 0)
+            window_mask = (window_ids[:, None] == window_ids[None, :]) & (window_ids[None, :] >= 0)
 
         def body(h, xs):
             w, is_full = xs
+            if band is not None:  # windows lie inside their frame, so a frame's band holds them
+                ids = jnp.where(is_full, segment_ids, window_ids)
+                return vision_block(w, h, cos, sin, None, cfg=cfg, ids=ids, band=band), None
             mask = jnp.where(is_full, frame_mask, window_mask)
             return vision_block(w, h, cos, sin, mask, cfg=cfg), None
 
