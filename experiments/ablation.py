@@ -19,8 +19,10 @@ random model never answers correctly, so reward-only RL would have nothing to le
 is every arm's step-0 point, so the arms skip their own.
 
 The variant is `algorithm,seed`: every arm takes BUDGET optimizer steps (SFT then GRPO splits them
-2:1), with the prompt template, data, rewards and hyperparameters of `default.py`. DyME's reference
-answers use the same `\boxed{}` format as SFT, so only the algorithm differs. The seed varies the
+2:1), with the prompt template, data, rewards and hyperparameters of `default.py`. DyME memorizes the
+hint followed by `\boxed{X}` (`dyme.answer_format = "boxed"`), the answer format SFT's solutions and
+the accuracy judge use, so no arm is scored on a format another was not taught. Every arm is evaluated
+on all 200 test_iid and 200 test_ood problems at pass@1, T=0.6 (MAYE's "medium" setting). The seed varies the
 data order and the sampling; the data itself is the same for every run.
 """
 
@@ -31,8 +33,8 @@ _spec = importlib.util.spec_from_file_location("default", os.path.join(os.path.d
 _default = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_default)
 
-WARMUP = 500  # SFT steps of the shared start (~12% test accuracy: enough mixed groups for RL)
-BUDGET = 60  # optimizer steps per arm
+WARMUP = 500  # SFT steps of the shared start: pass@1 (T=0.6) ~8%, pass@8 (T=1.0) ~30%: mixed groups for RL
+BUDGET = 120  # optimizer steps per arm: GRPO's training accuracy rises ~5 points over ~150 steps here
 START_DIR = "workdirs/ablation/start/export"
 ALGORITHMS = ("sft", "grpo", "sft_grpo", "dyme")
 
@@ -40,9 +42,14 @@ ALGORITHMS = ("sft", "grpo", "sft_grpo", "dyme")
 def _common(c):
     c.data.synthgeo.seed = 0  # the same data for every run
     c.data.template = "plain"
-    c.eval.splits = ("test_iid",)
-    c.eval.max_examples = 96
-    c.checkpoint.every_steps = 20
+    c.eval.splits = ("test_iid", "test_ood")
+    c.eval.max_examples = 200  # all of each test split
+    c.eval.batch_size = 100
+    c.eval.settings = ("medium",)  # pass@1 at T=0.6, MAYE's "medium" setting
+    c.rollout.max_new_tokens = 128  # the synthgeo rationales are at most 104 tokens
+    c.num_micro = 1
+    c.optim.learning_rate = 1e-4
+    c.checkpoint.every_steps = 40
     return c
 
 
@@ -51,6 +58,8 @@ def get_config(arg: str | None = None):
         c = _common(_default.get_config("sft"))
         c.name = "ablation_start"
         c.sft.steps = WARMUP
+        c.eval.settings = ("medium", "high")  # the start's pass@8 says how much RL can sharpen
+        c.eval.at_start = False  # a random model scores 0
         return c
     algorithm, _, seed = (arg or "sft_grpo,0").partition(",")
     if algorithm not in ALGORITHMS:

@@ -20,7 +20,7 @@ run() {  # run VARIANT WORKDIR [OVERRIDES...]
   echo "start $1 -> $2"
   python -m vrl_jax.train --config "$CONFIG:$1" --workdir "$2" "${@:3}" > "$2.log" 2>&1 \
     || { echo "FAILED: $1 (see $2.log)"; return 0; }
-  echo "done $1: $(grep -a 'Test_iid Set Epoch Accuracy pass@1 Temperature=0.01' "$2.log" | tail -1)"
+  echo "done $1: $(grep -a 'Test_iid Set Epoch Accuracy pass@1 Temperature=0.6' "$2.log" | tail -1)"
 }
 
 run start "$ROOT/start"
