@@ -44,11 +44,8 @@ def _common(c):
     c.data.template = "plain"
     c.eval.splits = ("test_iid", "test_ood")
     c.eval.max_examples = 200  # all of each test split
-    c.eval.batch_size = 100
+    c.eval.batch_size = 50  # 50 images of <= 64 patches fit the largest patch bucket (4096)
     c.eval.settings = ("medium",)  # pass@1 at T=0.6, MAYE's "medium" setting
-    c.rollout.max_new_tokens = 128  # the synthgeo rationales are at most 104 tokens
-    c.num_micro = 1
-    c.optim.learning_rate = 1e-4
     c.checkpoint.every_steps = 40
     return c
 

@@ -147,3 +147,21 @@ def test_dapo_fillers_count_nowhere_unless_asked(tmp_path):
     assert m["update/tokens"] == 0 and z["update/tokens"] > 0
     assert z["training/max_abs_ratio_minus_1_first_update"] < 1e-5
     assert np.isfinite(z["training/sampler_max_abs_ratio_minus_1"]) and "training/sampler_max_abs_ratio_minus_1" not in m
+
+
+def test_sft_memorizes_what_dymes_refiner_memorizes():
+    """SFT's target is the hint and the answer line, the text DyME's (no-op) refiner gives, so the
+    ablation's SFT and DyME arms memorize the same text; it is not the hint followed by the worked
+    solution (which repeats the hint and, on synthgeo, runs past 128 tokens)."""
+    from vrl_jax.trainer import reference_text
+    c = recipe("ablation.py", "dyme,0")
+    visual = run_setup.make_visual(c)
+    ex = {"question": "Find x.", "hint": "Goal: find x.\nReasoning: 180 - 50 - 65 = 65.", "answer": "65",
+          "solution": "The angles add up to 180. x = 180 - 50 - 65 = 65. The answer is \\boxed{65}."}
+    try:
+        assert reference_text(ex, "boxed") == visual.refiner.refine([ex]).texts[0]
+    finally:
+        visual.close()
+    assert reference_text(ex, "boxed").endswith("\\boxed{65}.") and "The angles" not in reference_text(ex, "boxed")
+    assert reference_text(ex, "flag").splitlines()[-1] == "Answer: 65"
+    assert reference_text({**ex, "hint": ""}, "boxed") == ex["solution"]  # MAYE data: no hint, a solution

@@ -30,6 +30,7 @@ from vrl_jax.evaluation.pooling import pool_epoch, pool_reflection
 from vrl_jax.evaluation.progress import Progress
 from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
 from vrl_jax.evaluation.writers import MetricWriter
+from vrl_jax.rewards.visual.base import hint_then_answer
 from vrl_jax.rl import algorithms, rollout
 from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
@@ -55,22 +56,33 @@ def batch_shapes(tb, prompts=None) -> dict[str, float]:
     return out
 
 
+def reference_text(example: dict, fmt: str) -> str:
+    """The supervised target of an example: its hint followed by the answer line in `fmt` ("boxed" or
+    "flag"), which is also what DyME's no-op refiner memorizes, so SFT and DyME train on the same text;
+    an example with a worked solution and no hint (MAYE's data) trains on the solution."""
+    hint, solution = (example.get("hint") or "").strip(), (example.get("solution") or "").strip()
+    if hint or not solution:
+        return hint_then_answer(hint, str(example["answer"]), fmt)
+    return solution
+
+
 class MeshStep:
     """The train step under a mesh: the state keeps its placement (explicit in/out shardings) and each
-    batch is placed with its rows over ("data", "fsdp"). Batch shardings depend on the batch's rank,
-    not its sizes, so they are fixed from the first batch; new length buckets only recompile."""
+    batch is placed with its rows over ("data", "fsdp"). One compiled step per batch layout (which
+    fields are set, which dimensions split over the devices); new length buckets only recompile."""
 
     def __init__(self, make_step, state, mesh):
         self.make_step, self.mesh = make_step, mesh
         self.state_shardings = train_state_shardings(state)
-        self.fn = self.batch_shardings = None
+        self.fns: dict = {}
 
     def __call__(self, state, batch):
-        if self.fn is None:
-            self.batch_shardings = batch_shardings(batch, self.mesh)
-            self.fn = self.make_step(mesh=self.mesh, state_shardings=self.state_shardings,
-                                     batch_shardings=self.batch_shardings)
-        return self.fn(state, sharding.put(batch, self.batch_shardings))
+        shardings = batch_shardings(batch, self.mesh)
+        key = (jax.tree.structure(batch), tuple(s.spec for s in jax.tree.leaves(shardings)))
+        if key not in self.fns:
+            self.fns[key] = self.make_step(mesh=self.mesh, state_shardings=self.state_shardings,
+                                           batch_shardings=shardings)
+        return self.fns[key](state, sharding.put(batch, shardings))
 
 
 class Loop:
@@ -112,30 +124,25 @@ class Loop:
     # -- the update's inputs ------------------------------------------------------------------
 
     def sft_targets(self, examples, refine: bool = False) -> list[list[int]]:
-        """Reference rationale + final answer + EOS, tokenized (DyME memorization, SFT)."""
+        """Reference rationale + final answer + EOS, tokenized (DyME memorization, SFT): the refiner's
+        text when `refine`, else `reference_text` in the run's answer format."""
         c, tok = self.c, self.s.processor.tokenizer
         texts = None
         if refine and self.s.visual is not None:
             texts = list(self.s.visual.refiner.refine(examples).texts)
-        out = []
-        for i, e in enumerate(examples):
-            if texts is not None:
-                text = texts[i]
-            elif c.dyme.answer_format == "flag" or c.data.template == "dyme_answer":
-                text = f"{e['hint']}\nAnswer: {e['answer']}".strip()
-            else:
-                final = e["solution"] or "\\boxed{" + e["answer"] + "}"
-                text = f"{e['hint']}\n{final}".strip()
-            out.append(tok(text, add_special_tokens=False)["input_ids"] + [self.stop_ids[0]])
-        return out
+        fmt = "flag" if c.dyme.answer_format == "flag" or c.data.template == "dyme_answer" else "boxed"
+        if texts is None:
+            texts = [reference_text(e, fmt) for e in examples]
+        return [tok(text, add_special_tokens=False)["input_ids"] + [self.stop_ids[0]] for text in texts]
 
     def train_batch(self, prompts, tokens, mask, logprobs, num_samples, advantages, sft_weights, row_images,
                     ref_logprobs=None):
         c = self.c
         seqs = rollout.build_sequences(prompts, tokens, mask, logprobs, num_samples, self.pad_id)
+        group = rollout.shared_prompt_group(len(seqs.input_ids), c.num_micro, num_samples)
         vision = rollout.pack_micro_batches(row_images, seqs.prompt_index, c.num_micro, self.s.processor,
-                                            self.s.processor.patch_buckets)
-        return rollout.to_train_batch(seqs, advantages, sft_weights, c.num_micro, vision, ref_logprobs), seqs
+                                            self.s.processor.patch_buckets, group)
+        return rollout.to_train_batch(seqs, advantages, sft_weights, c.num_micro, vision, ref_logprobs, group), seqs
 
     def response_logprobs(self, params, ro: rollout.Rollouts, tokens, mask, logprobs):
         """float [R, N]: log-probs of the sampled response tokens under `params` (0 off the mask)."""

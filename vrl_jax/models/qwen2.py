@@ -62,6 +62,30 @@ class DecoderLayers(nnx.Module):
         self.gate_w, self.up_w, self.down_w = p(h, i), p(h, i), p(i, h)
 
 
+def _queries_keys_values(w: dict, x, cos, sin, *, cfg: TextConfig):
+    """The attention inputs of one block: x [B, T, H] -> q [B, T, N, hd], k [B, K, T, hd], v [B, K, hd, T]
+    (rotated; keys and values in the KV cache's layouts)."""
+    b, t, _ = x.shape
+    dt, hd = x.dtype, cfg.head_dim
+    y = layers.rms_norm(x, w["input_norm"].astype(dt), cfg.rms_norm_eps)
+    q = (y @ w["q_w"].astype(dt) + w["q_b"].astype(dt)).reshape(b, t, cfg.num_heads, hd)
+    k = (y @ w["k_w"].astype(dt) + w["k_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
+    v = (y @ w["v_w"].astype(dt) + w["v_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
+    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
+
+
+def _attend_and_mlp(w: dict, x, q, k, v, mask, *, cfg: TextConfig):
+    """The rest of the block: attention of q over k/v (mask bool [B, T, S]), output projection, MLP."""
+    b, t, _ = x.shape
+    dt = x.dtype
+    attn = layers.attention(q, k, v, mask, cfg.head_dim**-0.5).reshape(b, t, -1)
+    x = x + attn @ w["o_w"].astype(dt)
+    y = layers.rms_norm(x, w["post_norm"].astype(dt), cfg.rms_norm_eps)
+    mlp = jax.nn.silu(y @ w["gate_w"].astype(dt)) * (y @ w["up_w"].astype(dt))
+    return x + mlp @ w["down_w"].astype(dt)
+
+
 def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, write_index, *, cfg: TextConfig):
     """One decoder block.
 
@@ -71,15 +95,8 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
     int scalar slot where this call's T tokens go. Only those T slots of this layer are written, so a decode step moves one token's keys,
     not the cache. Returns x [B, T, H] and the updated cache.
     """
-    b, t, _ = x.shape
     dt = x.dtype
-    hd = cfg.head_dim
-    y = layers.rms_norm(x, w["input_norm"].astype(dt), cfg.rms_norm_eps)
-    q = (y @ w["q_w"].astype(dt) + w["q_b"].astype(dt)).reshape(b, t, cfg.num_heads, hd)
-    k = (y @ w["k_w"].astype(dt) + w["k_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
-    v = (y @ w["v_w"].astype(dt) + w["v_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
-    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, K, T, hd], [B, K, hd, T]
+    q, k, v = _queries_keys_values(w, x, cos, sin, cfg=cfg)
     if cache is not None:
         cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype),
                                                      (layer, 0, 0, write_index, 0)),
@@ -87,11 +104,24 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
                                                      (layer, 0, 0, 0, write_index)))
         k = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False).astype(dt)
         v = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False).astype(dt)
-    attn = layers.attention(q, k, v, mask, hd**-0.5).reshape(b, t, -1)
-    x = x + attn @ w["o_w"].astype(dt)
-    y = layers.rms_norm(x, w["post_norm"].astype(dt), cfg.rms_norm_eps)
-    mlp = jax.nn.silu(y @ w["gate_w"].astype(dt)) * (y @ w["up_w"].astype(dt))
-    return x + mlp @ w["down_w"].astype(dt), cache
+    return _attend_and_mlp(w, x, q, k, v, mask, cfg=cfg), cache
+
+
+def shared_prompt_block(w: dict, xp, xr, rope_p, rope_r, mask_p, mask_r, *, cfg: TextConfig):
+    """One decoder block over G prompts and their n responses each, the prompt computed once per group.
+
+    xp: [G, L, H] the prompts; xr: [G*n, N, H] the responses (group-major); rope_p/rope_r: (cos, sin)
+    of [G, L, hd] / [G*n, N, hd]; mask_p: bool [G, L, L]; mask_r: bool [G*n, N, L + N] over the
+    group's prompt keys, then the row's own. Equals `decoder_block` on the G*n rows [prompt, response]
+    (the same keys in the same slots); the prompt's keys and values are repeated for the n rows, so
+    their gradient sums over the group. Returns (xp [G, L, H], xr [G*n, N, H]).
+    """
+    qp, kp, vp = _queries_keys_values(w, xp, *rope_p, cfg=cfg)
+    qr, kr, vr = _queries_keys_values(w, xr, *rope_r, cfg=cfg)
+    n = xr.shape[0] // xp.shape[0]
+    k = jnp.concatenate([jnp.repeat(kp, n, axis=0), kr], axis=2)
+    v = jnp.concatenate([jnp.repeat(vp, n, axis=0), vr], axis=3)
+    return _attend_and_mlp(w, xp, qp, kp, vp, mask_p, cfg=cfg), _attend_and_mlp(w, xr, qr, k, v, mask_r, cfg=cfg)
 
 
 class Qwen2Decoder(nnx.Module):
@@ -138,3 +168,28 @@ class Qwen2Decoder(nnx.Module):
         # The cache rides in the carry (updated in place), not in the scan's stacked outputs.
         (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(cfg.num_layers)))
         return layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps), cache
+
+    def shared_prompt(self, xp, positions_p, valid_p, xr, positions_r, valid_r, remat: bool = False):
+        """The decoder stack over G prompts shared by n responses each (`shared_prompt_block`).
+
+        xp: [G, L, H], positions_p: int [3, G, L], valid_p: bool [G, L] (the prompts, left-padded);
+        xr: [G*n, N, H], positions_r: int [3, G*n, N], valid_r: bool [G*n, N] (the responses, rows of
+        a group consecutive). Returns final-norm hidden states ([G, L, H], [G*n, N, H]).
+        """
+        cfg = self.config
+        (g, length), n = valid_p.shape, xr.shape[0] // xp.shape[0]
+        rope_p = layers.mrope_cos_sin(positions_p, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, xp.dtype)
+        rope_r = layers.mrope_cos_sin(positions_r, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, xr.dtype)
+        mask_p = layers.causal_mask(valid_p, jnp.arange(length))
+        kv_valid = jnp.concatenate([jnp.repeat(valid_p, n, axis=0), valid_r], axis=1)
+        mask_r = layers.causal_mask(kv_valid, length + jnp.arange(xr.shape[1]))
+        stacked = {k: getattr(self.layers, k).value for k in DecoderLayers.NAMES}
+
+        def body(carry, w):
+            return shared_prompt_block(w, *carry, rope_p, rope_r, mask_p, mask_r, cfg=cfg), None
+
+        if remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        (xp, xr), _ = jax.lax.scan(body, (xp, xr), stacked)
+        norm = lambda x: layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps)  # noqa: E731
+        return norm(xp), norm(xr)

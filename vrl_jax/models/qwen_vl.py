@@ -90,6 +90,26 @@ class QwenVL(nnx.Module):
             kv_valid = attention_mask.astype(bool)
         return self.language(x, positions, kv_valid, cache=cache, write_index=write_index, remat=remat)
 
+    def shared_prompt_hidden_states(self, input_ids, positions, attention_mask, prompt_mask,
+                                    vision: VisionInputs | None = None, remat: bool = False):
+        """`hidden_states` for rows that come in groups sharing their first L columns (a GRPO group's
+        prompt), the prompt computed once per group.
+
+        input_ids, attention_mask: int [B, T]; positions: int [3, B, T]; prompt_mask: [G, L], the
+        groups' prompt masks (B = G * n, rows of a group consecutive, L < T); vision: the G prompts'
+        images, placeholders in the order of the groups' first rows. Returns the final-norm hidden
+        states [B, T - L + 1, H] of positions L - 1 ... T - 1 (the ones that predict responses).
+        """
+        g, length = prompt_mask.shape
+        n = input_ids.shape[0] // g
+        first = slice(None, None, n)
+        xp = self.embed(input_ids[first, :length], vision, remat=remat)
+        xr = self.language.embed_tokens(input_ids[:, length:], self.dtype)
+        hp, hr = self.language.shared_prompt(xp, positions[:, first, :length], prompt_mask.astype(bool), xr,
+                                             positions[:, :, length:], attention_mask[:, length:].astype(bool),
+                                             remat=remat)
+        return jnp.concatenate([jnp.repeat(hp[:, -1:], n, axis=0), hr], axis=1)
+
     def logits(self, hidden):
         """hidden: [B, T, H] -> logits [B, T, V] float32 (computed in the model dtype, as transformers)."""
         return (hidden @ self.language.unembedding().astype(hidden.dtype)).astype(jnp.float32)

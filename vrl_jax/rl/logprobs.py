@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from vrl_jax.models.qwen_vl import VisionInputs
@@ -22,36 +23,48 @@ from vrl_jax.rl.losses import TokenStats, chunked_token_stats
 
 def sequence_stats(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, positions: jax.Array,
                    attention_mask: jax.Array, targets: jax.Array, vision: VisionInputs | None = None, *,
-                   chunk_size: int = 8192, temperature: float = 1.0, with_entropy: bool = False,
-                   remat: bool = False) -> TokenStats:
+                   prompt_mask: jax.Array | None = None, chunk_size: int = 8192, temperature: float = 1.0,
+                   with_entropy: bool = False, remat: bool = False) -> TokenStats:
     """Log-probs of `targets` under `softmax(logits / temperature)` at every position.
 
     graphdef, params: `nnx.split(model, nnx.Param)`'s graph and the pure param dict.
     input_ids, attention_mask, targets: int `[B, T]` (targets[t] is the token after input_ids[t]);
     positions: int `[3, B, T]`; vision: packed patches for this batch's images (`[P, ...]`) or None.
+    prompt_mask: `[G, L]` or None: the rows are G groups of B / G consecutive rows sharing their first
+    L columns (`TrainBatch.prompt_mask`); the prompt is then computed once per group, and only the
+    positions from L - 1 on (those that predict response tokens) are scored, the others hold 0.
     Returns TokenStats of float32 `[B, T]` (entropy None unless `with_entropy`); padding positions
     hold finite garbage, mask them.
     """
     model = nnx.merge(graphdef, params)
-    hidden, _ = model.hidden_states(input_ids, positions, attention_mask, vision, remat=remat)
+    if prompt_mask is None:
+        hidden, _ = model.hidden_states(input_ids, positions, attention_mask, vision, remat=remat)
+        skipped = 0
+    else:
+        hidden = model.shared_prompt_hidden_states(input_ids, positions, attention_mask, prompt_mask, vision,
+                                                   remat=remat)
+        skipped = input_ids.shape[1] - hidden.shape[1]
     unembed = model.language.unembedding().astype(hidden.dtype)
-    return chunked_token_stats(hidden, unembed, targets, chunk_size=chunk_size, temperature=temperature,
-                               with_entropy=with_entropy)
+    stats = chunked_token_stats(hidden, unembed, targets[:, skipped:], chunk_size=chunk_size,
+                                temperature=temperature, with_entropy=with_entropy)
+    pad = lambda x: None if x is None else jnp.pad(x, ((0, 0), (skipped, 0)))  # noqa: E731
+    return TokenStats(pad(stats.logprobs), pad(stats.entropy))
 
 
 def batch_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Any, *, chunk_size: int = 8192,
                    temperature: float = 1.0, with_entropy: bool = False) -> TokenStats:
     """`sequence_stats` over every micro-batch of a TrainBatch-like tree, one at a time (`lax.map`).
 
-    batch: has input_ids, attention_mask, targets `[M, mb, T]`, positions `[M, 3, mb, T]` and
-    vision (VisionInputs of `[M, P, ...]`) or None. Returns TokenStats of float32 `[M, mb, T]`.
+    batch: has input_ids, attention_mask, targets `[M, mb, T]`, positions `[M, 3, mb, T]`,
+    vision (VisionInputs of `[M, P, ...]`) or None, and optionally prompt_mask `[M, G, L]` or None. Returns TokenStats of float32 `[M, mb, T]`.
     """
-    fields = (batch.input_ids, batch.positions, batch.attention_mask, batch.targets, batch.vision)
+    fields = (batch.input_ids, batch.positions, batch.attention_mask, batch.targets, batch.vision,
+              getattr(batch, "prompt_mask", None))
 
     def one(xs):
-        ids, pos, mask, tgt, vision = xs
-        return sequence_stats(graphdef, params, ids, pos, mask, tgt, vision, chunk_size=chunk_size,
-                              temperature=temperature, with_entropy=with_entropy)
+        ids, pos, mask, tgt, vision, prompt_mask = xs
+        return sequence_stats(graphdef, params, ids, pos, mask, tgt, vision, prompt_mask=prompt_mask,
+                              chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy)
 
     return jax.lax.map(one, fields)
 

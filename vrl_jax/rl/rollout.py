@@ -27,6 +27,7 @@ class Sequences(NamedTuple):
     loss_mask: np.ndarray
     old_logprobs: np.ndarray
     prompt_index: np.ndarray  # int [R]: the prompt each row answers
+    prompt_length: int = 0  # L: the prompt columns every row starts with
 
 
 def build_sequences(prompts, tokens, response_mask, logprobs, num_samples: int, pad_id: int) -> Sequences:
@@ -49,7 +50,14 @@ def build_sequences(prompts, tokens, response_mask, logprobs, num_samples: int, 
     old = np.zeros(ids.shape, np.float32)
     old[:, length - 1:length - 1 + n_new] = np.asarray(logprobs, np.float32) * mask
     return Sequences(ids.astype(np.int32), attention.astype(np.int32), positions.astype(np.int32),
-                     targets.astype(np.int32), loss_mask, old, index)
+                     targets.astype(np.int32), loss_mask, old, index, length)
+
+
+def shared_prompt_group(rows: int, num_micro: int, num_samples: int) -> int:
+    """How many consecutive rows the train step may treat as one prompt group (`TrainBatch.prompt_mask`):
+    the samples per prompt when every micro-batch holds whole groups, else 1 (no sharing)."""
+    per = rows // num_micro
+    return num_samples if num_samples > 1 and per % num_samples == 0 else 1
 
 
 def target_width(longest: int, cap: int, smallest: int = 32) -> int:
@@ -114,7 +122,7 @@ def _patches(images) -> int:
 
 
 def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray, num_micro: int, processor,
-                       buckets: Sequence[int]) -> VisionInputs:
+                       buckets: Sequence[int], group: int = 1) -> VisionInputs:
     """Packs each micro-batch's images into one shared patch bucket, so the micro-batches stack:
     VisionInputs of [M, P, ...] with `feature_index` [M, U].
 
@@ -122,11 +130,13 @@ def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray,
     samples) the micro-batch holds, and `feature_index` points every row's placeholders at them: the
     vision tower encodes a group's image once, not n times (its gradient sums over the rows, as n
     encodings would). U is the bucketed placeholder count of all rows, so shapes stay bucketed.
+    group > 1 (`shared_prompt_group`): placeholders are those of each group's first row only, the
+    rows the train step embeds when it computes a group's prompt once (`TrainBatch.prompt_mask`).
     """
     rows = len(prompt_index)
     per = rows // num_micro
     merge = processor.config.vision.merge_size ** 2
-    micro = [list(prompt_index[m * per:(m + 1) * per]) for m in range(num_micro)]
+    micro = [list(prompt_index[m * per:(m + 1) * per:group]) for m in range(num_micro)]
     unique = [list(dict.fromkeys(prompts)) for prompts in micro]
     bucket = choose_bucket(max(max(_patches(im for p in u for im in row_images[p]) for u in unique), 1), buckets)
     units = choose_bucket(max(max(_patches(im for p in m for im in row_images[p]) for m in micro), 1),
@@ -144,12 +154,18 @@ def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray,
 
 
 def to_train_batch(seqs: Sequences, advantages, sft_weights, num_micro: int, vision: VisionInputs | None,
-                   ref_logprobs=None) -> TrainBatch:
+                   ref_logprobs=None, group: int = 1) -> TrainBatch:
     """Splits rows into `num_micro` micro-batches. advantages: [R] (broadcast over tokens) or [R, T];
-    sft_weights: [R]. Returns a NumPy TrainBatch with leading [M, mb] axes (positions [M, 3, mb, T])."""
+    sft_weights: [R]; group > 1 (`shared_prompt_group`): rows come in groups of `group` sharing
+    their prompt, which the train step then computes once per group (`TrainBatch.prompt_mask`).
+    Returns a NumPy TrainBatch with leading [M, mb] axes (positions [M, 3, mb, T])."""
     rows, length = seqs.input_ids.shape
     if rows % num_micro:
         raise ValueError(f"{rows} rows do not split into num_micro={num_micro} micro-batches")
+    if group > 1:
+        prompts = seqs.input_ids[:, :seqs.prompt_length].reshape(rows // group, group, -1)
+        if (rows // num_micro) % group or not (prompts == prompts[:, :1]).all():
+            raise ValueError(f"rows do not come in groups of {group} sharing their prompt within micro-batches")
     adv = np.asarray(advantages, np.float32)
     if adv.ndim == 1:
         adv = np.broadcast_to(adv[:, None], (rows, length))
@@ -159,7 +175,9 @@ def to_train_batch(seqs: Sequences, advantages, sft_weights, num_micro: int, vis
         input_ids=split(seqs.input_ids), attention_mask=split(seqs.attention_mask), positions=pos,
         targets=split(seqs.targets), loss_mask=split(seqs.loss_mask), old_logprobs=split(seqs.old_logprobs),
         advantages=split(adv * seqs.loss_mask), sft_weights=split(np.asarray(sft_weights, np.float32)),
-        ref_logprobs=None if ref_logprobs is None else split(ref_logprobs), vision=vision)
+        ref_logprobs=None if ref_logprobs is None else split(ref_logprobs), vision=vision,
+        prompt_mask=None if group == 1 else seqs.attention_mask[::group, :seqs.prompt_length].reshape(
+            num_micro, rows // num_micro // group, seqs.prompt_length))
 
 
 class Rollouts(NamedTuple):

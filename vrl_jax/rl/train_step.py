@@ -58,6 +58,11 @@ class TrainBatch(NamedTuple):
     ref_logprobs: float `[M, mb, T]` reference-policy log-probs, or None when the KL term is off;
     vision: VisionInputs of `[M, P, patch_dim]`, `[M, P, 2]`, `[M, P]`, `[M, P]` (each micro-batch's
       images packed in reading order), or None for text-only batches.
+    prompt_mask: int `[M, G, L]` or None. Set, it says that each micro-batch's mb rows are G groups of
+      n = mb / G consecutive rows whose first L columns are the same prompt (a GRPO group), gives that
+      prompt's mask, and has the forward compute each prompt once per group instead of n times
+      (`QwenVL.shared_prompt_hidden_states`); vision then holds the G prompts' images, placeholders in
+      group order.
     """
 
     input_ids: jax.Array
@@ -70,13 +75,14 @@ class TrainBatch(NamedTuple):
     sft_weights: jax.Array
     ref_logprobs: jax.Array | None = None
     vision: VisionInputs | None = None
+    prompt_mask: jax.Array | None = None
 
 
 OLD_LOGPROBS = ("batch", "forward")
 
 # Which dimension of each TrainBatch field holds the rows (or, for vision, the patches).
 _BATCH_DIM = dict(input_ids=1, attention_mask=1, positions=2, targets=1, loss_mask=1, old_logprobs=1,
-                  advantages=1, sft_weights=1, ref_logprobs=1)
+                  advantages=1, sft_weights=1, ref_logprobs=1, prompt_mask=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +188,10 @@ class StepConfig:
             index = batch.vision.feature_index
             if index is not None and (index.ndim != 2 or index.shape[0] != m):
                 raise ValueError(f"TrainBatch.vision.feature_index must be [num_micro={m}, U]; got {tuple(index.shape)}")
+        pm = batch.prompt_mask
+        if pm is not None and (pm.ndim != 3 or pm.shape[0] != m or mb % max(pm.shape[1], 1) or pm.shape[2] >= t):
+            raise ValueError(f"TrainBatch.prompt_mask must be [num_micro={m}, G, L] with G dividing the {mb} rows of "
+                             f"a micro-batch and L < T={t}; got {tuple(pm.shape)}")
 
 
 # ---- Shardings -----------------------------------------------------------------------------------
@@ -225,8 +235,8 @@ def _micro_loss(graphdef: nnx.GraphDef, cfg: StepConfig, trainable: dict, frozen
     gap: max |pi / pi_old - 1| over its RL tokens, pi_old = the batch's old log-probs."""
     params = _unflat({**trainable, **jax.lax.stop_gradient(frozen)})
     stats = sequence_stats(graphdef, params, micro.input_ids, micro.positions, micro.attention_mask, micro.targets,
-                           micro.vision, chunk_size=cfg.chunk_size, temperature=cfg.temperature,
-                           with_entropy=cfg.with_entropy, remat=cfg.remat)
+                           micro.vision, prompt_mask=micro.prompt_mask, chunk_size=cfg.chunk_size,
+                           temperature=cfg.temperature, with_entropy=cfg.with_entropy, remat=cfg.remat)
     old = micro.old_logprobs if cfg.old_logprobs == "batch" else jax.lax.stop_gradient(stats.logprobs)
     loss, metrics = policy_objective(cfg.loss, stats.logprobs, old, micro.advantages, micro.loss_mask,
                                      ref_logprobs=micro.ref_logprobs, entropy=stats.entropy,
