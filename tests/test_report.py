@@ -172,3 +172,20 @@ def test_accuracy_axis_is_decided_by_eval_rows(runs, tmp_path):
         w.write(3, {TRAIN_ACCURACY_KEY: 0.5, "epoch": 1}, split="epoch", kind="epoch")
         w.write(4, {MAYE_SETTINGS[0].metric_key("val"): 0.5}, split="eval", kind="eval")
     assert report.accuracy_axis(report.load_runs([str(wd)])) == "step"
+
+
+def test_long_training_curves_are_smoothed_over_their_raw_points():
+    """A noisy rising series: the moving average keeps the trend (its ends near the true line) and
+    removes most of the noise; short series are left alone."""
+    from vrl_jax.report import smooth, smoothing_window
+    rs = np.random.RandomState(0)
+    steps = np.arange(120)
+    truth = 0.10 + 0.001 * steps
+    noisy = truth + rs.normal(0, 0.03, steps.size)
+    window = smoothing_window(steps.size)
+    assert window == 13 and smoothing_window(12) == 1
+    smoothed = smooth(noisy, window)
+    assert smoothed.shape == noisy.shape
+    assert np.abs(smoothed - truth)[10:-10].std() < 0.4 * np.abs(noisy - truth).std()
+    assert smoothed[-10:].mean() - smoothed[:10].mean() > 0.08  # the rise survives
+    np.testing.assert_allclose(smooth([1.0, 2.0, 3.0, 10.0], 3), [1.5, 2.0, 5.0, 6.5])

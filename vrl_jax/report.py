@@ -233,10 +233,27 @@ def _band(runs: Sequence[Run], key: str, split: str | None, x: str, scale: float
     return np.asarray(xs), np.asarray(mean), np.asarray(std)
 
 
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average of a 1-D series, the window shrinking at the ends (no padding values):
+    [n] -> [n]."""
+    values = np.asarray(values, np.float64)
+    n, half = values.size, max(window, 1) // 2
+    csum = np.concatenate([[0.0], np.cumsum(values)])
+    lo, hi = np.maximum(np.arange(n) - half, 0), np.minimum(np.arange(n) + half + 1, n)
+    return (csum[hi] - csum[lo]) / (hi - lo)
+
+
+def smoothing_window(points: int) -> int:
+    """An odd window of about a tenth of the series (1 = no smoothing for 12 points or fewer)."""
+    return 1 if points <= 12 else 2 * max(points // 20, 1) + 1
+
+
 def plot_panels(path: Path, title: str, groups: dict[str, list[Run]], keys: Sequence[str], *,
                 split: str | None, x: str, xlabel: str, scale: float = 1.0, ylabel: str = "",
                 titles: dict | None = None) -> Path:
-    """One panel per key, one colour per group: the mean over its runs, shaded ±std."""
+    """One panel per key, one colour per group: the mean over its runs, shaded ±std. A long, noisy series
+    (a training curve of more than 12 steps) is drawn as its raw points plus a moving average
+    (`smoothing_window`), so a trend shows through per-step noise without hiding it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -254,8 +271,12 @@ def plot_panels(path: Path, title: str, groups: dict[str, list[Run]], keys: Sequ
             if not xs.size:
                 continue
             c = colors[i % len(colors)]
-            ax.plot(xs, mean, color=c, lw=1.6, marker="o" if xs.size <= 12 else None, ms=3,
-                    label=f"{name} (n={len(runs)})")
+            window = smoothing_window(xs.size)
+            label = f"{name} (n={len(runs)})" + (f", {window}-step average" if window > 1 else "")
+            if window > 1:
+                ax.scatter(xs, mean, color=c, s=4, alpha=0.35, lw=0)
+                mean, std = smooth(mean, window), smooth(std, window)
+            ax.plot(xs, mean, color=c, lw=1.6, marker="o" if xs.size <= 12 else None, ms=3, label=label)
             ax.fill_between(xs, mean - std, mean + std, color=c, alpha=0.2, lw=0)
         ax.set_title((titles or {}).get(key, key), fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
