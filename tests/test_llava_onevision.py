@@ -169,3 +169,153 @@ def test_one_image_logits(checkpoint, processor, pil_images, size):
     diff = max_diff(forward(model, batch), hf_logits(hf, batch), batch["attention_mask"])
     print(f"one image {SIZES[size]} ({image.grid_thw[0]} tiles): max |logit diff| = {diff:.2e}")
     assert diff <= TOL
+
+
+def test_two_images_of_different_sizes_and_left_padding(checkpoint, processor, pil_images):
+    """A prompt with two images (each one base tile and one newline, not tiled) next to a tiled image's
+    prompt, left-padded: every image feature lands on its own placeholders."""
+    d, hf = checkpoint
+    model = load_hf_params(d, processor.config)
+    batch = make_batch(processor, [[5, ("img", 0), 6, 7, ("img", 2), 8], [9, 10, ("img", 3), 11],
+                                   [12, ("img", 1), 13, 14]], pil_images)
+    assert [[im.tiled for im in row] for row in batch["images"]] == [[False, False], [True], [True]]
+    assert batch["attention_mask"].min() == 0
+    diff = max_diff(forward(model, batch), hf_logits(hf, batch), batch["attention_mask"])
+    print(f"two images + tiled images, left padding: max |logit diff| = {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_image_features_equal_pack_image_features(checkpoint, processor, pil_images):
+    """The gathered placeholder features equal transformers' packed image features (unpadding, bilinear
+    downsampling, newline columns), image by image; the downsampled images really are downsampled."""
+    d, hf = checkpoint
+    model = load_hf_params(d, processor.config)
+    batch = make_batch(processor, [[("img", k)] for k in range(len(SIZES))], pil_images)
+    weights = np.asarray(batch["vision"].feature_weight)
+    assert ((weights > 0) & (weights < 1)).any()  # some placeholders blend four features
+    ours = np.asarray(jax.jit(lambda v: model.image_features(v))(
+        VisionInputs(*(None if x is None else jnp.asarray(x) for x in batch["vision"]))))
+    kw = {k: torch.tensor(v) for k, v in batch["hf"].items()}
+    with torch.no_grad():
+        ref = hf.model.get_image_features(kw["pixel_values"], kw["image_sizes"],
+                                          batch_num_images=kw["batch_num_images"]).pooler_output
+    counts = [processor.num_tokens(row[0]) for row in batch["images"]]
+    assert counts == [f.shape[0] for f in ref]
+    ref = torch.cat(list(ref)).numpy()
+    assert np.abs(ours[:len(ref)] - ref).max() <= 1e-5
+
+
+def test_image_processing_equals_transformers(pil_images):
+    """Pixel values equal LlavaOnevisionImageProcessorPil's bit for bit (tiled, and padded to a square when a
+    prompt has several images); token counts equal LlavaOnevisionProcessor's `_get_number_of_features`."""
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+    ip = hf_image_processor()
+    ours = anyres.AnyResImageProcessor(tile_size=TILE, patch_size=14, grid_pinpoints=PINPOINTS, image_mean=MEAN,
+                                       image_std=STD)
+    counter = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)  # its tokenizer is not needed to count
+    counter.image_processor, counter.num_image_tokens, counter.vision_aspect_ratio = ip, 16, "anyres_max_9"
+    rs = np.random.RandomState(3)
+    extra = [random_image(rs, h, w) for h, w in ((56, 56), (33, 170), (301, 300), (90, 90))]
+    for img in list(pil_images) + extra:
+        h, w = img.height, img.width
+        for tiled in (True, False):
+            ref = ip(images=[img] if tiled else [[img, img]], return_tensors="np")
+            got = ours(img, tiled=tiled)
+            n = got.grid_thw[0]
+            ref_pixels = ref["pixel_values"][0][:n]
+            assert len(ref_pixels) == n and (tiled or n == 1)
+            patches = ref_pixels.reshape(n, 3, 4, 14, 4, 14).transpose(0, 2, 4, 1, 3, 5).reshape(n * 16, -1)
+            np.testing.assert_array_equal(got.patches, patches)
+            assert tuple(ref["image_sizes"][0]) == got.image_size == (h, w)
+            index, _ = anyres.feature_map(got.image_size, tiled, TILE, 4, PINPOINTS, 9)
+            expected = counter._get_number_of_features(h, w, TILE, TILE) if tiled else 16 + 1
+            assert len(index) == expected, (h, w, tiled)
+
+
+# ---- Conversion ------------------------------------------------------------------------------------
+
+
+def read_all(directory):
+    from vrl_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
+    out = {}
+    for path in checkpoint_files(directory):
+        f = SafetensorsFile(path)
+        out.update({k: np.array(f.get(k)) for k in f.keys()})
+    return out
+
+
+def flat_params(model):
+    return {".".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("llava_untied"))
+    return d, build_hf_model(d, tie=False, seed=1)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_hf_to_vrl_jax_to_hf_is_bit_identical_and_loads_in_transformers(checkpoint, untied, processor, pil_images,
+                                                                       tmp_path, tie):
+    from transformers import AutoModelForImageTextToText
+
+    from vrl_jax.models.loading import export_hf, load_model
+    d, hf = checkpoint if tie else untied
+    model = load_model(d)
+    assert (model.language.lm_head is None) == tie
+    out = str(tmp_path / "export")
+    export_hf(model, out, source_dir=d)
+    before, after = read_all(d), read_all(out)
+    assert sorted(before) == sorted(after)
+    assert any(k.endswith("lm_head.weight") for k in before) != tie
+    for key in before:
+        assert before[key].dtype == after[key].dtype and np.array_equal(before[key], after[key]), key
+    batch = make_batch(processor, [[5, ("img", 2), 6]], pil_images)
+    reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert type(reloaded).__name__ == "LlavaOnevisionForConditionalGeneration"
+    np.testing.assert_array_equal(hf_logits(reloaded, batch), hf_logits(hf, batch))
+
+
+def test_both_key_layouts_load(checkpoint, tmp_path):
+    """transformers 4.x files (the released checkpoints: `vision_tower.vision_model.*`) and the 5.x in-memory
+    names (`model.language_model.*`, `model.vision_tower.*`, ...) load to the same parameters."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from vrl_jax.models.loading import load_model
+    d, hf = checkpoint
+    reference = flat_params(load_model(d))
+    tensors = read_all(d)
+    v4 = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in tensors.items()}
+    assert any(k.startswith("vision_tower.vision_model.encoder.") for k in v4)
+    in_memory = {k: v.numpy() for k, v in hf.state_dict().items()}
+    assert any(k.startswith("model.language_model.") for k in in_memory)
+    for name, layout in (("v4", v4), ("in_memory", in_memory)):
+        target = tmp_path / name
+        target.mkdir()
+        shutil.copy(os.path.join(d, "config.json"), target / "config.json")
+        save_file(layout, str(target / "model.safetensors"))
+        loaded = flat_params(load_model(str(target)))
+        assert sorted(loaded) == sorted(reference)
+        assert all(np.array_equal(loaded[k], reference[k]) for k in reference), name
+
+
+def test_orbax_round_trip_and_check_cli(checkpoint, untied, tmp_path, capsys):
+    from vrl_jax import convert
+    from vrl_jax.models.loading import load_model
+    d, _ = checkpoint
+    orbax_dir, back = str(tmp_path / "orbax"), str(tmp_path / "back")
+    assert convert.main(["to-orbax", d, orbax_dir]) == 0
+    a, b = flat_params(load_model(d)), flat_params(load_model(orbax_dir))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert convert.main(["to-hf", orbax_dir, back]) == 0
+    before, after = read_all(d), read_all(back)
+    assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)
+    capsys.readouterr()
+    assert convert.main(["check", d, "--model", orbax_dir]) == 0
+    printed = capsys.readouterr().out
+    assert "one image" in printed and "two images of different sizes" in printed and "PASS" in printed
+    print(printed)
+    assert convert.main(["check", d, "--model", untied[0]]) == 1
+    assert "FAIL" in capsys.readouterr().out

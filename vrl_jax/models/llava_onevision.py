@@ -118,8 +118,10 @@ class LlavaProcessor(VLProcessor):
 
     def __post_init__(self):
         v = self.config.vision
-        if not self.patch_buckets:  # whole tiles: 4, 8, 16, 40 (the most one image has: 1 + 36) tiles
-            self.patch_buckets = tuple(v.tile_tokens * n for n in (4, 8, 16, 40))
+        if not self.patch_buckets:  # whole tiles: 4, 8, 16, then 1, 2, 4 times the most one image has (1 + 36)
+            most = 1 + max(h * w for h, w in v.grid_pinpoints) // v.image_size ** 2
+            tiles = sorted({4, 8, 16} | {-(-most * k // 4) * 4 for k in (1, 2, 4)})
+            self.patch_buckets = tuple(v.tile_tokens * n for n in tiles)
         anyres.check_buckets(self.patch_buckets, v.tile_tokens)
 
     @classmethod
@@ -209,13 +211,14 @@ def check_inputs(config: ModelConfig, rs: np.random.RandomState) -> list[dict]:
         for i, r in enumerate(ids):
             input_ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
         flat = [im for row in images for im in row]
-        out = dict(name=name, input_ids=input_ids, attention_mask=mask, positions=text_positions(mask)[0],
-                   vision=None, hf={})
+        positions = text_positions(mask)[0]
+        out = dict(name=name, input_ids=input_ids, attention_mask=mask, positions=positions, vision=None,
+                   hf=dict(position_ids=positions[0]))
         if flat:
             packed = fake.pack(flat, [-(-sum(im.patches.shape[0] for im in flat) // (4 * v.tile_tokens))
                                       * 4 * v.tile_tokens])
             out["vision"] = VisionInputs.from_batch(packed)
-            out["hf"] = hf_image_kwargs(images, v)
+            out["hf"].update(hf_image_kwargs(images, v))
         return out
 
     return [batch("text", [text(24)]), batch("text, left-padded batch", [text(20), text(9)]),
