@@ -121,7 +121,8 @@ def make_batch(processor, rows_spec, pil):
     flat = [im for row in images for im in row]
     out = dict(input_ids=ids, attention_mask=mask, positions=text_positions(mask)[0], images=images, vision=None)
     if flat:
-        out["vision"] = VisionInputs.from_batch(processor.pack(flat))
+        out["packed"] = processor.pack(flat)
+        out["vision"] = VisionInputs.from_batch(out["packed"])
         out["hf"] = hf_image_kwargs(images, processor.config.vision)
     return out
 
@@ -319,3 +320,86 @@ def test_orbax_round_trip_and_check_cli(checkpoint, untied, tmp_path, capsys):
     print(printed)
     assert convert.main(["check", d, "--model", untied[0]]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+# ---- Sampling and training -------------------------------------------------------------------------
+
+NEW, NEVER = 24, 1023  # NEVER: a stop token these tiny models do not produce (checked)
+N_SAMPLES, TEMPERATURE = 2, 0.8
+
+
+@pytest.fixture(scope="module")
+def sampling(tmp_path_factory, pil_images):
+    """An untied model with wide weights (a random tied model copies its last token forever), and a batch:
+    a tiled image with downsampled features, and a left-padded prompt with two images."""
+    from vrl_jax.models.processor import ModelInputs
+    d = str(tmp_path_factory.mktemp("llava_wide"))
+    hf = build_hf_model(d, tie=False, seed=7, wide=True)
+    config = ModelConfig.from_pretrained(d)
+    proc = LlavaProcessor(tokenizer=None, image_processor=LlavaProcessor.load_image_processor(d, config),
+                          config=config)
+    b = make_batch(proc, [[5, 6, ("img", 3), 7, 8], [9, ("img", 0), 10, ("img", 1), 11, 12, 13]], pil_images)
+    assert b["attention_mask"].min() == 0
+    inputs = ModelInputs(b["input_ids"], b["attention_mask"], b["positions"], b["attention_mask"].sum(1),
+                         b["packed"], row_images=tuple(map(tuple, b["images"])))
+    return hf, load_hf_params(d, config), proc, b, inputs
+
+
+def test_greedy_is_token_identical_to_transformers_generate(sampling):
+    from vrl_jax.sampling.sampler import Sampler, SamplerConfig
+    hf, model, _, b, inputs = sampling
+    sampler, params = Sampler.for_model(model, SamplerConfig(max_new_tokens=NEW, stop_token_ids=(NEVER,)))
+    out = sampler(params, inputs, jax.random.key(0), temperature=0.0)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(b["input_ids"]).long(),
+                          attention_mask=torch.tensor(b["attention_mask"]).long(),
+                          **{k: torch.tensor(v) for k, v in b["hf"].items()}, max_new_tokens=NEW, do_sample=False,
+                          eos_token_id=NEVER, pad_token_id=0)[:, b["input_ids"].shape[1]:].numpy()
+    assert ref.shape == (2, NEW) and not np.asarray(out.stopped).any()
+    assert min(len(set(r.tolist())) for r in ref) >= 4  # non-degenerate continuations
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+
+
+def test_rollout_logprobs_and_one_train_step(sampling):
+    """Sampled rows laid out for training (each prompt's images packed once per micro-batch, every sample's
+    placeholders mapped onto them) give the sampler's log-probs back, and one RL step runs and updates."""
+    from vrl_jax.rl import rollout
+    from vrl_jax.rl.logprobs import sequence_stats
+    from vrl_jax.rl.losses import PolicyLossConfig
+    from vrl_jax.rl.train_state import OptimizerConfig, create_train_state
+    from vrl_jax.rl.train_step import StepConfig, make_train_step
+    from vrl_jax.sampling.sampler import Sampler, SamplerConfig
+    _, model, proc, _, inputs = sampling
+    sampler, params = Sampler.for_model(model, SamplerConfig(max_new_tokens=10, num_samples=N_SAMPLES,
+                                                             stop_token_ids=(NEVER,)))
+    out = jax.device_get(sampler(params, inputs, jax.random.key(0), temperature=TEMPERATURE))
+    seqs = rollout.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
+    vision = rollout.pack_micro_batches(inputs.row_images, seqs.prompt_index, 2, proc, proc.patch_buckets)
+    assert vision.feature_index.shape[:1] == (2,) and vision.feature_weight.shape == vision.feature_index.shape
+    graphdef, state = nnx.split(model, nnx.Param)
+    per = len(seqs.prompt_index) // 2
+    for m in range(2):  # micro-batch m holds the two samples of prompt m; its images are encoded once
+        rows = slice(m * per, (m + 1) * per)
+        tiles = sum(im.grid_thw[0] for im in inputs.row_images[m])
+        assert (vision.segment_ids[m] >= 0).sum() == tiles * proc.config.vision.tile_tokens
+        stats = sequence_stats(graphdef, state.to_pure_dict(), jnp.asarray(seqs.input_ids[rows]),
+                               jnp.asarray(seqs.positions[:, rows]), jnp.asarray(seqs.attention_mask[rows]),
+                               jnp.asarray(seqs.targets[rows]), jax.tree.map(lambda x: jnp.asarray(x[m]), vision),
+                               chunk_size=256, temperature=TEMPERATURE)
+        mask = seqs.loss_mask[rows] > 0
+        assert np.abs(np.asarray(stats.logprobs)[mask] - seqs.old_logprobs[rows][mask]).max() < 1e-4
+    batch = rollout.to_train_batch(seqs, np.array([1.0, -1.0, 0.5, -0.5]), np.zeros(4), 2, vision)
+    opt = OptimizerConfig(learning_rate=1e-3, total_steps=2, train_vit=True, train_connector=True)
+    state, _, graphdef = create_train_state(model, opt)
+    before = jax.tree.map(np.array, state.params)
+    step = make_train_step(graphdef, opt, StepConfig(batch_size=4, num_micro=2, chunk_size=256,
+                                                     loss=PolicyLossConfig(), temperature=TEMPERATURE))
+    state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(metrics))
+    after = jax.tree.map(np.array, state.params)
+    for path in (("visual", "layers", "q_w"), ("visual", "pos_embed"), ("projector", "linear1_w"),
+                 ("projector", "newline"), ("language", "layers", "q_w")):
+        old, new = before, after
+        for key in path:
+            old, new = old[key], new[key]
+        assert not np.array_equal(old, new), path  # every part got a gradient, through the feature map

@@ -36,3 +36,12 @@ def resolve(model_type: str, part: str):
     """The object `FAMILIES[model_type].<part>` names."""
     module, name = getattr(FAMILIES[model_type], part).split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def hf_names() -> dict[str, str]:
+    """vrl_jax parameter path -> its HF key template, over every family (a path means one thing in all)."""
+    names: dict[str, str] = {}
+    for model_type in FAMILIES:
+        for template, path, _ in resolve(model_type, "weights").rules:
+            names.setdefault(path, template)
+    return names

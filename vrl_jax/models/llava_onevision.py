@@ -34,36 +34,43 @@ def gather_units(units, index, weight):
                       precision=jax.lax.Precision.HIGHEST).astype(units.dtype)
 
 
+class Projector(nnx.Module):
+    """The connector: linear -> activation -> linear into the LM width, and the `image_newline` vector."""
+
+    def __init__(self, v, hidden: int, *, param_dtype, rngs: nnx.Rngs):
+        self.config = v
+        self.linear1_w, self.linear2_w = _param(rngs, (v.width, hidden), param_dtype), _param(rngs, (hidden, hidden),
+                                                                                              param_dtype)
+        if v.projector_bias:
+            self.linear1_b, self.linear2_b = _zeros((hidden,), param_dtype), _zeros((hidden,), param_dtype)
+        self.newline = _param(rngs, (hidden,), param_dtype, std=hidden ** -0.5)
+
+    def __call__(self, feats):
+        """SigLIP features [P, width] -> [P, H]."""
+        dt, bias = feats.dtype, self.config.projector_bias
+        x = feats @ self.linear1_w.value.astype(dt)
+        x = layers.activation(self.config.projector_act)(x + self.linear1_b.value.astype(dt) if bias else x)
+        x = x @ self.linear2_w.value.astype(dt)
+        return x + self.linear2_b.value.astype(dt) if bias else x
+
+
 class LlavaOnevision(QwenVL):
     """LLaVA-OneVision; the decoder, hidden_states, logits and __call__ are QwenVL's."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
-        v, h = config.vision, config.text.hidden_size
         self.config = config
         self.dtype = dtype
-        self.visual = SiglipTower(v, param_dtype=param_dtype, rngs=rngs)
-        self.proj1_w, self.proj2_w = _param(rngs, (v.width, h), param_dtype), _param(rngs, (h, h), param_dtype)
-        if v.projector_bias:
-            self.proj1_b, self.proj2_b = _zeros((h,), param_dtype), _zeros((h,), param_dtype)
-        self.image_newline = _param(rngs, (h,), param_dtype, std=h ** -0.5)
+        self.visual = SiglipTower(config.vision, param_dtype=param_dtype, rngs=rngs)
+        self.projector = Projector(config.vision, config.text.hidden_size, param_dtype=param_dtype, rngs=rngs)
         self.language = Qwen2Decoder(config.text, tie_word_embeddings=config.tie_word_embeddings,
                                      param_dtype=param_dtype, rngs=rngs)
 
-    def project(self, feats):
-        """SigLIP features [P, width] -> LM width [P, H]: linear, activation, linear."""
-        dt = feats.dtype
-        x = feats @ self.proj1_w.value.astype(dt)
-        if self.config.vision.projector_bias:
-            x = x + self.proj1_b.value.astype(dt)
-        x = layers.activation(self.config.vision.projector_act)(x) @ self.proj2_w.value.astype(dt)
-        return x + self.proj2_b.value.astype(dt) if self.config.vision.projector_bias else x
-
     def image_features(self, vision: VisionInputs, remat: bool = False):
         """Placeholder features [U, H] in placeholder order, from packed tiles and the feature map."""
-        feats = self.project(self.visual(vision.pixel_values, vision.hw_pos, dtype=self.dtype, remat=remat))
-        units = jnp.concatenate([feats, self.image_newline.value.astype(self.dtype)[None]])  # unit P: newline
+        feats = self.projector(self.visual(vision.pixel_values, vision.hw_pos, dtype=self.dtype, remat=remat))
+        units = jnp.concatenate([feats, self.projector.newline.value.astype(self.dtype)[None]])  # unit P: newline
         return gather_units(units, vision.feature_index, vision.feature_weight)
 
     def embed(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
@@ -96,8 +103,8 @@ def _siglip_rules():
 # (`model.language_model.*`, ...) and the 4.x files of the released checkpoints (`vision_tower.vision_model.*`).
 LLAVA_WEIGHTS = WeightTable(
     rules=(*(("language_model." + t, p, k) for t, p, k in LM_RULES),
-           ("image_newline", "image_newline", None),
-           *((f"multi_modal_projector.linear_{n}.{s}", f"proj{n}_{s[0]}", "linear" if s == "weight" else None)
+           ("image_newline", "projector.newline", None),
+           *((f"multi_modal_projector.linear_{n}.{s}", f"projector.linear{n}_{s[0]}", "linear" if s == "weight" else None)
              for n in "12" for s in ("weight", "bias")),
            *_siglip_rules()),
     prefixes=(("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),

@@ -123,6 +123,9 @@ def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray,
     vision tower encodes a group's image once, not n times (its gradient sums over the rows, as n
     encodings would). U is the bucketed placeholder count of all rows, so shapes stay bucketed.
     """
+    own = getattr(processor, "pack_micro_batches", None)
+    if own is not None:  # a family whose placeholders are not its merged units in order (LLaVA-OneVision)
+        return own(row_images, prompt_index, num_micro, buckets)
     rows = len(prompt_index)
     per = rows // num_micro
     merge = processor.config.vision.merge_size ** 2
