@@ -17,11 +17,13 @@ import pytest
 import torch
 from flax import nnx
 
+from tests.test_convert import flat_params, read_all
 from tests.tiny_models import random_image
 from vrl_jax.models import anyres
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.llava_onevision import LlavaProcessor, hf_image_kwargs
 from vrl_jax.models.positions import text_positions
+from vrl_jax.models.processor import left_pad
 from vrl_jax.models.qwen_vl import VisionInputs
 from vrl_jax.models.weights import load_hf_params
 
@@ -112,12 +114,7 @@ def make_batch(processor, rows_spec, pil):
                 row.append(item)
         rows.append(row)
         images.append(row_images)
-    length = max(map(len, rows))
-    ids = np.zeros((len(rows), length), np.int32)
-    mask = np.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, length - len(r):] = r
-        mask[i, length - len(r):] = 1
+    ids, mask = left_pad(rows)
     flat = [im for row in images for im in row]
     out = dict(input_ids=ids, attention_mask=mask, positions=text_positions(mask)[0], images=images, vision=None)
     if flat:
@@ -234,19 +231,6 @@ def test_image_processing_equals_transformers(pil_images):
 
 
 # ---- Conversion ------------------------------------------------------------------------------------
-
-
-def read_all(directory):
-    from vrl_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
-    out = {}
-    for path in checkpoint_files(directory):
-        f = SafetensorsFile(path)
-        out.update({k: np.array(f.get(k)) for k in f.keys()})
-    return out
-
-
-def flat_params(model):
-    return {".".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 @pytest.fixture(scope="module")
@@ -403,3 +387,49 @@ def test_rollout_logprobs_and_one_train_step(sampling):
         for key in path:
             old, new = old[key], new[key]
         assert not np.array_equal(old, new), path  # every part got a gradient, through the feature map
+
+
+# ---- The tiny offline family and the processor -----------------------------------------------------
+
+
+def test_tiny_family_prompts_equal_transformers_processor_and_check_passes(tmp_path, pil_images, capsys):
+    """`model.tiny.family=llava_onevision` builds an HF directory whose processor (picked by model_type)
+    encodes chat prompts to exactly the ids of transformers' LlavaOnevisionProcessor (a tiled image; two
+    images in one prompt), and whose weights pass `convert check` against transformers."""
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    from vrl_jax import convert
+    from vrl_jax.models.image_processing import read_processor_config
+    from vrl_jax.models.processor import VLProcessor
+    from vrl_jax.models.tiny import build_tiny_model
+    d = build_tiny_model(str(tmp_path / "tiny"), ["a triangle has three sides", "the answer is 42"] * 20,
+                         family="llava_onevision", hidden=32, layers=1, intermediate=64, vision_width=32,
+                         vision_depth=1)
+    proc = VLProcessor.from_pretrained(d)
+    assert isinstance(proc, LlavaProcessor) and proc.config.model_type == "llava_onevision"
+    question = lambda n: [{"role": "user", "content": [{"type": "image"}] * n +  # noqa: E731
+                           [{"type": "text", "text": "How many sides?"}]}]
+    rows = [[pil_images[3]], [pil_images[0], pil_images[1]]]
+    ours = proc.encode([question(1), question(2)], rows)
+    pre = read_processor_config(d)
+    ip = anyres.AnyResImageProcessor.from_dict(pre, 14)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+    hf_ip = LlavaOnevisionImageProcessorPil(size=pre["size"], image_grid_pinpoints=pre["image_grid_pinpoints"],
+                                            image_mean=pre["image_mean"], image_std=pre["image_std"])
+    # Its constructor needs torchvision (a video processor); its token expansion does not.
+    hf_proc = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    hf_proc.image_processor, hf_proc.num_image_tokens, hf_proc.image_token = hf_ip, ip.grid ** 2, "<image>"
+    hf_proc.vision_feature_select_strategy, hf_proc.vision_aspect_ratio = "full", "anyres_max_9"
+    for i, (row, images) in enumerate(zip([question(1), question(2)], rows)):
+        image_inputs = hf_ip(images=[images], return_tensors="np")
+        parts = proc.render(row).split("<image>")
+        text = parts[0] + "".join(hf_proc.replace_image_token(image_inputs, k) + part
+                                  for k, part in enumerate(parts[1:]))
+        ref = proc.tokenizer(text, add_special_tokens=False)["input_ids"]
+        got = ours.input_ids[i][ours.attention_mask[i] > 0]
+        np.testing.assert_array_equal(got, ref)
+        assert (got == proc.config.image_token_id).sum() > 4 * len(images)
+    capsys.readouterr()
+    assert convert.main(["check", d]) == 0
+    assert "PASS" in capsys.readouterr().out

@@ -15,7 +15,6 @@ newline column after each row. The device only gathers and sums, so no shape dep
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,8 @@ from typing import NamedTuple
 import numpy as np
 import PIL.Image
 
-from vrl_jax.models.image_processing import CONFIG_NAME, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, choose_bucket, to_rgb_array
+from vrl_jax.models.image_processing import (CONFIG_NAME, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, choose_bucket,
+                                             read_processor_config, to_rgb_array)
 
 NEWLINE = -1  # a feature_map unit that stands for the image_newline vector
 TAPS = 4  # (unit, weight) pairs per placeholder: the four neighbours of a bilinear sample
@@ -124,15 +124,8 @@ class AnyResImageProcessor:
     @classmethod
     def from_pretrained(cls, directory: str, patch_size: int, grid_pinpoints=None) -> "AnyResImageProcessor":
         path = os.path.join(directory, CONFIG_NAME)
-        config = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                try:
-                    config = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
         try:
-            return cls.from_dict(config, patch_size, grid_pinpoints)
+            return cls.from_dict(read_processor_config(directory) or {}, patch_size, grid_pinpoints)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: {e}") from e
 
@@ -232,12 +225,6 @@ def _taps(units: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """Pads [..., k] units/weights to [..., TAPS] with (unit 0, weight 0)."""
     pad = ((0, 0),) * (units.ndim - 1) + ((0, TAPS - units.shape[-1]),)
     return np.pad(units, pad).astype(np.int32), np.pad(weights, pad).astype(np.float32)
-
-
-def num_tokens(image: AnyResImage, tile_size: int, pinpoints, max_num_patches: int) -> int:
-    """Image placeholder tokens of one image (transformers' `_get_number_of_features`, + 1 newline untiled)."""
-    return int(feature_map(image.image_size, image.tiled, tile_size, image.grid_thw[1], pinpoints,
-                           max_num_patches)[0].shape[0])
 
 
 class AnyResBatch(NamedTuple):

@@ -20,7 +20,7 @@ from flax import nnx
 from vrl_jax.models import anyres, layers
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.positions import text_positions
-from vrl_jax.models.processor import VLProcessor
+from vrl_jax.models.processor import VLProcessor, left_pad
 from vrl_jax.models.qwen2 import Qwen2Decoder, _param, _zeros
 from vrl_jax.models.qwen_vl import QwenVL, VisionInputs, merge_image_features
 from vrl_jax.models.siglip import SiglipTower
@@ -141,12 +141,17 @@ class LlavaProcessor(VLProcessor):
         return [im if isinstance(im, anyres.AnyResImage) else self.image_processor(im, tiled=tiled) for im in images]
 
     def feature_map(self, image: anyres.AnyResImage):
+        return self._feature_map(image.image_size, image.tiled)
+
+    def _feature_map(self, size: tuple[int, int], tiled: bool):
         v = self.config.vision
-        return anyres.feature_map(image.image_size, image.tiled, v.image_size, v.grid, v.grid_pinpoints,
-                                  v.max_num_patches)
+        return anyres.feature_map(size, tiled, v.image_size, v.grid, v.grid_pinpoints, v.max_num_patches)
 
     def num_tokens(self, image: anyres.AnyResImage) -> int:
-        return int(self.feature_map(image)[0].shape[0])
+        return len(self.feature_map(image)[0])
+
+    def image_tokens_for_size(self, height: int, width: int, images_in_prompt: int) -> int:
+        return len(self._feature_map((height, width), images_in_prompt == 1)[0])
 
     def positions(self, input_ids, attention_mask, images):
         return text_positions(attention_mask)
@@ -212,11 +217,7 @@ def check_inputs(config: ModelConfig, rs: np.random.RandomState) -> list[dict]:
             it = iter(processed)
             ids.append([t for item in row for t in ([item] if isinstance(item, int) else
                                                    [config.image_token_id] * fake.num_tokens(next(it)))])
-        length = max(map(len, ids))
-        input_ids = np.zeros((len(ids), length), np.int64)
-        mask = np.zeros_like(input_ids)
-        for i, r in enumerate(ids):
-            input_ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
+        input_ids, mask = left_pad(ids)
         flat = [im for row in images for im in row]
         positions = text_positions(mask)[0]
         out = dict(name=name, input_ids=input_ids, attention_mask=mask, positions=positions, vision=None,

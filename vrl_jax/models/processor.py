@@ -35,6 +35,17 @@ class ModelInputs(NamedTuple):
     row_images: tuple = ()
 
 
+def left_pad(rows: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0):
+    """Token rows -> input_ids, attention_mask int32 [B, length] (default the longest row), left padded."""
+    length = max(map(len, rows)) if length is None else length
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return ids, mask
+
+
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
     for b in sorted(buckets):
         if n <= b:
@@ -81,6 +92,12 @@ class VLProcessor:
         """Image placeholder tokens of one processed image."""
         return int(num_image_tokens(image.grid_thw, self.image_processor.merge_size))
 
+    def image_tokens_for_size(self, height: int, width: int, images_in_prompt: int) -> int:
+        """Placeholder tokens of an image of that size (read from its header, not decoded)."""
+        ip = self.image_processor
+        rh, rw = ip.target_size(height, width)
+        return int(num_image_tokens((1, rh // ip.patch_size, rw // ip.patch_size), ip.merge_size))
+
     def positions(self, input_ids: np.ndarray, attention_mask: np.ndarray, images: list) -> tuple:
         """Rotary positions int32 [3, B, L] and next_position int32 [B] of left-padded prompts."""
         types = token_types(input_ids, self.config.image_token_id, self.config.video_token_id)
@@ -118,11 +135,7 @@ class VLProcessor:
         processed = [self.process_row(row) for row in images]
         rows = [self.tokenize_prompt(m, imgs) for m, imgs in zip(prompts, processed)]
         length = _bucket(max(len(r) for r in rows), self.length_buckets, "a prompt length")
-        ids = np.full((len(rows), length), self.pad_token_id, np.int32)
-        mask = np.zeros((len(rows), length), np.int32)
-        for i, r in enumerate(rows):
-            ids[i, length - len(r):] = r
-            mask[i, length - len(r):] = 1
+        ids, mask = left_pad(rows, length, self.pad_token_id)
         flat = [im for row in processed for im in row]
         positions, next_position = self.positions(ids, mask, flat)
         return ModelInputs(ids, mask, positions, next_position, self.pack(flat), tuple(map(tuple, processed)))
