@@ -104,8 +104,8 @@ def _siglip_rules():
 LLAVA_WEIGHTS = WeightTable(
     rules=(*(("language_model." + t, p, k) for t, p, k in LM_RULES),
            ("image_newline", "projector.newline", None),
-           *((f"multi_modal_projector.linear_{n}.{s}", f"projector.linear{n}_{s[0]}", "linear" if s == "weight" else None)
-             for n in "12" for s in ("weight", "bias")),
+           *((f"multi_modal_projector.linear_{n}.{s}", f"projector.linear{n}_{s[0]}",
+              "linear" if s == "weight" else None) for n in "12" for s in ("weight", "bias")),
            *_siglip_rules()),
     prefixes=(("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
               ("model.multi_modal_projector.", "multi_modal_projector."), ("model.image_newline", "image_newline"),
