@@ -358,20 +358,22 @@ def test_rollout_logprobs_and_one_train_step(sampling):
                                                              stop_token_ids=(NEVER,)))
     out = jax.device_get(sampler(params, inputs, jax.random.key(0), temperature=TEMPERATURE))
     seqs = rollout.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
-    vision = rollout.pack_micro_batches(inputs.row_images, seqs.prompt_index, 2, proc, proc.patch_buckets)
-    assert vision.feature_index.shape[:1] == (2,) and vision.feature_weight.shape == vision.feature_index.shape
     graphdef, state = nnx.split(model, nnx.Param)
-    per = len(seqs.prompt_index) // 2
-    for m in range(2):  # micro-batch m holds the two samples of prompt m; its images are encoded once
-        rows = slice(m * per, (m + 1) * per)
-        tiles = sum(im.grid_thw[0] for im in inputs.row_images[m])
-        assert (vision.segment_ids[m] >= 0).sum() == tiles * proc.config.vision.tile_tokens
-        stats = sequence_stats(graphdef, state.to_pure_dict(), jnp.asarray(seqs.input_ids[rows]),
-                               jnp.asarray(seqs.positions[:, rows]), jnp.asarray(seqs.attention_mask[rows]),
-                               jnp.asarray(seqs.targets[rows]), jax.tree.map(lambda x: jnp.asarray(x[m]), vision),
-                               chunk_size=256, temperature=TEMPERATURE)
-        mask = seqs.loss_mask[rows] > 0
-        assert np.abs(np.asarray(stats.logprobs)[mask] - seqs.old_logprobs[rows][mask]).max() < 1e-4
+    for num_micro in (1, 2):  # both prompts in one micro-batch; one prompt's two samples per micro-batch
+        vision = rollout.pack_micro_batches(inputs.row_images, seqs.prompt_index, num_micro, proc,
+                                            proc.patch_buckets)
+        assert vision.feature_index.shape[0] == num_micro and vision.feature_weight.shape == vision.feature_index.shape
+        per = len(seqs.prompt_index) // num_micro
+        for m in range(num_micro):  # each prompt's images are encoded once per micro-batch
+            rows = slice(m * per, (m + 1) * per)
+            tiles = sum(im.grid_thw[0] for p in set(seqs.prompt_index[rows]) for im in inputs.row_images[p])
+            assert (vision.segment_ids[m] >= 0).sum() == tiles * proc.config.vision.tile_tokens
+            stats = sequence_stats(graphdef, state.to_pure_dict(), jnp.asarray(seqs.input_ids[rows]),
+                                   jnp.asarray(seqs.positions[:, rows]), jnp.asarray(seqs.attention_mask[rows]),
+                                   jnp.asarray(seqs.targets[rows]), jax.tree.map(lambda x: jnp.asarray(x[m]), vision),
+                                   chunk_size=256, temperature=TEMPERATURE)
+            mask = seqs.loss_mask[rows] > 0
+            assert np.abs(np.asarray(stats.logprobs)[mask] - seqs.old_logprobs[rows][mask]).max() < 1e-4
     batch = rollout.to_train_batch(seqs, np.array([1.0, -1.0, 0.5, -0.5]), np.zeros(4), 2, vision)
     opt = OptimizerConfig(learning_rate=1e-3, total_steps=2, train_vit=True, train_connector=True)
     state, _, graphdef = create_train_state(model, opt)
