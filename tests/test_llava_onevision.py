@@ -435,3 +435,17 @@ def test_tiny_family_prompts_equal_transformers_processor_and_check_passes(tmp_p
     capsys.readouterr()
     assert convert.main(["check", d]) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(vision_feature_select_strategy="default"), "vision_feature_select_strategy 'default' is not supported"),
+    (dict(vision_aspect_ratio="pad"), "vision_aspect_ratio must be 'anyres_max_N'"),
+    (dict(vision_feature_layer=[-2, -1]), "vision_feature_layer must be one integer"),
+    (dict(image_grid_pinpoints=[[56, 100]]), "image_grid_pinpoints [[56, 100]] are not positive multiples"),
+])
+def test_config_mistakes_name_the_field(change, message, tmp_path):
+    from vrl_jax.models.config import ConfigError
+    raw = {**hf_config().to_dict(), **change}
+    with pytest.raises(ConfigError, match=r"^<config>: .*" + message.replace("[", r"\[").replace("]", r"\]")):
+        ModelConfig.from_dict(raw)
+    assert ModelConfig.from_dict(hf_config().to_dict()).vision.max_num_patches == 9
