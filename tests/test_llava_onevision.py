@@ -397,7 +397,8 @@ def test_rollout_logprobs_and_one_train_step(sampling):
 def test_tiny_family_prompts_equal_transformers_processor_and_check_passes(tmp_path, pil_images, capsys):
     """`model.tiny.family=llava_onevision` builds an HF directory whose processor (picked by model_type)
     encodes chat prompts to exactly the ids of transformers' LlavaOnevisionProcessor (a tiled image; two
-    images in one prompt), and whose weights pass `convert check` against transformers."""
+    images in one prompt), and whose weights pass `convert check` against transformers. A template only
+    in chat_template.json is found."""
     from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
     from vrl_jax import convert
@@ -435,6 +436,18 @@ def test_tiny_family_prompts_equal_transformers_processor_and_check_passes(tmp_p
     capsys.readouterr()
     assert convert.main(["check", d]) == 0
     assert "PASS" in capsys.readouterr().out
+    # Released llava-hf repos keep the template in the processor's chat_template.json: it is read from there.
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(d, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    template = tok_cfg.pop("chat_template", None) or proc.tokenizer.chat_template
+    (bare / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    with pytest.raises(ValueError, match="no chat_template"):
+        VLProcessor.from_pretrained(str(bare)).render(question(1))
+    (bare / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert VLProcessor.from_pretrained(str(bare)).render(question(1)) == proc.render(question(1))
 
 
 @pytest.mark.parametrize("change,message", [

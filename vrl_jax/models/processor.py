@@ -8,6 +8,7 @@ patches of all images of a batch are packed into one patch bucket.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import NamedTuple, Sequence
 
@@ -76,6 +77,10 @@ class VLProcessor:
                 not os.path.exists(os.path.join(directory, "tokenizer.json")):
             raise FileNotFoundError(f"{directory}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
         tokenizer = AutoTokenizer.from_pretrained(directory)
+        template = os.path.join(directory, "chat_template.json")  # the processor's template (llava-hf repos)
+        if getattr(tokenizer, "chat_template", None) is None and os.path.exists(template):
+            with open(template) as f:
+                tokenizer.chat_template = json.load(f).get("chat_template")
         config = ModelConfig.from_pretrained(directory)
         family = resolve(config.model_type, "processor")
         return family(tokenizer, family.load_image_processor(directory, config), config, **kwargs)
