@@ -462,3 +462,25 @@ def test_config_mistakes_name_the_field(change, message, tmp_path):
     with pytest.raises(ConfigError, match=r"^<config>: .*" + message.replace("[", r"\[").replace("]", r"\]")):
         ModelConfig.from_dict(raw)
     assert ModelConfig.from_dict(hf_config().to_dict()).vision.max_num_patches == 9
+
+
+def test_hf_trainer_decay_mask_equals_hf_trainers_decay_parameters():
+    """DyME's `decay_mask='hf_trainer'` on LLaVA-OneVision: SigLIP LayerNorms, biases and RMSNorms are not
+    decayed, image_newline and the position embedding are, exactly as HF Trainer decides on the torch model."""
+    from flax import traverse_util
+    from transformers import LlavaOnevisionForConditionalGeneration, Trainer
+
+    from vrl_jax.models.llava_onevision import LLAVA_WEIGHTS
+    from vrl_jax.models.weights import abstract_model
+    from vrl_jax.rl.train_state import DECAY_MASKS
+    model = LlavaOnevisionForConditionalGeneration(hf_config(tie=False))
+    decayed = set(Trainer.get_decay_parameter_names(None, model))  # the method does not use `self`
+    want = {}
+    for name, _ in model.named_parameters():
+        want.setdefault(LLAVA_WEIGHTS.match(name)[0], set()).add(name in decayed)
+    assert all(len(v) == 1 for v in want.values())  # every layer of a stacked parameter agrees
+    want = {p: v.pop() for p, v in want.items()}
+    _, abstract = abstract_model(ModelConfig.from_dict(hf_config(tie=False).to_dict()))
+    got = DECAY_MASKS["hf_trainer"](list(traverse_util.flatten_dict(abstract.to_pure_dict(), sep=".")))
+    assert got == want
+    assert not got["visual.layers.norm1_w"] and got["projector.newline"] and got["visual.pos_embed"]
