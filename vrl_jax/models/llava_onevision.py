@@ -232,7 +232,7 @@ def check_inputs(config: ModelConfig, rs: np.random.RandomState) -> list[dict]:
     return [batch("text", [text(24)]), batch("text, left-padded batch", [text(20), text(9)]),
             batch("one image", [text(5) + [wide] + text(8)]),
             batch("two images of different sizes", [text(3) + [wide] + text(2) + [tall] + text(4)]),
-            batch("tiled image + two images, left-padded", [text(2) + [tall] + text(3),
+            batch("tiled + two-image rows, padded", [text(2) + [tall] + text(3),
                                                             text(4) + [wide, tall] + text(2)])]
 
 
