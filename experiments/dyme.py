@@ -1,9 +1,11 @@
 r"""DyME with the defaults of its released run (`config/config.py`, `main.py` of the DyME repository),
-on a Qwen2.5-VL checkpoint.
+on its own model, LLaVA-OneVision-Qwen2-0.5B (`llava-hf/llava-onevision-qwen2-0.5b-ov-hf`).
 
   python -m vrl_jax.train --config experiments/dyme.py --workdir workdirs/dyme \
-      --config.model.path=ckpt/qwen2.5-vl-3b-instruct --config.data.train=data/chartqa/train_high.json \
+      --config.model.path=ckpt/llava-onevision-qwen2-0.5b-ov-hf --config.data.train=data/chartqa/train_high.json \
       --config.data.eval.test=data/chartqa/test.json
+
+  experiments/dyme.py:qwen2_5_vl   the same recipe on Qwen2.5-VL-3B-Instruct (ckpt/qwen2.5-vl-3b-instruct)
 
 Per prompt group: all rollouts wrong -> the first row becomes the reference rationale (hint, then
 "Answer: X") and trains with NLL; some right -> GRPO advantages (r - mean) / (std + 1e-4); all right ->
@@ -22,20 +24,27 @@ Evaluation: ChartQA's test split (DyME's `data_utils/chart/download.py` writes i
 greedy, 1024 new tokens, relaxed accuracy (5%) on the text after the last "answer:", as its
 `eval/eval_chartqa.py` scores it.
 
-Deviations: DyME's own model (LLaVA-OneVision-0.5B) is not ported yet; Qwen2.5-VL stands in.
-Greedy evaluation is MAYE's "low" setting (temperature 0.01, top-p 0.001), not argmax.
+Images are AnyRes-tiled as transformers does (a prompt's only image: base tile + up to 6 x 6 tiles of
+384 pixels, 729 patches each), so the patch buckets count whole tiles.
+Deviations: greedy evaluation is MAYE's "low" setting (temperature 0.01, top-p 0.001), not argmax.
 """
 
 from vrl_jax.configs import base_config
 
 
+TILE_PATCHES = 27 * 27  # one 384-pixel SigLIP tile
+
+
 def get_config(arg: str | None = None):
-    if arg:
-        raise ValueError(f"experiments/dyme.py takes no variant, got {arg!r}")
+    if arg not in (None, "", "qwen2_5_vl"):
+        raise ValueError(f"experiments/dyme.py: unknown variant {arg!r}; expected none or qwen2_5_vl")
     c = base_config()
     c.name = "dyme"
     c.algorithm = "dyme"
-    c.model.path = "ckpt/qwen2.5-vl-3b-instruct"
+    c.model.path = "ckpt/llava-onevision-qwen2-0.5b-ov-hf"
+    c.model.tiny.family = "llava_onevision"  # the architecture of its offline stand-in
+    # Whole tiles: one image (1 + 36 tiles), a micro-batch's two prompts, up to a 32-prompt rollout batch.
+    c.data.patch_buckets = tuple(TILE_PATCHES * n for n in (8, 16, 40, 76, 152, 304, 608, 1184))
     c.model.dtype = "bfloat16"
     c.data.source = "dyme"
     c.data.train = "data/chartqa/train_high.json"
@@ -69,4 +78,9 @@ def get_config(arg: str | None = None):
     c.eval.settings = ("low",)  # DyME evaluates greedily
     c.eval.max_new_tokens = 1024
     c.eval.every_steps = 0  # at the start and at the end
+    if arg == "qwen2_5_vl":
+        c.name = "dyme_qwen2_5_vl"
+        c.model.path = "ckpt/qwen2.5-vl-3b-instruct"
+        c.model.tiny.family = "qwen2_5_vl"
+        c.data.patch_buckets = base_config().data.patch_buckets
     return c

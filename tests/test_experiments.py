@@ -324,14 +324,16 @@ def check_rl(c, s, rl, probe):
 def check_trainable_parts(c, root, workdir):
     """The exported policy changed exactly in the parts the recipe trains (vision tower, connector, LLM)."""
     from safetensors.numpy import load_file
-    start = load_file(os.path.join(root, "model", "model.safetensors"))
+    with open(os.path.join(workdir, "export", "config.json")) as f:
+        assert json.load(f)["model_type"] == c.model.tiny.family  # the stand-in has the recipe's architecture
+    start = load_file(os.path.join(standin.model_dir(root, c.model.tiny.family), "model.safetensors"))
     end = load_file(os.path.join(workdir, "export", "model.safetensors"))
     assert set(start) == set(end)
 
-    def part(name):
-        if "visual.merger" in name:
+    def part(name):  # Qwen-VL (visual.*) and LLaVA-OneVision (vision_tower.*, projector and image_newline)
+        if "visual.merger" in name or name.startswith(("multi_modal_projector.", "image_newline")):
             return "connector"
-        return "vit" if "visual." in name else "llm"
+        return "vit" if name.startswith(("visual.", "vision_tower.")) else "llm"
 
     changed = {p: False for p in ("vit", "connector", "llm")}
     for name in start:

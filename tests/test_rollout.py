@@ -162,7 +162,7 @@ def test_a_groups_image_is_encoded_once_and_feeds_every_sample(sampled, num_micr
 
     def loss(p, m):
         rows = slice(m * per, (m + 1) * per)
-        v = VisionInputs(*(jnp.asarray(x[m]) for x in vision))
+        v = VisionInputs(*(None if x is None else jnp.asarray(x[m]) for x in vision))
         stats = sequence_stats(graphdef, p, jnp.asarray(seqs.input_ids[rows]), jnp.asarray(seqs.positions[:, rows]),
                                jnp.asarray(seqs.attention_mask[rows]), jnp.asarray(seqs.targets[rows]), v,
                                chunk_size=256, temperature=TEMPERATURE)

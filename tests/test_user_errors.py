@@ -240,8 +240,8 @@ def test_a_model_directory_without_tokenizer_or_weights(tiny_model, tmp_path):
 def test_an_unsupported_model_type(tiny_model, tmp_path):
     d = model_copy(tiny_model, tmp_path)
     raw = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**raw, "model_type": "llava_onevision"}))
-    assert f"{d}/config.json: model_type 'llava_onevision' is not supported" in check_model(d, tmp_path)
+    (d / "config.json").write_text(json.dumps({**raw, "model_type": "idefics3"}))
+    assert f"{d}/config.json: model_type 'idefics3' is not supported" in check_model(d, tmp_path)
 
 
 def test_a_truncated_safetensors_file(tiny_model, tmp_path):

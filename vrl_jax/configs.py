@@ -43,8 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"
     c.model.remat = False
-    c.model.tiny = ml_collections.ConfigDict(dict(hidden=128, layers=4, intermediate=384, vision_width=64,
-                                                  vision_depth=2, vocab_size=1024))
+    # family: the architecture of the tiny offline model (models.tiny.TINY_FAMILIES: qwen2_5_vl | llava_onevision)
+    c.model.tiny = ml_collections.ConfigDict(dict(family="qwen2_5_vl", hidden=128, layers=4, intermediate=384,
+                                                  vision_width=64, vision_depth=2, vocab_size=1024))
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthgeo"  # synthgeo | maye | easyr1 | dyme (files on disk)
@@ -255,6 +256,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _choice(c, "loss.kl_estimator", KL_ESTIMATORS)
     _choice(c, "model.dtype", ("float32", "bfloat16"))
     _choice(c, "model.param_dtype", ("float32", "bfloat16"))
+    _choice(c, "model.tiny.family", ("qwen2_5_vl", "llava_onevision"))
     _choice(c, "dyme.answer_format", ("boxed", "flag"))
     _choice(c, "loss.kl_clamp_mode", KL_CLAMP_MODES)
     _choice(c, "optim.schedule", tuple(SCHEDULES))

@@ -140,12 +140,18 @@ def clear_owned(out_dir: str) -> None:
         print(f"kept {len(kept)} other file(s) in {out_dir}: {', '.join(kept)}")
 
 
-def _build_check_inputs(config, processor) -> list[dict]:
-    """Deterministic prompts: text, a left-padded text batch, one image, two images of different sizes."""
-    from vrl_jax.models.image_processing import pack_images
-    from vrl_jax.models.positions import rope_positions, text_positions, token_types
+def _build_check_inputs(config, rs: np.random.RandomState) -> list[dict]:
+    """Deterministic Qwen-VL prompts: text, a left-padded text batch, one image, two images of different sizes.
 
-    rs = np.random.RandomState(0)
+    Each input: name, input_ids, attention_mask, positions, vision (VisionInputs or None) and hf (the
+    other keyword arguments of the transformers model, NumPy)."""
+    from vrl_jax.models.image_processing import ImageProcessor, pack_images
+    from vrl_jax.models.positions import rope_positions, text_positions, token_types
+    from vrl_jax.models.qwen_vl import VisionInputs
+
+    processor = ImageProcessor(patch_size=config.vision.patch_size, merge_size=config.vision.merge_size,
+                               temporal_patch_size=config.vision.temporal_patch_size,
+                               min_pixels=28 * 28, max_pixels=112 * 112)
     reserved = {config.image_token_id, config.video_token_id, config.vision_start_token_id,
                 config.vision_end_token_id}
     vocab = config.text.vocab_size
@@ -168,13 +174,15 @@ def _build_check_inputs(config, processor) -> list[dict]:
             mask[i, length - len(r):] = 1
         if not images:
             pos, _ = text_positions(mask)
-            return dict(input_ids=ids, attention_mask=mask, positions=pos, images=None, types=None)
+            return dict(input_ids=ids, attention_mask=mask, positions=pos, vision=None, hf=dict(position_ids=pos))
         types = token_types(ids, config.image_token_id, config.video_token_id)
         grids = np.array([p.grid_thw for p in images])
         pos, _ = rope_positions(types, mask, grids, config.vision.merge_size)
         n_patches = sum(int(np.prod(p.grid_thw)) for p in images)
         packed = pack_images(images, [-(-n_patches // 4) * 4], config.vision.window_size)
-        return dict(input_ids=ids, attention_mask=mask, positions=pos, images=images, types=types, packed=packed)
+        hf = dict(position_ids=pos, pixel_values=np.concatenate([p.patches for p in images]), image_grid_thw=grids,
+                  mm_token_type_ids=types)
+        return dict(input_ids=ids, attention_mask=mask, positions=pos, vision=VisionInputs.from_batch(packed), hf=hf)
 
     def with_image(img, before, after):
         n = int(np.prod(img.grid_thw)) // config.vision.merge_size**2
@@ -199,7 +207,8 @@ def _vrl_jax_logits(model_dir, config, inputs, dtype) -> list[np.ndarray]:
     model = load_model(model_dir, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
     out = []
     for inp in inputs:
-        vision = VisionInputs.from_batch(inp["packed"]) if inp["images"] else None
+        vision = None if inp["vision"] is None else VisionInputs(
+            *(None if x is None else jnp.asarray(x) for x in inp["vision"]))
         logits = model(jnp.asarray(inp["input_ids"]), jnp.asarray(inp["positions"]),
                        jnp.asarray(inp["attention_mask"]), vision)
         out.append(np.asarray(logits, np.float32))
@@ -217,13 +226,10 @@ def _transformers_logits(hf_dir, inputs, dtype) -> list[np.ndarray]:
     out = []
     with torch.no_grad():
         for inp in inputs:
-            kwargs = dict(input_ids=torch.tensor(inp["input_ids"]), attention_mask=torch.tensor(inp["attention_mask"]),
-                          position_ids=torch.tensor(inp["positions"]).long())
-            if inp["images"]:
-                kwargs.update(
-                    pixel_values=torch.tensor(np.concatenate([p.patches for p in inp["images"]])).to(model.dtype),
-                    image_grid_thw=torch.tensor(np.array([p.grid_thw for p in inp["images"]])),
-                    mm_token_type_ids=torch.tensor(inp["types"]))
+            kwargs = dict(input_ids=torch.tensor(inp["input_ids"]), attention_mask=torch.tensor(inp["attention_mask"]))
+            for key, value in inp["hf"].items():
+                value = torch.tensor(np.asarray(value))
+                kwargs[key] = value.to(model.dtype) if value.is_floating_point() else value.long()
             out.append(model(**kwargs).logits.float().numpy())
     return out
 
@@ -232,14 +238,11 @@ def check(hf_dir: str, model_dir: str | None, tolerance: float, dtype: str) -> i
     import jax
 
     from vrl_jax.models.config import ModelConfig
-    from vrl_jax.models.image_processing import ImageProcessor
+    from vrl_jax.models.families import resolve
 
     jax.config.update("jax_default_matmul_precision", "highest")
     config = ModelConfig.from_pretrained(hf_dir)
-    processor = ImageProcessor(patch_size=config.vision.patch_size, merge_size=config.vision.merge_size,
-                               temporal_patch_size=config.vision.temporal_patch_size,
-                               min_pixels=28 * 28, max_pixels=112 * 112)
-    inputs = _build_check_inputs(config, processor)
+    inputs = resolve(config.model_type, "check_inputs")(config, np.random.RandomState(0))
     t0 = time.perf_counter()
     with reading_model("--model" if model_dir else "HF_DIR"):
         ours = _vrl_jax_logits(model_dir or hf_dir, config, inputs, dtype)

@@ -131,8 +131,9 @@ def prepare_model(c, workdir: str, train_examples: list[Example]) -> str:
     if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
         texts = [t for e in train_examples for t in (e.question, e.hint, e.solution, e.answer) if t]
         t = c.model.tiny
-        build_tiny_model(model_dir, texts, seed=c.seed, vocab_size=t.vocab_size, hidden=t.hidden, layers=t.layers,
-                         intermediate=t.intermediate, vision_width=t.vision_width, vision_depth=t.vision_depth)
+        build_tiny_model(model_dir, texts, family=t.family, seed=c.seed, vocab_size=t.vocab_size, hidden=t.hidden,
+                         layers=t.layers, intermediate=t.intermediate, vision_width=t.vision_width,
+                         vision_depth=t.vision_depth)
     return model_dir
 
 
@@ -175,14 +176,11 @@ def prompt_length(example: Example, processor: VLProcessor, template) -> int:
     Raises SampleFault (`corrupt_image`, `missing_image`) for an image whose header cannot be read."""
 
     from vrl_jax.data.prompts import build_messages
-    from vrl_jax.models.image_processing import num_image_tokens
     text = processor.render(build_messages(example, template))
     n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    ip = processor.image_processor
     for ref in example.images:
         w, h = _image_size(ref)
-        rh, rw = ip.target_size(h, w)
-        n += int(num_image_tokens((1, rh // ip.patch_size, rw // ip.patch_size), ip.merge_size)) - 1
+        n += processor.image_tokens_for_size(h, w, len(example.images)) - 1
     return n
 
 

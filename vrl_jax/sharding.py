@@ -53,6 +53,13 @@ PARAM_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     (r"^visual\.merger_fc1_w$", ("fsdp", "tensor")),
     (r"^visual\.merger_fc1_b$", ("tensor",)),
     (r"^visual\.merger_fc2_w$", ("tensor", "fsdp")),
+    # LLaVA-OneVision: SigLIP layers, stacked [depth, ...], and the projector, as above.
+    (r"^visual\.layers\.(q|k|v|fc1)_w$", (None, "fsdp", "tensor")),
+    (r"^visual\.layers\.(q|k|v|fc1)_b$", (None, "tensor")),
+    (r"^visual\.layers\.(o|fc2)_w$", (None, "tensor", "fsdp")),
+    (r"^projector\.linear1_w$", ("fsdp", "tensor")),
+    (r"^projector\.linear1_b$", ("tensor",)),
+    (r"^projector\.linear2_w$", ("tensor", "fsdp")),
     # Norm weights and the remaining biases are small: replicated (the default).
 )
 

@@ -4,7 +4,8 @@
 
 writes DIR/data (the synthetic geometry benchmark in every file format the loaders read: MAYE jsonl,
 EasyR1 parquet, DyME json) and DIR/model (a tiny random Qwen2.5-VL whose tokenizer is trained on that
-data), then prints the `python -m vrl_jax.train` command that runs the recipe on them:
+data; DIR/model_<family> for a recipe whose `model.tiny.family` is another architecture, e.g.
+LLaVA-OneVision for DyME), then prints the `python -m vrl_jax.train` command that runs the recipe on them:
 `--config.*` overrides of the keys in `SIZE_KEYS` only. The test suite runs every experiment file and
 variant this way (`tests/test_experiments.py`), so what a stand-in may change is fixed here, in one
 place, and checked there.
@@ -48,12 +49,20 @@ SPLIT_SIZES = {"train": 8, "val": 2, "test_iid": 2, "test_ood": 2}
 EVAL_BATCH = 2
 IMAGE_SIZE = 112  # the tiny model's processor takes 112 x 112 images: 8 x 8 = 64 patches each
 TINY_MODEL = dict(hidden=32, layers=1, intermediate=64, vision_width=32, vision_depth=2, vocab_size=1024)
+# Patch rows one stand-in image takes, per tiny family: Qwen2.5-VL 8 x 8 patches; LLaVA-OneVision a base
+# tile and at most 4 x 4 tiles of 2 x 2 patches (`models.llava_tiny`).
+PATCH_ROWS = {"qwen2_5_vl": (IMAGE_SIZE // 14) ** 2, "llava_onevision": (1 + 16) * 4}
 # File names the synthgeo exporter writes, per loader format ("{split}" is a synthgeo split).
 FILE_NAMES = {"maye": "maye_{split}.jsonl", "easyr1": "easyr1_{split}.parquet", "dyme": "dyme_{split}.json"}
 
 
 def is_size_key(key: str) -> bool:
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in SIZE_KEYS)
+
+
+def model_dir(root: str, family: str) -> str:
+    """Where the stand-in model of tiny `family` goes under `root`."""
+    return os.path.join(root, "model" if family == "qwen2_5_vl" else f"model_{family}")
 
 
 def data_file(root: str, source: str, split: str) -> str:
@@ -71,7 +80,7 @@ def standin_overrides(c, root: str) -> dict[str, Any]:
 
     Pure (reads nothing); `prepare` writes what the paths point to. Every key is in `SIZE_KEYS`.
     """
-    out: dict[str, Any] = {"model.path": os.path.join(root, "model")}
+    out: dict[str, Any] = {"model.path": model_dir(root, c.model.tiny.family)}
     if c.data.source == "synthgeo":
         out.update({"data.synthgeo.train": SPLIT_SIZES["train"], "data.synthgeo.val": SPLIT_SIZES["val"],
                     "data.synthgeo.test": SPLIT_SIZES["test_iid"]})
@@ -100,7 +109,7 @@ def standin_overrides(c, root: str) -> dict[str, Any]:
     # Images packed into one buffer, one per example at most: a prompt batch, or a micro-batch's rows.
     images = max(prompts, prompts * n // num_micro, out["sft.batch_size"] // num_micro, EVAL_BATCH)
     out["data.length_buckets"] = (LENGTH_BUCKET,)
-    out["data.patch_buckets"] = ((IMAGE_SIZE // 14) ** 2 * images,)
+    out["data.patch_buckets"] = (PATCH_ROWS[c.model.tiny.family] * images,)
     return {k: v for k, v in out.items() if _get(c, k) != v}
 
 
@@ -126,26 +135,27 @@ def apply_overrides(c, overrides: Mapping[str, Any]):
     return c
 
 
-def prepare(root: str) -> str:
-    """Writes the stand-in data (`SPLIT_SIZES`, every format) and tiny model under `root` once; returns root."""
+def prepare(root: str, family: str = "qwen2_5_vl") -> str:
+    """Writes the stand-in data (`SPLIT_SIZES`, every format) and the tiny model of `family` under `root`
+    once; returns root."""
     from vrl_jax.data.prompts import TEMPLATES
     from vrl_jax.data.synthgeo.export import FORMATS, export_dataset
     from vrl_jax.data.synthgeo.generator import GeneratorConfig, corpus_texts, generate_split
     from vrl_jax.models.tiny import build_tiny_model
-    data, model = os.path.join(root, "data"), os.path.join(root, "model")
+    data, model = os.path.join(root, "data"), model_dir(root, family)
     if not os.path.exists(os.path.join(data, "manifest.json")):
         export_dataset(data, SPLIT_SIZES, GeneratorConfig(image_size=IMAGE_SIZE), formats=FORMATS, progress=False)
     if not os.path.exists(os.path.join(model, "preprocessor_config.json")):  # written last
         # The templates' instructions are in the tokenizer's corpus, so prompts stay short.
         texts = list(corpus_texts(generate_split("train", 200, GeneratorConfig()))) + [
             t.text.replace("{question}", "") for t in TEMPLATES.values()] * 20
-        build_tiny_model(model, texts, image_size=IMAGE_SIZE, **TINY_MODEL)
+        build_tiny_model(model, texts, family=family, image_size=IMAGE_SIZE, **TINY_MODEL)
     return root
 
 
 def standin_config(c, root: str):
     """`prepare(root)`, then `c` with its stand-in overrides applied."""
-    prepare(root)
+    prepare(root, c.model.tiny.family)
     return apply_overrides(c, standin_overrides(c, root))
 
 
@@ -174,8 +184,9 @@ def _main(argv) -> int:
     parser.add_argument("dir", help="where the stand-in data and model go (reused when present)")
     parser.add_argument("--workdir", help="the run's directory (default DIR/run)")
     args = parser.parse_args(argv)
-    overrides = standin_overrides(load_experiment(args.config), args.dir)
-    prepare(args.dir)
+    c = load_experiment(args.config)
+    overrides = standin_overrides(c, args.dir)
+    prepare(args.dir, c.model.tiny.family)
     cmd = ["python", "-m", "vrl_jax.train", f"--config={args.config}",
            f"--workdir={args.workdir or os.path.join(args.dir, 'run')}", *as_flags(overrides)]
     print(" ".join(shlex.quote(a) for a in cmd))

@@ -16,7 +16,7 @@ from typing import Any
 
 from vrl_jax.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
 
 
 class ConfigError(UserError, ValueError):
@@ -76,6 +76,11 @@ class VisionConfig:
     def norm_type(self) -> str:
         return "layernorm" if self.variant == "qwen2_vl" else "rmsnorm"
 
+    @property
+    def patch_embed_hf_shape(self) -> tuple[int, ...]:
+        """The HF Conv3d weight shape [width, C, T, P, P]."""
+        return (self.width, self.in_channels, self.temporal_patch_size, self.patch_size, self.patch_size)
+
     def is_full_attention(self, layer: int) -> bool:
         return self.window_size is None or layer in self.fullatt_block_indexes
 
@@ -84,7 +89,7 @@ class VisionConfig:
 class ModelConfig:
     model_type: str
     text: TextConfig
-    vision: VisionConfig
+    vision: VisionConfig  # or llava_config.LlavaVisionConfig for llava_onevision
     tie_word_embeddings: bool
     image_token_id: int
     video_token_id: int
@@ -115,23 +120,45 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"{source}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES} "
-                "(vrl_jax implements Qwen2-VL and Qwen2.5-VL)")
+                "(vrl_jax implements Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision)")
         text_raw = dict(raw.get("text_config") or {})
         # Flat hub configs keep the text fields at the top level; nested ones win where both exist.
         text = _text_config({**{k: v for k, v in raw.items() if k not in ("text_config", "vision_config")},
                              **text_raw}, source)
-        vision = _vision_config(raw.get("vision_config") or {}, model_type, text.hidden_size, source)
+        vision, special = _family_parser(model_type)(raw, text.hidden_size, source)
         tie = raw.get("tie_word_embeddings", text_raw.get("tie_word_embeddings", False))
+        if model_type in _TIE_FROM_TEXT:  # LlavaOnevisionConfig: a tied text config ties the whole model
+            tie = tie or text_raw.get("tie_word_embeddings", False)
         eos = raw.get("eos_token_id", text_raw.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         pad = raw.get("pad_token_id", text_raw.get("pad_token_id"))
         return cls(
             model_type=model_type, text=text, vision=vision, tie_word_embeddings=bool(tie),
-            image_token_id=int(_req(raw, "image_token_id", source, 151655)),
-            video_token_id=int(_req(raw, "video_token_id", source, 151656)),
-            vision_start_token_id=int(_req(raw, "vision_start_token_id", source, 151652)),
-            vision_end_token_id=int(_req(raw, "vision_end_token_id", source, 151653)),
-            eos_token_ids=eos_ids, pad_token_id=None if pad is None else int(pad), raw=raw)
+            **special, eos_token_ids=eos_ids, pad_token_id=None if pad is None else int(pad), raw=raw)
+
+
+# model_type -> "module:function" parsing the family's vision config and special token ids:
+# fn(raw config, LM width, source) -> (vision config, dict of the four *_token_id fields).
+FAMILY_PARSERS = {
+    "qwen2_vl": "vrl_jax.models.config:_qwen_family",
+    "qwen2_5_vl": "vrl_jax.models.config:_qwen_family",
+    "llava_onevision": "vrl_jax.models.llava_config:parse_llava_family",
+}
+_TIE_FROM_TEXT = ("llava_onevision",)
+
+
+def _family_parser(model_type: str):
+    import importlib
+    module, name = FAMILY_PARSERS[model_type].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _qwen_family(raw: dict, lm_width: int, source: str) -> tuple["VisionConfig", dict]:
+    vision = _vision_config(raw.get("vision_config") or {}, raw["model_type"], lm_width, source)
+    return vision, dict(image_token_id=int(_req(raw, "image_token_id", source, 151655)),
+                        video_token_id=int(_req(raw, "video_token_id", source, 151656)),
+                        vision_start_token_id=int(_req(raw, "vision_start_token_id", source, 151652)),
+                        vision_end_token_id=int(_req(raw, "vision_end_token_id", source, 151653)))
 
 
 def _req(raw: dict, key: str, source: str, default: Any = None) -> Any:

@@ -46,6 +46,18 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
+def read_processor_config(directory: str | os.PathLike):
+    """``directory/preprocessor_config.json`` as a dict, or None when there is none."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+
+
 def to_rgb_array(image: PIL.Image.Image | np.ndarray) -> np.ndarray:
     """RGB uint8 [H, W, 3] from a PIL image of any mode or a uint8 array [H, W] / [H, W, 1|3|4].
 
@@ -167,13 +179,9 @@ class ImageProcessor:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
         path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.exists(path):
+        config = read_processor_config(directory)
+        if config is None:
             return cls()
-        with open(path) as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
         try:
             return cls.from_dict(config)
         except (ValueError, TypeError) as e:

@@ -8,6 +8,7 @@ patches of all images of a batch are packed into one patch bucket.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import NamedTuple, Sequence
 
@@ -35,6 +36,17 @@ class ModelInputs(NamedTuple):
     row_images: tuple = ()
 
 
+def left_pad(rows: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0):
+    """Token rows -> input_ids, attention_mask int32 [B, length] (default the longest row), left padded."""
+    length = max(map(len, rows)) if length is None else length
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return ids, mask
+
+
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
     for b in sorted(buckets):
         if n <= b:
@@ -53,16 +65,49 @@ class VLProcessor:
     length_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
     patch_buckets: tuple[int, ...] = (256, 1024, 4096, 16384)
 
+    image_placeholder = IMAGE_PAD  # the chat template's text for one image
+
     @classmethod
     def from_pretrained(cls, directory: str, **kwargs) -> "VLProcessor":
+        """The processor of the directory's model family (`families.FAMILIES`)."""
         from transformers import AutoTokenizer
+
+        from vrl_jax.models.families import resolve
         if not os.path.exists(os.path.join(directory, "tokenizer_config.json")) and \
                 not os.path.exists(os.path.join(directory, "tokenizer.json")):
             raise FileNotFoundError(f"{directory}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
         tokenizer = AutoTokenizer.from_pretrained(directory)
+        template = os.path.join(directory, "chat_template.json")  # the processor's template (llava-hf repos)
+        if getattr(tokenizer, "chat_template", None) is None and os.path.exists(template):
+            with open(template) as f:
+                tokenizer.chat_template = json.load(f).get("chat_template")
         config = ModelConfig.from_pretrained(directory)
-        image_processor = ImageProcessor.from_pretrained(directory)
-        return cls(tokenizer, image_processor, config, **kwargs)
+        family = resolve(config.model_type, "processor")
+        return family(tokenizer, family.load_image_processor(directory, config), config, **kwargs)
+
+    @classmethod
+    def load_image_processor(cls, directory: str, config: ModelConfig):
+        return ImageProcessor.from_pretrained(directory)
+
+    def process_row(self, images: Sequence) -> list:
+        """One prompt's images (PIL / arrays, or already processed) -> processed images."""
+        return [im if isinstance(im, ProcessedImage) else self.image_processor(im) for im in images]
+
+    def num_tokens(self, image) -> int:
+        """Image placeholder tokens of one processed image."""
+        return int(num_image_tokens(image.grid_thw, self.image_processor.merge_size))
+
+    def image_tokens_for_size(self, height: int, width: int, images_in_prompt: int) -> int:
+        """Placeholder tokens of an image of that size (read from its header, not decoded)."""
+        ip = self.image_processor
+        rh, rw = ip.target_size(height, width)
+        return int(num_image_tokens((1, rh // ip.patch_size, rw // ip.patch_size), ip.merge_size))
+
+    def positions(self, input_ids: np.ndarray, attention_mask: np.ndarray, images: list) -> tuple:
+        """Rotary positions int32 [3, B, L] and next_position int32 [B] of left-padded prompts."""
+        types = token_types(input_ids, self.config.image_token_id, self.config.video_token_id)
+        grids = np.array([im.grid_thw for im in images], np.int64).reshape(-1, 3)
+        return rope_positions(types, attention_mask, grids, self.config.vision.merge_size)
 
     @property
     def pad_token_id(self) -> int:
@@ -79,12 +124,12 @@ class VLProcessor:
     def tokenize_prompt(self, messages: list[dict], images: Sequence[ProcessedImage]) -> list[int]:
         """One prompt's token ids with each image placeholder expanded to its number of image tokens."""
         text = self.render(messages)
-        parts = text.split(IMAGE_PAD)
+        parts = text.split(self.image_placeholder)
         if len(parts) - 1 != len(images):
             raise ValueError(f"the prompt has {len(parts) - 1} image placeholder(s) but {len(images)} image(s) "
                              f"were given")
-        counts = [int(num_image_tokens(img.grid_thw, self.image_processor.merge_size)) for img in images]
-        expanded = parts[0] + "".join(IMAGE_PAD * n + part for n, part in zip(counts, parts[1:]))
+        counts = [self.num_tokens(img) for img in images]
+        expanded = parts[0] + "".join(self.image_placeholder * n + part for n, part in zip(counts, parts[1:]))
         return list(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
 
     def encode(self, prompts: Sequence[list[dict]], images: Sequence[Sequence] | None = None) -> ModelInputs:
@@ -92,19 +137,12 @@ class VLProcessor:
         images = images if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-        processed = [[im if isinstance(im, ProcessedImage) else self.image_processor(im) for im in row]
-                     for row in images]
+        processed = [self.process_row(row) for row in images]
         rows = [self.tokenize_prompt(m, imgs) for m, imgs in zip(prompts, processed)]
         length = _bucket(max(len(r) for r in rows), self.length_buckets, "a prompt length")
-        ids = np.full((len(rows), length), self.pad_token_id, np.int32)
-        mask = np.zeros((len(rows), length), np.int32)
-        for i, r in enumerate(rows):
-            ids[i, length - len(r):] = r
-            mask[i, length - len(r):] = 1
+        ids, mask = left_pad(rows, length, self.pad_token_id)
         flat = [im for row in processed for im in row]
-        types = token_types(ids, self.config.image_token_id, self.config.video_token_id)
-        grids = np.array([im.grid_thw for im in flat], np.int64).reshape(-1, 3)
-        positions, next_position = rope_positions(types, mask, grids, self.config.vision.merge_size)
+        positions, next_position = self.positions(ids, mask, flat)
         return ModelInputs(ids, mask, positions, next_position, self.pack(flat), tuple(map(tuple, processed)))
 
     def encode_examples(self, examples: Sequence[dict]) -> ModelInputs:

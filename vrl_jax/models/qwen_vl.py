@@ -25,6 +25,8 @@ class VisionInputs(NamedTuple):
     feature_index: int [U], optional: for the u-th image placeholder of the batch (reading order), the
     merged unit of the packed buffer that fills it. Rows that share an image (a GRPO group's samples)
     then share one encoding of it; None = the buffer's units in placeholder order.
+    feature_weight: float [U, K], with feature_index int [U, K]: each placeholder is a weighted sum of K
+    units (LLaVA-OneVision's AnyRes layout, `anyres.feature_map`); None for Qwen-VL.
     """
 
     pixel_values: jax.Array  # [P, patch_dim]
@@ -32,10 +34,13 @@ class VisionInputs(NamedTuple):
     segment_ids: jax.Array  # int [P]
     window_ids: jax.Array  # int [P]
     feature_index: jax.Array | None = None  # int [U]
+    feature_weight: jax.Array | None = None  # float [U, K]
 
     @classmethod
     def from_batch(cls, batch) -> "VisionInputs":
-        return cls(batch.pixel_values, batch.hw_pos, batch.segment_ids, batch.window_ids)
+        """From a packed batch (`VisionBatch`, or a family's batch that also carries the feature map)."""
+        return cls(batch.pixel_values, batch.hw_pos, batch.segment_ids, batch.window_ids,
+                   getattr(batch, "feature_index", None), getattr(batch, "feature_weight", None))
 
 
 def merge_image_features(embeds, input_ids, features, image_token_id: int, feature_index=None):

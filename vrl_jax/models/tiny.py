@@ -49,8 +49,22 @@ def tiny_hf_config(vocab_size: int, special: dict[str, int], *, hidden: int = 12
     return raw
 
 
-def build_tiny_model(out_dir: str, texts: Iterable[str], *, seed: int = 0, image_size: int = 112,
-                     vocab_size: int = 1024, **sizes) -> str:
+# model.tiny.family -> "module:function" writing that family's tiny model (the signature of build_tiny_model).
+TINY_FAMILIES = {"qwen2_5_vl": "vrl_jax.models.tiny:build_tiny_qwen",
+                 "llava_onevision": "vrl_jax.models.llava_tiny:build_tiny_llava"}
+
+
+def build_tiny_model(out_dir: str, texts: Iterable[str], *, family: str = "qwen2_5_vl", **kwargs) -> str:
+    """Writes the tiny random model of `family` (a key of TINY_FAMILIES) to `out_dir`; returns it."""
+    import importlib
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"tiny model family {family!r} is not one of {tuple(TINY_FAMILIES)}")
+    module, name = TINY_FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)(out_dir, texts, **kwargs)
+
+
+def build_tiny_qwen(out_dir: str, texts: Iterable[str], *, seed: int = 0, image_size: int = 112,
+                    vocab_size: int = 1024, **sizes) -> str:
     """Writes a tiny random Qwen2.5-VL with a tokenizer trained on `texts` to `out_dir`; returns it.
 
     Images of `image_size` pixels a side pass the processor unchanged (min = max pixels).

@@ -24,8 +24,8 @@ from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.qwen_vl import QwenVL
 from vrl_jax.models.safetensors_io import CheckpointError, iterate_tensors
 
-# (HF key template in the legacy layout, vrl_jax parameter path, layout)
-RULES: tuple[tuple[str, str, str | None], ...] = (
+# (HF key template in the legacy layout, vrl_jax parameter path, layout): the Qwen2 language model ...
+LM_RULES: tuple[tuple[str, str, str | None], ...] = (
     ("model.embed_tokens.weight", "language.embed", None),
     ("model.norm.weight", "language.norm", None),
     ("lm_head.weight", "language.lm_head", "linear"),
@@ -35,6 +35,9 @@ RULES: tuple[tuple[str, str, str | None], ...] = (
     *((f"model.layers.{{i}}.self_attn.{p}_proj.bias", f"language.layers.{p}_b", None) for p in "qkv"),
     *((f"model.layers.{{i}}.mlp.{p}_proj.weight", f"language.layers.{p}_w", "linear")
       for p in ("gate", "up", "down")),
+)
+# ... and the Qwen2-VL / Qwen2.5-VL vision tower.
+RULES: tuple[tuple[str, str, str | None], ...] = LM_RULES + (
     ("visual.patch_embed.proj.weight", "visual.patch_embed", "conv"),
     *((f"visual.blocks.{{i}}.norm{n}.{s}", f"visual.blocks.norm{n}_{s[0]}", None)
       for n in "12" for s in ("weight", "bias")),
@@ -51,27 +54,51 @@ RULES: tuple[tuple[str, str, str | None], ...] = (
     ("visual.merger.mlp.2.weight", "visual.merger_fc2_w", "linear"),
     ("visual.merger.mlp.2.bias", "visual.merger_fc2_b", None),
 )
-_COMPILED = [(re.compile("^" + re.escape(t).replace(r"\{i\}", r"(\d+)") + "$"), t, p, k) for t, p, k in RULES]
+
+
+class WeightTable:
+    """One family's checkpoint names: `rules` in the layout export writes, and `prefixes`, (other layout's
+    prefix, the written layout's) pairs applied in order, so that every layout transformers reads loads."""
+
+    def __init__(self, rules, prefixes=()):
+        self.rules = tuple(rules)
+        self.prefixes = tuple(prefixes)
+        self._compiled = [(re.compile("^" + re.escape(t).replace(r"\{i\}", r"(\d+)") + "$"), p, k)
+                          for t, p, k in self.rules]
+        self.by_path = {p: (t, k) for t, p, k in self.rules}
+
+    def normalize_key(self, key: str) -> str:
+        for other, written in self.prefixes:
+            if key.startswith(other):
+                key = written + key[len(other):]
+        return key
+
+    def match(self, hf_key: str) -> tuple[str, int | None, str | None] | None:
+        """HF key -> (parameter path, layer index or None, layout), or None when no rule matches."""
+        key = self.normalize_key(hf_key)
+        for regex, path, layout in self._compiled:
+            m = regex.match(key)
+            if m:
+                return path, (int(m.group(1)) if m.groups() else None), layout
+        return None
+
 
 # transformers 5.x in-memory / new on-disk layout -> the legacy layout the table is written in.
-_LAYOUT_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+QWEN_VL_WEIGHTS = WeightTable(RULES, (("model.language_model.", "model."), ("model.visual.", "visual.")))
+
+
+def weight_table(config: ModelConfig) -> WeightTable:
+    from vrl_jax.models.families import resolve
+    return resolve(config.model_type, "weights")
 
 
 def normalize_key(key: str) -> str:
-    for new, legacy in _LAYOUT_PREFIXES:
-        if key.startswith(new):
-            return legacy + key[len(new):]
-    return key
+    return QWEN_VL_WEIGHTS.normalize_key(key)
 
 
 def match(hf_key: str) -> tuple[str, int | None, str | None] | None:
-    """HF key -> (parameter path, layer index or None, layout), or None when no rule matches."""
-    key = normalize_key(hf_key)
-    for regex, _, path, layout in _COMPILED:
-        m = regex.match(key)
-        if m:
-            return path, (int(m.group(1)) if m.groups() else None), layout
-    return None
+    """HF key of a Qwen2-VL / Qwen2.5-VL checkpoint -> (parameter path, layer index or None, layout)."""
+    return QWEN_VL_WEIGHTS.match(hf_key)
 
 
 def to_jax_layout(arr: np.ndarray, layout: str | None) -> np.ndarray:
@@ -92,8 +119,9 @@ def to_hf_layout(arr: np.ndarray, layout: str | None, hf_shape: tuple[int, ...] 
 
 def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32):
     """The model's graph and parameter shapes, with no parameter allocated."""
-    return nnx.split(nnx.eval_shape(lambda: QwenVL(config, dtype=dtype, param_dtype=param_dtype,
-                                                   rngs=nnx.Rngs(0))))
+    from vrl_jax.models.families import resolve
+    cls = resolve(config.model_type, "model")
+    return nnx.split(nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))))
 
 
 def _flat_params(state: nnx.State) -> dict[str, object]:
@@ -114,7 +142,7 @@ class Target(NamedTuple):
 def hf_target(key: str, where: str, config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> Target | None:
     """The target of HF tensor `key` (read from file `where`) in a model of parameter `shapes`; None for a
     tensor to skip (the lm_head copy of a tied checkpoint). Raises CheckpointError naming the file and key."""
-    hit = match(key)
+    hit = weight_table(config).match(key)
     if hit is None:
         raise CheckpointError(f"{where}: tensor {key!r} has no counterpart in vrl_jax's "
                               f"{config.model_type} model (unknown key)")
@@ -131,8 +159,7 @@ def hf_target(key: str, where: str, config: ModelConfig, shapes: dict[str, tuple
     if layout == "linear":
         hf_shape = want[::-1]
     elif layout == "conv":
-        v = config.vision
-        hf_shape = (want[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+        hf_shape = config.vision.patch_embed_hf_shape
     else:
         hf_shape = want
     return Target(path, layer, layout, tuple(want), tuple(hf_shape))
@@ -197,9 +224,8 @@ def hf_tensors(model: QwenVL) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF key, array in HF layout) for every parameter, legacy key layout, one at a time."""
     cfg = model.config
     params = _flat_params(nnx.state(model, nnx.Param))
-    by_path = {p: (t, k) for t, p, k in RULES}
-    conv_shape = (cfg.vision.width, cfg.vision.in_channels, cfg.vision.temporal_patch_size,
-                  cfg.vision.patch_size, cfg.vision.patch_size)
+    by_path = weight_table(cfg).by_path
+    conv_shape = cfg.vision.patch_embed_hf_shape
     for path, var in params.items():
         template, layout = by_path[path]
         arr = np.asarray(jax.device_get(var.value))

@@ -133,6 +133,9 @@ def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray,
     group > 1 (`shared_prompt_group`): placeholders are those of each group's first row only, the
     rows the train step embeds when it computes a group's prompt once (`TrainBatch.prompt_mask`).
     """
+    own = getattr(processor, "pack_micro_batches", None)
+    if own is not None:  # a family whose placeholders are not its merged units in order (LLaVA-OneVision)
+        return own(row_images, prompt_index, num_micro, buckets, group)
     rows = len(prompt_index)
     per = rows // num_micro
     merge = processor.config.vision.merge_size ** 2

@@ -29,7 +29,8 @@ from vrl_jax import sharding as shd
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 # Which flag owns a parameter path (MAYE: vit = patch embedding + blocks, connector = the merger).
-_PARTS = ((r"^visual\.merger_", "train_connector"), (r"^visual\.", "train_vit"), (r"^language\.", "train_llm"))
+_PARTS = ((r"^visual\.merger_", "train_connector"), (r"^projector\.", "train_connector"),  # LLaVA-OneVision's
+          (r"^visual\.", "train_vit"), (r"^language\.", "train_llm"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +184,7 @@ _HF_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:
 
 
 def decay_mask_hf_trainer(paths: list[str]) -> dict[str, bool]:
-    """HF Trainer's rule, applied to each parameter's HF name (`models.weights.RULES`).
+    """HF Trainer's rule, applied to each parameter's HF name (the families' `WeightTable`s).
 
     Excluded: every bias; the LLM's RMSNorm weights (`input_layernorm`, `post_attention_layernorm`,
     `model.norm`: matched by name); Qwen2-VL's vision `norm1`/`norm2` and merger `ln_q` (modules
@@ -191,14 +192,14 @@ def decay_mask_hf_trainer(paths: list[str]) -> dict[str, bool]:
     `norm1`/`norm2` and `ln_q` weights, which are `Qwen2RMSNorm` modules whose names match no
     pattern, so HF Trainer decays them too.
     """
-    from vrl_jax.models.weights import RULES  # the model package is heavy; only this mask needs it
+    from vrl_jax.models.families import hf_names as family_names  # heavy; only this mask needs it
 
-    hf_names = {path: template for template, path, _ in RULES}
+    hf_names = family_names()
     present = set(paths)
     out = {}
     for path in paths:
         if path not in hf_names:
-            raise ValueError(f"decay_mask 'hf_trainer': parameter {path!r} has no HF name in models.weights.RULES")
+            raise ValueError(f"decay_mask 'hf_trainer': parameter {path!r} has no HF name in any family's weight table")
         last = path.rsplit(".", 1)[-1]
         layer_norm = "norm" in last and last.endswith("_w") and path[:-1] + "b" in present  # RMSNorm has no bias
         out[path] = not (layer_norm or _HF_NO_DECAY.search(hf_names[path].replace("{i}", "0").lower()))

@@ -185,9 +185,13 @@ class StepConfig:
                 if not ok or p is None:
                     raise ValueError(f"TrainBatch.vision.{name} must be [num_micro={m}, P, ...] with one P for all "
                                      f"fields; got {tuple(x.shape)}")
-            index = batch.vision.feature_index
-            if index is not None and (index.ndim != 2 or index.shape[0] != m):
-                raise ValueError(f"TrainBatch.vision.feature_index must be [num_micro={m}, U]; got {tuple(index.shape)}")
+            index, weight = batch.vision.feature_index, batch.vision.feature_weight
+            if index is not None and (index.ndim != (2 if weight is None else 3) or index.shape[0] != m):
+                raise ValueError(f"TrainBatch.vision.feature_index must be [num_micro={m}, U]"
+                                 f"{'' if weight is None else ', K] (with feature_weight)'}; got {tuple(index.shape)}")
+            if weight is not None and (index is None or weight.shape != index.shape):
+                raise ValueError(f"TrainBatch.vision.feature_weight must have feature_index's shape "
+                                 f"{None if index is None else tuple(index.shape)}; got {tuple(weight.shape)}")
         pm = batch.prompt_mask
         if pm is not None and (pm.ndim != 3 or pm.shape[0] != m or mb % max(pm.shape[1], 1) or pm.shape[2] >= t):
             raise ValueError(f"TrainBatch.prompt_mask must be [num_micro={m}, G, L] with G dividing the {mb} rows of "

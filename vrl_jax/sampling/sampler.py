@@ -153,7 +153,7 @@ class Sampler:
     def __call__(self, params, inputs, key, temperature: float = 1.0, top_p: float = 1.0) -> SampleOutput:
         v = inputs.vision
         vision = None if v is None else VisionInputs(
-            *(jnp.asarray(x) for x in (v.pixel_values, v.hw_pos, v.segment_ids, v.window_ids)))
+            *(None if x is None else jnp.asarray(x) for x in VisionInputs.from_batch(v)))
         return self._fn(params, jnp.asarray(inputs.input_ids), jnp.asarray(inputs.attention_mask),
                         jnp.asarray(inputs.positions), jnp.asarray(inputs.next_position), vision, key,
                         jnp.float32(temperature), jnp.float32(top_p))
