@@ -1,4 +1,5 @@
-"""The Qwen2 decoder shared by Qwen2-VL and Qwen2.5-VL (and later LLaVA-OneVision's language model).
+"""The Qwen2 decoder shared by Qwen2-VL and Qwen2.5-VL (and later LLaVA-OneVision's language model),
+with the Qwen3 variant (q/k norms, no q/k/v bias, DeepStack injections) for Qwen3-VL.
 
 Parameters of all layers are stacked on a leading layer axis and the layers run under `lax.scan`,
 so compile time does not grow with depth and a KV cache is one array per K and V. Weights are
@@ -44,22 +45,41 @@ def _zeros(shape, dtype):
 
 
 class DecoderLayers(nnx.Module):
-    """The stack of pre-norm decoder blocks; every parameter has a leading [layers] axis."""
+    """The stack of pre-norm decoder blocks; every parameter has a leading [layers] axis.
 
-    NAMES = ("input_norm", "q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "post_norm", "gate_w", "up_w",
-             "down_w")
+    Qwen2: q/k/v biases. Qwen3 (`cfg.qk_norm`): no biases, RMSNorm weights q_norm/k_norm [layers, head_dim].
+    """
 
     def __init__(self, cfg: TextConfig, *, param_dtype, rngs: nnx.Rngs):
         n, h, i = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         p = lambda *shape: _param(rngs, (n, *shape), param_dtype)  # noqa: E731
         self.input_norm = _ones((n, h), param_dtype)
-        self.q_w, self.q_b = p(h, q), _zeros((n, q), param_dtype)
-        self.k_w, self.k_b = p(h, kv), _zeros((n, kv), param_dtype)
-        self.v_w, self.v_b = p(h, kv), _zeros((n, kv), param_dtype)
+        self.q_w, self.k_w, self.v_w = p(h, q), p(h, kv), p(h, kv)
+        if cfg.attention_bias:
+            self.q_b, self.k_b, self.v_b = _zeros((n, q), param_dtype), _zeros((n, kv), param_dtype), \
+                _zeros((n, kv), param_dtype)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = _ones((n, cfg.head_dim), param_dtype), _ones((n, cfg.head_dim), param_dtype)
         self.o_w = p(q, h)
         self.post_norm = _ones((n, h), param_dtype)
         self.gate_w, self.up_w, self.down_w = p(h, i), p(h, i), p(i, h)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(k for k, v in vars(self).items() if isinstance(v, nnx.Param))
+
+
+def _project(y, w: dict, name: str, heads: int, cfg: TextConfig):
+    """y: [B, T, H] -> [B, T, heads, head_dim]: the q/k/v projection, its bias and (q, k) its norm if present."""
+    b, t, _ = y.shape
+    dt = y.dtype
+    x = y @ w[name + "_w"].astype(dt)
+    if name + "_b" in w:
+        x = x + w[name + "_b"].astype(dt)
+    x = x.reshape(b, t, heads, cfg.head_dim)
+    if name + "_norm" in w:  # Qwen3: RMSNorm over each head, before the rotary embedding
+        x = layers.rms_norm(x, w[name + "_norm"].astype(dt), cfg.rms_norm_eps)
+    return x
 
 
 def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, write_index, *, cfg: TextConfig):
@@ -75,9 +95,9 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
     dt = x.dtype
     hd = cfg.head_dim
     y = layers.rms_norm(x, w["input_norm"].astype(dt), cfg.rms_norm_eps)
-    q = (y @ w["q_w"].astype(dt) + w["q_b"].astype(dt)).reshape(b, t, cfg.num_heads, hd)
-    k = (y @ w["k_w"].astype(dt) + w["k_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
-    v = (y @ w["v_w"].astype(dt) + w["v_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
+    q = _project(y, w, "q", cfg.num_heads, cfg)
+    k = _project(y, w, "k", cfg.num_kv_heads, cfg)
+    v = _project(y, w, "v", cfg.num_kv_heads, cfg)
     q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, K, T, hd], [B, K, hd, T]
     if cache is not None:
@@ -114,24 +134,32 @@ class Qwen2Decoder(nnx.Module):
         return self.embed.value.T if self.lm_head is None else self.lm_head.value
 
     def __call__(self, x, positions, kv_valid, cache: KVCache | None = None, write_index=0,
-                 remat: bool = False):
+                 remat: bool = False, deepstack=None):
         """Runs the decoder stack.
 
         x: [B, T, H] input embeddings; positions: int [3, B, T] rotary positions (M-RoPE axes);
         kv_valid: bool [B, S] which key slots hold real tokens (S = T without a cache, the cache
-        length with one); cache: KVCache or None; write_index: int scalar, the slot of x's first token.
+        length with one); cache: KVCache or None; write_index: int scalar, the slot of x's first token;
+        deepstack: [D, B, T, H] or None, added to the hidden states after each of the first D layers
+        (Qwen3-VL's DeepStack: zero except at image positions).
         Returns (hidden [B, T, H] after the final norm, updated cache or None).
         """
         cfg = self.config
         t = x.shape[1]
-        cos, sin = layers.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype)
+        cos, sin = layers.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype,
+                                        cfg.mrope_interleaved)
         mask = layers.causal_mask(kv_valid, write_index + jnp.arange(t))
-        stacked = {k: getattr(self.layers, k).value for k in DecoderLayers.NAMES}
+        stacked = {k: getattr(self.layers, k).value for k in self.layers.names()}
 
         def body(carry, xs):
             h, c = carry
             w, layer = xs
-            return decoder_block(w, h, cos, sin, mask, c, layer, write_index, cfg=cfg), None
+            h, c = decoder_block(w, h, cos, sin, mask, c, layer, write_index, cfg=cfg)
+            if deepstack is not None:
+                n = deepstack.shape[0]
+                extra = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(layer, n - 1), keepdims=False)
+                h = jnp.where(layer < n, h + extra.astype(h.dtype), h)
+            return (h, c), None
 
         if remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)

@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL: the vision tower, the decoder, and the merge of image features into text.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the vision tower, the decoder, and the merge of image features into text.
 
 The module holds parameters; the forward is a pure function of them once the module is split with
 `nnx.split` (the train step and the sampler merge it back inside `jax.jit`). Image features replace the embeddings of image
@@ -57,7 +57,7 @@ def merge_image_features(embeds, input_ids, features, image_token_id: int, featu
 
 
 class QwenVL(nnx.Module):
-    """A Qwen2-VL or Qwen2.5-VL model, parameters in `param_dtype`, compute in `dtype`."""
+    """A Qwen2-VL, Qwen2.5-VL or dense Qwen3-VL model, parameters in `param_dtype`, compute in `dtype`."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs | None = None):
@@ -70,12 +70,23 @@ class QwenVL(nnx.Module):
 
     def embed(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
         """input_ids: int [B, T] -> [B, T, H] with image features merged in."""
+        return self.embed_with_deepstack(input_ids, vision, remat)[0]
+
+    def embed_with_deepstack(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
+        """input_ids: int [B, T] -> ([B, T, H] with image features merged in, DeepStack features
+        [D, B, T, H] (zero off image positions) or None when the model has none or there is no vision)."""
         x = self.language.embed_tokens(input_ids, self.dtype)
-        if vision is not None:
-            feats = self.visual(vision.pixel_values, vision.hw_pos, vision.segment_ids, vision.window_ids,
-                                dtype=self.dtype, remat=remat)
-            x = merge_image_features(x, input_ids, feats, self.config.image_token_id, vision.feature_index)
-        return x
+        if vision is None:
+            return x, None
+        feats, deepstack = self.visual.encode(vision.pixel_values, vision.hw_pos, vision.segment_ids,
+                                              vision.window_ids, dtype=self.dtype, remat=remat)
+        image_id = self.config.image_token_id
+        x = merge_image_features(x, input_ids, feats, image_id, vision.feature_index)
+        if deepstack is not None:
+            zeros = jnp.zeros_like(x)
+            deepstack = jnp.stack([merge_image_features(zeros, input_ids, f, image_id, vision.feature_index)
+                                   for f in deepstack])
+        return x, deepstack
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
                       cache: KVCache | None = None, write_index=0, kv_valid=None, remat: bool = False):
@@ -85,10 +96,11 @@ class QwenVL(nnx.Module):
         With a cache, `kv_valid` [B, S] says which cache slots are real once this call's tokens are
         written at `write_index`; without one it is `attention_mask`.
         """
-        x = self.embed(input_ids, vision, remat=remat)
+        x, deepstack = self.embed_with_deepstack(input_ids, vision, remat=remat)
         if kv_valid is None:
             kv_valid = attention_mask.astype(bool)
-        return self.language(x, positions, kv_valid, cache=cache, write_index=write_index, remat=remat)
+        return self.language(x, positions, kv_valid, cache=cache, write_index=write_index, remat=remat,
+                             deepstack=deepstack)
 
     def logits(self, hidden):
         """hidden: [B, T, H] -> logits [B, T, V] float32 (computed in the model dtype, as transformers)."""

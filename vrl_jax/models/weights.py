@@ -51,7 +51,51 @@ RULES: tuple[tuple[str, str, str | None], ...] = (
     ("visual.merger.mlp.2.weight", "visual.merger_fc2_w", "linear"),
     ("visual.merger.mlp.2.bias", "visual.merger_fc2_b", None),
 )
-_COMPILED = [(re.compile("^" + re.escape(t).replace(r"\{i\}", r"(\d+)") + "$"), t, p, k) for t, p, k in RULES]
+
+# Qwen3-VL, in the same legacy-prefix form: Qwen2's decoder keys without q/k/v biases plus the q/k
+# norms; Qwen2-VL's block norms and attention; its own patch bias, position table, MLP, merger and
+# DeepStack mergers (stacked on their list index).
+QWEN3_VL_RULES: tuple[tuple[str, str, str | None], ...] = (
+    *(r for r in RULES if r[1].startswith("language.") and not r[1].endswith(("q_b", "k_b", "v_b"))),
+    *((f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"language.layers.{p}_norm", None) for p in "qk"),
+    *(r for r in RULES if r[0].startswith(("visual.patch_embed.", "visual.blocks.{i}.norm", "visual.blocks.{i}.attn."))),
+    ("visual.patch_embed.proj.bias", "visual.patch_embed_b", None),
+    ("visual.pos_embed.weight", "visual.pos_embed", None),
+    *((f"visual.blocks.{{i}}.mlp.linear_{p}.weight", f"visual.blocks.{p}_w", "linear") for p in ("fc1", "fc2")),
+    *((f"visual.blocks.{{i}}.mlp.linear_{p}.bias", f"visual.blocks.{p}_b", None) for p in ("fc1", "fc2")),
+    *((f"visual.merger.norm.{s}", f"visual.merger_norm_{s[0]}", None) for s in ("weight", "bias")),
+    *((f"visual.merger.linear_{p}.weight", f"visual.merger_{p}_w", "linear") for p in ("fc1", "fc2")),
+    *((f"visual.merger.linear_{p}.bias", f"visual.merger_{p}_b", None) for p in ("fc1", "fc2")),
+    *((f"visual.deepstack_merger_list.{{i}}.norm.{s}", f"visual.deepstack_norm_{s[0]}", None)
+      for s in ("weight", "bias")),
+    *((f"visual.deepstack_merger_list.{{i}}.linear_{p}.weight", f"visual.deepstack_{p}_w", "linear")
+      for p in ("fc1", "fc2")),
+    *((f"visual.deepstack_merger_list.{{i}}.linear_{p}.bias", f"visual.deepstack_{p}_b", None)
+      for p in ("fc1", "fc2")),
+)
+ALL_RULES = RULES + QWEN3_VL_RULES  # every HF name a vrl_jax parameter can have (the first rule per path wins)
+
+
+class KeyLayout(NamedTuple):
+    """A model type's checkpoint names: its rules and how export renames their prefixes on disk."""
+
+    rules: tuple[tuple[str, str, str | None], ...]
+    on_disk: tuple[tuple[str, str], ...] = ()  # (prefix in the rules, prefix written by `hf_tensors`)
+
+
+# transformers writes the legacy layout for Qwen2/2.5-VL and the new one for Qwen3-VL (models.md 2.4).
+KEY_LAYOUTS = {
+    "qwen2_vl": KeyLayout(RULES),
+    "qwen2_5_vl": KeyLayout(RULES),
+    "qwen3_vl": KeyLayout(QWEN3_VL_RULES, (("model.", "model.language_model."), ("visual.", "model.visual."))),
+}
+
+
+def _compile(rules):
+    return [(re.compile("^" + re.escape(t).replace(r"\{i\}", r"(\d+)") + "$"), t, p, k) for t, p, k in rules]
+
+
+_COMPILED = {model_type: _compile(layout.rules) for model_type, layout in KEY_LAYOUTS.items()}
 
 # transformers 5.x in-memory / new on-disk layout -> the legacy layout the table is written in.
 _LAYOUT_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
@@ -64,14 +108,21 @@ def normalize_key(key: str) -> str:
     return key
 
 
-def match(hf_key: str) -> tuple[str, int | None, str | None] | None:
+def match(hf_key: str, model_type: str = "qwen2_vl") -> tuple[str, int | None, str | None] | None:
     """HF key -> (parameter path, layer index or None, layout), or None when no rule matches."""
     key = normalize_key(hf_key)
-    for regex, _, path, layout in _COMPILED:
+    for regex, _, path, layout in _COMPILED[model_type]:
         m = regex.match(key)
         if m:
             return path, (int(m.group(1)) if m.groups() else None), layout
     return None
+
+
+def _on_disk(template: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    for ours, theirs in prefixes:
+        if template.startswith(ours):
+            return theirs + template[len(ours):]
+    return template
 
 
 def to_jax_layout(arr: np.ndarray, layout: str | None) -> np.ndarray:
@@ -114,7 +165,7 @@ class Target(NamedTuple):
 def hf_target(key: str, where: str, config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> Target | None:
     """The target of HF tensor `key` (read from file `where`) in a model of parameter `shapes`; None for a
     tensor to skip (the lm_head copy of a tied checkpoint). Raises CheckpointError naming the file and key."""
-    hit = match(key)
+    hit = match(key, config.model_type)
     if hit is None:
         raise CheckpointError(f"{where}: tensor {key!r} has no counterpart in vrl_jax's "
                               f"{config.model_type} model (unknown key)")
@@ -194,10 +245,12 @@ def load_hf_params(directory: str, config: ModelConfig, param_dtype=jnp.float32,
 
 
 def hf_tensors(model: QwenVL) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (HF key, array in HF layout) for every parameter, legacy key layout, one at a time."""
+    """Yields (HF key, array in HF layout) for every parameter, in the key layout transformers writes for
+    the model type, one at a time."""
     cfg = model.config
     params = _flat_params(nnx.state(model, nnx.Param))
-    by_path = {p: (t, k) for t, p, k in RULES}
+    layout_of_type = KEY_LAYOUTS[cfg.model_type]
+    by_path = {p: (_on_disk(t, layout_of_type.on_disk), k) for t, p, k in layout_of_type.rules}
     conv_shape = (cfg.vision.width, cfg.vision.in_channels, cfg.vision.temporal_patch_size,
                   cfg.vision.patch_size, cfg.vision.patch_size)
     for path, var in params.items():

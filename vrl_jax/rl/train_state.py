@@ -28,8 +28,9 @@ from vrl_jax import sharding as shd
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
-# Which flag owns a parameter path (MAYE: vit = patch embedding + blocks, connector = the merger).
-_PARTS = ((r"^visual\.merger_", "train_connector"), (r"^visual\.", "train_vit"), (r"^language\.", "train_llm"))
+# Which flag owns a parameter path (MAYE: vit = patch embedding + blocks, connector = the merger and
+# Qwen3-VL's DeepStack mergers).
+_PARTS = ((r"^visual\.(merger|deepstack)_", "train_connector"), (r"^visual\.", "train_vit"), (r"^language\.", "train_llm"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,9 +192,10 @@ def decay_mask_hf_trainer(paths: list[str]) -> dict[str, bool]:
     `norm1`/`norm2` and `ln_q` weights, which are `Qwen2RMSNorm` modules whose names match no
     pattern, so HF Trainer decays them too.
     """
-    from vrl_jax.models.weights import RULES  # the model package is heavy; only this mask needs it
+    from vrl_jax.models.weights import ALL_RULES  # the model package is heavy; only this mask needs it
 
-    hf_names = {path: template for template, path, _ in RULES}
+    # reversed: the first rule of a path (Qwen2/2.5-VL's name) wins; Qwen3-VL adds its own paths.
+    hf_names = {path: template for template, path, _ in reversed(ALL_RULES)}
     present = set(paths)
     out = {}
     for path in paths:
