@@ -324,12 +324,12 @@ def check_rl(c, s, rl, probe):
 def check_trainable_parts(c, root, workdir):
     """The exported policy changed exactly in the parts the recipe trains (vision tower, connector, LLM)."""
     from safetensors.numpy import load_file
-    start = load_file(os.path.join(root, "model", "model.safetensors"))
+    start = load_file(os.path.join(standin.model_dir(root, c.model.tiny.family), "model.safetensors"))
     end = load_file(os.path.join(workdir, "export", "model.safetensors"))
     assert set(start) == set(end)
 
     def part(name):
-        if "visual.merger" in name:
+        if "visual.merger" in name or "visual.deepstack_merger" in name:  # Qwen3-VL's DeepStack mergers too
             return "connector"
         return "vit" if "visual." in name else "llm"
 

@@ -43,8 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"
     c.model.remat = False
+    # family: the architecture of the tiny model (`models.tiny.TINY_FAMILIES`: qwen2_5_vl | qwen3_vl)
     c.model.tiny = ml_collections.ConfigDict(dict(hidden=128, layers=4, intermediate=384, vision_width=64,
-                                                  vision_depth=2, vocab_size=1024))
+                                                  vision_depth=2, vocab_size=1024, family="qwen2_5_vl"))
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthgeo"  # synthgeo | maye | easyr1 | dyme (files on disk)
@@ -269,6 +270,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _check_rules(c)
     if any(not isinstance(s, int) or s < 1 for s in c.log.profile_steps):
         _fail("log.profile_steps", f"expected step numbers >= 1, got {tuple(c.log.profile_steps)}")
+    from vrl_jax.models.tiny import TINY_FAMILIES
+    _choice(c, "model.tiny.family", tuple(TINY_FAMILIES))
     if c.model.tiny.hidden % 8:
         _fail("model.tiny.hidden", f"must be a multiple of 8 (4 heads of an even width), got {c.model.tiny.hidden}")
     if c.model.tiny.vision_width % 4:

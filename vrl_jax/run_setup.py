@@ -132,7 +132,8 @@ def prepare_model(c, workdir: str, train_examples: list[Example]) -> str:
         texts = [t for e in train_examples for t in (e.question, e.hint, e.solution, e.answer) if t]
         t = c.model.tiny
         build_tiny_model(model_dir, texts, seed=c.seed, vocab_size=t.vocab_size, hidden=t.hidden, layers=t.layers,
-                         intermediate=t.intermediate, vision_width=t.vision_width, vision_depth=t.vision_depth)
+                         intermediate=t.intermediate, vision_width=t.vision_width, vision_depth=t.vision_depth,
+                         family=t.family)
     return model_dir
 
 

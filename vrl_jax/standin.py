@@ -4,7 +4,7 @@
 
 writes DIR/data (the synthetic geometry benchmark in every file format the loaders read: MAYE jsonl,
 EasyR1 parquet, DyME json) and DIR/model (a tiny random Qwen2.5-VL whose tokenizer is trained on that
-data), then prints the `python -m vrl_jax.train` command that runs the recipe on them:
+data; DIR/model_<family> for a recipe whose `model.tiny.family` is another architecture), then prints the `python -m vrl_jax.train` command that runs the recipe on them:
 `--config.*` overrides of the keys in `SIZE_KEYS` only. The test suite runs every experiment file and
 variant this way (`tests/test_experiments.py`), so what a stand-in may change is fixed here, in one
 place, and checked there.
@@ -66,12 +66,18 @@ def _smallest_multiple(step: int, at_least: int) -> int:
     return step * max(1, -(-at_least // step))
 
 
+def model_dir(root: str, family: str = "qwen2_5_vl") -> str:
+    """The stand-in model of architecture `family` (`model.tiny.family`) under `root`."""
+    return os.path.join(root, "model" if family == "qwen2_5_vl" else f"model_{family}")
+
+
 def standin_overrides(c, root: str) -> dict[str, Any]:
     """{dotted key: value}: the stand-in of config `c` with its model and data under `root`.
 
-    Pure (reads nothing); `prepare` writes what the paths point to. Every key is in `SIZE_KEYS`.
+    Pure (reads nothing); `prepare` writes what the paths point to. Every key is in `SIZE_KEYS`. The
+    model is a tiny one of the recipe's `model.tiny.family` (its checkpoint's architecture).
     """
-    out: dict[str, Any] = {"model.path": os.path.join(root, "model")}
+    out: dict[str, Any] = {"model.path": model_dir(root, c.model.tiny.family)}
     if c.data.source == "synthgeo":
         out.update({"data.synthgeo.train": SPLIT_SIZES["train"], "data.synthgeo.val": SPLIT_SIZES["val"],
                     "data.synthgeo.test": SPLIT_SIZES["test_iid"]})
@@ -126,26 +132,27 @@ def apply_overrides(c, overrides: Mapping[str, Any]):
     return c
 
 
-def prepare(root: str) -> str:
-    """Writes the stand-in data (`SPLIT_SIZES`, every format) and tiny model under `root` once; returns root."""
+def prepare(root: str, family: str = "qwen2_5_vl") -> str:
+    """Writes the stand-in data (`SPLIT_SIZES`, every format) and the tiny model of `family` under `root`
+    once; returns root."""
     from vrl_jax.data.prompts import TEMPLATES
     from vrl_jax.data.synthgeo.export import FORMATS, export_dataset
     from vrl_jax.data.synthgeo.generator import GeneratorConfig, corpus_texts, generate_split
     from vrl_jax.models.tiny import build_tiny_model
-    data, model = os.path.join(root, "data"), os.path.join(root, "model")
+    data, model = os.path.join(root, "data"), model_dir(root, family)
     if not os.path.exists(os.path.join(data, "manifest.json")):
         export_dataset(data, SPLIT_SIZES, GeneratorConfig(image_size=IMAGE_SIZE), formats=FORMATS, progress=False)
     if not os.path.exists(os.path.join(model, "preprocessor_config.json")):  # written last
         # The templates' instructions are in the tokenizer's corpus, so prompts stay short.
         texts = list(corpus_texts(generate_split("train", 200, GeneratorConfig()))) + [
             t.text.replace("{question}", "") for t in TEMPLATES.values()] * 20
-        build_tiny_model(model, texts, image_size=IMAGE_SIZE, **TINY_MODEL)
+        build_tiny_model(model, texts, image_size=IMAGE_SIZE, family=family, **TINY_MODEL)
     return root
 
 
 def standin_config(c, root: str):
     """`prepare(root)`, then `c` with its stand-in overrides applied."""
-    prepare(root)
+    prepare(root, c.model.tiny.family)
     return apply_overrides(c, standin_overrides(c, root))
 
 
@@ -174,8 +181,9 @@ def _main(argv) -> int:
     parser.add_argument("dir", help="where the stand-in data and model go (reused when present)")
     parser.add_argument("--workdir", help="the run's directory (default DIR/run)")
     args = parser.parse_args(argv)
-    overrides = standin_overrides(load_experiment(args.config), args.dir)
-    prepare(args.dir)
+    c = load_experiment(args.config)
+    overrides = standin_overrides(c, args.dir)
+    prepare(args.dir, c.model.tiny.family)
     cmd = ["python", "-m", "vrl_jax.train", f"--config={args.config}",
            f"--workdir={args.workdir or os.path.join(args.dir, 'run')}", *as_flags(overrides)]
     print(" ".join(shlex.quote(a) for a in cmd))
