@@ -356,3 +356,52 @@ def test_one_training_step_updates_the_trainable_parts(checkpoints):
         assert name in moved, name
     for name in ("visual.pos_embed", "visual.patch_embed_b", "visual.blocks.fc1_w"):
         assert name not in moved, name
+
+
+# ---- the tiny default in this family -----------------------------------------------------------------
+
+
+def test_tiny_family_builds_a_qwen3_vl_equal_to_transformers(tmp_path):
+    """`model.tiny.family=qwen3_vl`: the tiny default is a Qwen3-VL directory (config, weights in the new
+    layout, a 16-pixel processor with 0.5 mean/std) that transformers loads with the same logits, on a
+    prompt encoded by vrl_jax's processor from that directory."""
+    from transformers import AutoModelForImageTextToText
+
+    from vrl_jax.models.processor import VLProcessor
+    from vrl_jax.models.tiny import build_tiny_model
+    d = build_tiny_model(str(tmp_path / "tiny"), ["what is the angle 1 2 3 in the figure"] * 20, family="qwen3_vl",
+                         hidden=32, layers=2, intermediate=64, vision_width=32, vision_depth=2, vocab_size=300)
+    config = ModelConfig.from_pretrained(d)
+    assert config.model_type == "qwen3_vl" and config.vision.deepstack_visual_indexes
+    assert any(k.startswith("model.visual.deepstack_merger_list.") for k in read_all(d))
+    proc = VLProcessor.from_pretrained(d, length_buckets=(128,), patch_buckets=(64,))
+    assert proc.image_processor.patch_size == 16 and proc.image_processor.image_mean == (0.5,) * 3
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is the angle"}]}]
+    inputs = proc.encode([messages], [[random_image(np.random.RandomState(6), 112, 112)]])
+    model = load_model(d)
+    vision = tuple(jnp.asarray(x) for x in inputs.vision[:4])
+    from vrl_jax.models.qwen_vl import VisionInputs
+    ours = np.asarray(model(jnp.asarray(inputs.input_ids), jnp.asarray(inputs.positions),
+                            jnp.asarray(inputs.attention_mask), VisionInputs(*vision)))
+    hf = AutoModelForImageTextToText.from_pretrained(d, attn_implementation="eager").eval()
+    grid = inputs.vision.grid_thw
+    n = int(np.prod(grid, axis=1).sum())
+    types = (inputs.input_ids == config.image_token_id).astype(np.int64)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(inputs.input_ids).long(), attention_mask=torch.tensor(inputs.attention_mask),
+                 position_ids=torch.tensor(inputs.positions).long(),
+                 pixel_values=torch.tensor(inputs.vision.pixel_values[:n]), image_grid_thw=torch.tensor(grid),
+                 mm_token_type_ids=torch.tensor(types)).logits.numpy()
+    diff = max_diff(ours, ref, inputs.attention_mask)
+    print(f"tiny qwen3_vl family: max|logit diff| {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_tiny_family_is_checked_before_anything_is_built():
+    from vrl_jax import configs, standin
+    c = standin.load_experiment(os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "default.py"))
+    c.model.tiny.family = "qwen3_vl"
+    configs.validate(c)
+    c.model.tiny.family = "qwen3"
+    with pytest.raises(configs.UserError, match=r"model.tiny.family.*'qwen3'.*'qwen2_5_vl', 'qwen3_vl'"):
+        configs.validate(c)
