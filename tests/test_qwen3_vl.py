@@ -405,3 +405,37 @@ def test_tiny_family_is_checked_before_anything_is_built():
     c.model.tiny.family = "qwen3"
     with pytest.raises(configs.UserError, match=r"model.tiny.family.*'qwen3'.*'qwen2_5_vl', 'qwen3_vl'"):
         configs.validate(c)
+
+
+def test_processor_with_the_wrong_patch_size_is_refused(tmp_path):
+    """A Qwen3-VL directory without its preprocessor_config.json (Qwen2-VL's 14-pixel defaults) or with a
+    wrong patch size: the processor would feed the tower rows it cannot read; the error names the file."""
+    from vrl_jax.data.synthgeo.tokenizer import build_tokenizer
+    from vrl_jax.models.config import ConfigError
+    from vrl_jax.models.processor import VLProcessor
+    build_tokenizer(["what is the angle"] * 20, str(tmp_path), vocab_size=300)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(False).to_dict()))
+    with pytest.raises(ConfigError, match=r"preprocessor_config.json \(the file is missing.*patch_size 14 but "
+                                          r"the model's vision_config has 16"):
+        VLProcessor.from_pretrained(str(tmp_path))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**RELEASED_PREPROCESSOR, "patch_size": 14}))
+    with pytest.raises(ConfigError, match=r"preprocessor_config.json: patch_size 14"):
+        VLProcessor.from_pretrained(str(tmp_path))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(RELEASED_PREPROCESSOR))
+    assert VLProcessor.from_pretrained(str(tmp_path)).image_processor.patch_size == 16
+
+
+def test_sharded_load_and_forward_equal_unsharded(checkpoints, images):
+    """On an 8-device mesh (fsdp 2 x tensor 4) every parameter, the DeepStack mergers included, is placed
+    by the sharding rules while it streams in, and the logits equal the single-device ones."""
+    from vrl_jax import sharding as shd
+    d, _ = checkpoints[False]
+    config = ModelConfig.from_pretrained(d)
+    mesh = shd.make_mesh((1, 2, 4))
+    model = load_hf_params(d, config, shardings=shd.param_sharding_fn(mesh))
+    spec = model.visual.deepstack_fc1_w.value.sharding.spec
+    assert tuple(spec) == (None, "fsdp", "tensor")
+    batch = make_batch([[3, ("img", 0), 4, 5], [6, 7, ("img", 1), 8]], images, config)
+    sharded = forward(model, batch, None)
+    single = forward(load(d), batch, None)
+    assert max_diff(sharded, single, batch["attention_mask"]) <= 1e-5
