@@ -69,6 +69,17 @@ def max_diff(a, b, mask):
     return float(np.abs(a - b)[mask.astype(bool)].max())
 
 
+def left_padded_text_batch():
+    """Three text rows of 16, 11 and 5 real tokens, left-padded to 16."""
+    rs = np.random.RandomState(1)
+    ids = rs.randint(0, 999, (3, 16)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    pos, _ = text_positions(mask)
+    return dict(input_ids=ids, attention_mask=mask, positions=pos, images=[])
+
+
 @pytest.mark.parametrize("family,tie", FAMILIES)
 def test_text_logits_with_left_padding(checkpoints, family, tie):
     d, hf = checkpoints[family]
@@ -76,14 +87,8 @@ def test_text_logits_with_left_padding(checkpoints, family, tie):
     assert config.tie_word_embeddings == tie
     model = load_hf_params(d, config)
     assert (model.language.lm_head is None) == tie
-    rs = np.random.RandomState(1)
-    ids = rs.randint(0, 999, (3, 16)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, :5] = 0
-    mask[2, :11] = 0
-    pos, _ = text_positions(mask)
-    batch = dict(input_ids=ids, attention_mask=mask, positions=pos, images=[])
-    assert max_diff(forward(model, batch, None), hf_logits(hf, batch), mask) <= TOL
+    batch = left_padded_text_batch()
+    assert max_diff(forward(model, batch, None), hf_logits(hf, batch), batch["attention_mask"]) <= TOL
 
 
 @pytest.mark.parametrize("family,tie", FAMILIES)

@@ -2,7 +2,7 @@
 ways, `convert check`, greedy sampling, and one training step.
 
 The tiny model follows models.md 2.3 (patch 16, a 64-entry learned position table, q/k norms,
-interleaved M-RoPE sections [2, 3, 3]) with three vision blocks tapped for DeepStack at [2, 0] (out of
+interleaved M-RoPE) with an explicit head_dim of 32 that is not hidden/heads (64/4), sections [4, 6, 6], with three vision blocks tapped for DeepStack at [2, 0] (out of
 order on purpose: feature j comes from the j-th tap in block order through the merger listed at its
 place) and three decoder layers, so DeepStack adds to two of them and not to the third.
 """
@@ -21,14 +21,13 @@ import pytest
 import torch
 from flax import nnx
 
-from tests.test_convert import flat_params, read_all
-from tests.test_models import TOL, forward, hf_logits, max_diff
+from tests.test_convert import assert_round_trip, flat_params, read_all
+from tests.test_models import TOL, forward, hf_logits, left_padded_text_batch, max_diff
 from tests.tiny_models import SPECIAL, make_batch, random_image
 from vrl_jax import convert
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.image_processing import ImageProcessor, num_image_tokens, pack_images
-from vrl_jax.models.loading import export_hf, load_model
-from vrl_jax.models.positions import text_positions
+from vrl_jax.models.loading import load_model
 from vrl_jax.models.qwen_vl import QwenVL
 from vrl_jax.models.weights import load_hf_params
 
@@ -46,8 +45,8 @@ def hf_config(tie: bool, deepstack=(2, 0)):
     from transformers import Qwen3VLConfig
     return Qwen3VLConfig(
         text_config=dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 6, 6],
                                           "mrope_interleaved": True}),
         vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
@@ -100,14 +99,8 @@ def test_text_logits_with_left_padding(checkpoints, tie):
     d, hf = checkpoints[tie]
     model = load(d)
     assert (model.language.lm_head is None) == tie
-    rs = np.random.RandomState(1)
-    ids = rs.randint(0, 999, (3, 16)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, :5] = 0
-    mask[2, :11] = 0
-    pos, _ = text_positions(mask)
-    batch = dict(input_ids=ids, attention_mask=mask, positions=pos, images=[])
-    diff = max_diff(forward(model, batch, None), hf_logits(hf, batch), mask)
+    batch = left_padded_text_batch()
+    diff = max_diff(forward(model, batch, None), hf_logits(hf, batch), batch["attention_mask"])
     print(f"qwen3_vl tie={tie} text, left-padded: max|logit diff| {diff:.2e}")
     assert diff <= TOL
 
@@ -243,21 +236,10 @@ def test_vl_processor_prompt_ids_equal_transformers_expansion(tmp_path):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_round_trip_is_bit_identical_in_the_new_layout_and_loads_in_transformers(checkpoints, tmp_path, tie):
-    from transformers import AutoModelForImageTextToText
     d, _ = checkpoints[tie]
-    out = str(tmp_path / "export")
-    export_hf(load_model(d), out, source_dir=d)
-    before, after = read_all(d), read_all(out)
+    after = assert_round_trip(d, str(tmp_path / "export"))
     assert any(k.startswith("model.language_model.") for k in after)
     assert any(k.startswith("model.visual.deepstack_merger_list.") for k in after)
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert before[key].dtype == after[key].dtype and np.array_equal(before[key], after[key]), key
-    ids = torch.tensor([[1, 2, 3, 4, 5]])
-    with torch.no_grad():
-        ref = AutoModelForImageTextToText.from_pretrained(d).eval()(input_ids=ids).logits
-        got = AutoModelForImageTextToText.from_pretrained(out).eval()(input_ids=ids).logits
-    assert torch.equal(ref, got)
 
 
 def test_orbax_round_trip_and_check_cli(checkpoints, tmp_path, capsys):
@@ -439,3 +421,27 @@ def test_sharded_load_and_forward_equal_unsharded(checkpoints, images):
     sharded = forward(model, batch, None)
     single = forward(load(d), batch, None)
     assert max_diff(sharded, single, batch["attention_mask"]) <= 1e-5
+
+
+def test_config_fields_and_errors():
+    """Qwen3-VL's fields are read (4.x `rope_scaling` + `rope_theta` as in the released files, or 5.x
+    `rope_parameters`); unsupported or inconsistent values are refused with the field named."""
+    from vrl_jax.models.config import ConfigError
+    raw = hf_config(True).to_dict()
+    text = raw["text_config"]
+    text["rope_scaling"] = {"rope_type": "default", "mrope_section": [4, 6, 6], "mrope_interleaved": True}
+    text["rope_theta"] = 5e6
+    del text["rope_parameters"]
+    config = ModelConfig.from_dict(raw)
+    # head_dim is explicit and not hidden/heads (64/4), as in Qwen3-VL-4B (128, not 2560/32)
+    assert (config.text.rope_theta, config.text.mrope_section, config.text.head_dim) == (5e6, (4, 6, 6), 32)
+    assert config.text.qk_norm and not config.text.attention_bias and config.text.mrope_interleaved
+    for where, key, value, message in (
+            ("text_config", "attention_bias", True, "attention_bias=true is not supported"),
+            ("vision_config", "deepstack_visual_indexes", [3], r"deepstack_visual_indexes \[3\] must be distinct"),
+            ("vision_config", "num_position_embeddings", 60, "num_position_embeddings 60 must be a square"),
+            ("vision_config", "out_hidden_size", 32, "merger output width 32 must equal text hidden_size 64")):
+        bad = hf_config(True).to_dict()
+        bad[where][key] = value
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig.from_dict(bad)

@@ -4,7 +4,8 @@
 
 writes DIR/data (the synthetic geometry benchmark in every file format the loaders read: MAYE jsonl,
 EasyR1 parquet, DyME json) and DIR/model (a tiny random Qwen2.5-VL whose tokenizer is trained on that
-data; DIR/model_<family> for a recipe whose `model.tiny.family` is another architecture), then prints the `python -m vrl_jax.train` command that runs the recipe on them:
+data; DIR/model_<family> for a recipe whose `model.tiny.family` is another architecture, such as
+Qwen3-VL), then prints the `python -m vrl_jax.train` command that runs the recipe on them:
 `--config.*` overrides of the keys in `SIZE_KEYS` only. The test suite runs every experiment file and
 variant this way (`tests/test_experiments.py`), so what a stand-in may change is fixed here, in one
 place, and checked there.

@@ -136,7 +136,7 @@ class ModelConfig:
         # Flat hub configs keep the text fields at the top level; nested ones win where both exist.
         text = _text_config({**{k: v for k, v in raw.items() if k not in ("text_config", "vision_config")},
                              **text_raw}, source, model_type)
-        vision = _vision_config(raw.get("vision_config") or {}, model_type, text.hidden_size, source)
+        vision = VISION_READERS[model_type](raw.get("vision_config") or {}, model_type, text.hidden_size, source)
         tie = raw.get("tie_word_embeddings", text_raw.get("tie_word_embeddings", False))
         eos = raw.get("eos_token_id", text_raw.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
@@ -190,7 +190,8 @@ def _text_config(raw: dict, source: str, model_type: str = "qwen2_vl") -> TextCo
                           f"which must divide by num_key_value_heads {kv_heads}")
     head_dim = _int(raw, "head_dim", source, 128) if style.qwen3 else hidden // heads
     if style.qwen3 and raw.get("attention_bias"):
-        raise ConfigError(f"{source}: attention_bias=true is not supported for {model_type} (released configs set false)")
+        raise ConfigError(f"{source}: attention_bias=true is not supported for {model_type} "
+                          "(released configs set false)")
     section = tuple(int(s) for s in rope.get("mrope_section", style.default_section))
     if not section:
         section = (head_dim // 2, 0, 0)  # plain 1-D rotary: every frequency from the temporal axis
@@ -214,8 +215,6 @@ def _vision_config(raw: dict, model_type: str, lm_width: int, source: str) -> Vi
         mlp_dim = int(width * raw.get("mlp_ratio", 4))
         out_dim = _int(raw, "hidden_size", src, lm_width)
         act, window, fullatt, tps = raw.get("hidden_act", "quick_gelu"), None, (), 2.0
-    elif model_type == "qwen3_vl":
-        return _qwen3_vision_config(raw, lm_width, src)
     else:
         width = _int(raw, "hidden_size", src, 1280)
         mlp_dim = _int(raw, "intermediate_size", src, 3420)
@@ -241,9 +240,11 @@ def _vision_config(raw: dict, model_type: str, lm_width: int, source: str) -> Vi
         window_size=window, fullatt_block_indexes=fullatt, tokens_per_second=tps)
 
 
-def _qwen3_vision_config(raw: dict, lm_width: int, src: str) -> VisionConfig:
+def _qwen3_vision_config(raw: dict, model_type: str, lm_width: int, source: str) -> VisionConfig:
     """Qwen3-VL's vision_config: transformers' class defaults where a field is absent."""
-    width, heads, depth = _int(raw, "hidden_size", src, 1152), _int(raw, "num_heads", src, 16), _int(raw, "depth", src, 27)
+    src = f"{source} (vision_config)"
+    width, heads = _int(raw, "hidden_size", src, 1152), _int(raw, "num_heads", src, 16)
+    depth = _int(raw, "depth", src, 27)
     out_dim = _int(raw, "out_hidden_size", src, 3584)
     if out_dim != lm_width:
         raise ConfigError(f"{src}: the merger output width {out_dim} must equal text hidden_size {lm_width}")
@@ -266,3 +267,7 @@ def _qwen3_vision_config(raw: dict, lm_width: int, src: str) -> VisionConfig:
         rope_theta=float(rope.get("rope_theta", 10000.0)), window_size=None, fullatt_block_indexes=(),
         tokens_per_second=2.0, patch_bias=True, num_position_embeddings=positions,
         deepstack_visual_indexes=deepstack)
+
+
+# model_type -> reader of its vision_config: (raw vision_config, model_type, LM width, source) -> VisionConfig.
+VISION_READERS = {"qwen2_vl": _vision_config, "qwen2_5_vl": _vision_config, "qwen3_vl": _qwen3_vision_config}

@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from vrl_jax.models.config import ModelConfig
+from vrl_jax.models.config import ConfigError, ModelConfig
 from vrl_jax.models.image_processing import (ImageProcessor, ProcessedImage, VisionBatch, num_image_tokens,
                                              pack_images)
 from vrl_jax.models.positions import rope_positions, token_types
@@ -33,6 +33,20 @@ class ModelInputs(NamedTuple):
     next_position: np.ndarray
     vision: VisionBatch
     row_images: tuple = ()
+
+
+def check_patch_geometry(image_processor: ImageProcessor, config: ModelConfig, directory: str) -> None:
+    """The processor must cut patches as the vision tower reads them (Qwen3-VL: 16 pixels, Qwen2/2.5-VL: 14);
+    raises ConfigError naming preprocessor_config.json and each disagreeing field."""
+    v = config.vision
+    wrong = [f"{name} {getattr(image_processor, name)} but the model's vision_config has {want}"
+             for name, want in (("patch_size", v.patch_size), ("merge_size", v.merge_size),
+                                ("temporal_patch_size", v.temporal_patch_size))
+             if getattr(image_processor, name) != want]
+    if wrong:
+        file = os.path.join(directory, "preprocessor_config.json")
+        missing = "" if os.path.exists(file) else " (the file is missing, so Qwen2-VL's defaults were used)"
+        raise ConfigError(f"{file}{missing}: {'; '.join(wrong)}")
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -62,6 +76,7 @@ class VLProcessor:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         config = ModelConfig.from_pretrained(directory)
         image_processor = ImageProcessor.from_pretrained(directory)
+        check_patch_geometry(image_processor, config, directory)
         return cls(tokenizer, image_processor, config, **kwargs)
 
     @property

@@ -1,10 +1,10 @@
 """The Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower and patch merger.
 
-One module serves both: Qwen2-VL uses LayerNorm and an fc1/fc2 quick-GELU MLP with attention
+One module serves all three: Qwen2-VL uses LayerNorm and an fc1/fc2 quick-GELU MLP with attention
 inside each frame; Qwen2.5-VL uses RMSNorm, a biased SwiGLU MLP and window attention except in
 its full-attention blocks; Qwen3-VL is Qwen2-VL's block with tanh-GELU, plus a biased patch
-embedding, a learned position table and DeepStack mergers (`qwen3_vl.py`). Patches of all images of a batch are packed into one static buffer
-[P, patch_dim]; frame and window attention are boolean masks from per-patch segment and window ids,
+embedding, a learned position table and DeepStack mergers (`qwen3_vl.py`). Patches of all images
+of a batch are packed into one static buffer [P, patch_dim]; frame and window attention are boolean masks from per-patch segment and window ids,
 in the processor's own patch order. That equals transformers' window permutation + cu_seqlens
 without any data-dependent shape, so a new image size never recompiles.
 
@@ -133,7 +133,8 @@ class VisionTower(nnx.Module):
             self.pos_embed = _param(rngs, (cfg.num_position_embeddings, cfg.width), param_dtype)
         n_ds = len(cfg.deepstack_visual_indexes)
         if n_ds:  # DeepStack mergers, stacked on a leading axis in deepstack_visual_indexes order
-            self.deepstack_norm_w, self.deepstack_norm_b = _ones((n_ds, c4), param_dtype), _zeros((n_ds, c4), param_dtype)
+            self.deepstack_norm_w = _ones((n_ds, c4), param_dtype)
+            self.deepstack_norm_b = _zeros((n_ds, c4), param_dtype)
             self.deepstack_fc1_w = _param(rngs, (n_ds, c4, c4), param_dtype)
             self.deepstack_fc1_b = _zeros((n_ds, c4), param_dtype)
             self.deepstack_fc2_w = _param(rngs, (n_ds, c4, cfg.out_dim), param_dtype)

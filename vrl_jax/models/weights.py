@@ -58,7 +58,8 @@ RULES: tuple[tuple[str, str, str | None], ...] = (
 QWEN3_VL_RULES: tuple[tuple[str, str, str | None], ...] = (
     *(r for r in RULES if r[1].startswith("language.") and not r[1].endswith(("q_b", "k_b", "v_b"))),
     *((f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"language.layers.{p}_norm", None) for p in "qk"),
-    *(r for r in RULES if r[0].startswith(("visual.patch_embed.", "visual.blocks.{i}.norm", "visual.blocks.{i}.attn."))),
+    *(r for r in RULES
+      if r[0].startswith(("visual.patch_embed.", "visual.blocks.{i}.norm", "visual.blocks.{i}.attn."))),
     ("visual.patch_embed.proj.bias", "visual.patch_embed_b", None),
     ("visual.pos_embed.weight", "visual.pos_embed", None),
     *((f"visual.blocks.{{i}}.mlp.linear_{p}.weight", f"visual.blocks.{p}_w", "linear") for p in ("fc1", "fc2")),

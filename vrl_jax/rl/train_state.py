@@ -30,7 +30,8 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 
 # Which flag owns a parameter path (MAYE: vit = patch embedding + blocks, connector = the merger and
 # Qwen3-VL's DeepStack mergers).
-_PARTS = ((r"^visual\.(merger|deepstack)_", "train_connector"), (r"^visual\.", "train_vit"), (r"^language\.", "train_llm"))
+_PARTS = ((r"^visual\.(merger|deepstack)_", "train_connector"), (r"^visual\.", "train_vit"),
+          (r"^language\.", "train_llm"))
 
 
 @dataclasses.dataclass(frozen=True)
