@@ -127,6 +127,19 @@ def test_two_images_of_different_sizes_left_padded(checkpoints, images):
     assert diff <= TOL
 
 
+def test_bfloat16_logits_close_to_float32(checkpoints, images):
+    from tests.test_models import BF16_TOL
+    d, _ = checkpoints[False]
+    config = ModelConfig.from_pretrained(d)
+    batch = make_batch([[5, ("img", 0), 6, 7]], images, config)
+    f32 = forward(load(d), batch, None)
+    bf16_model = load_hf_params(d, config, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    assert bf16_model.visual.deepstack_fc1_w.value.dtype == jnp.bfloat16
+    diff = max_diff(forward(bf16_model, batch, None), f32, batch["attention_mask"])
+    print(f"qwen3_vl bfloat16 vs float32: max|logit diff| {diff:.2e}")
+    assert 0 < diff <= BF16_TOL
+
+
 def _variant(model: QwenVL, **changes) -> QwenVL:
     """The same parameters under a config with `changes` applied to its text or vision part."""
     cfg = model.config
