@@ -127,10 +127,9 @@ def test_window_attention_is_exercised(checkpoints, images):
     assert max_diff(forward(model, batch, None), ref, batch["attention_mask"]) > 1e-3
 
 
-def test_positions_equal_transformers_get_rope_index(checkpoints, images):
-    d, hf = checkpoints["qwen2_5_vl"]
-    config = ModelConfig.from_pretrained(d)
-    _, processed = images
+def assert_positions_equal_get_rope_index(hf, config, processed):
+    """Our host M-RoPE positions and decode starts equal the HF model's `get_rope_index` (two rows, left
+    padding, two images of different sizes)."""
     batch = make_batch([[1, ("img", 0), 2, ("img", 1), 3], [4, 5, ("img", 1), 6]], processed, config)
     with torch.no_grad():
         ref, deltas = hf.model.get_rope_index(
@@ -140,6 +139,11 @@ def test_positions_equal_transformers_get_rope_index(checkpoints, images):
     np.testing.assert_array_equal(ref.numpy() * batch["attention_mask"], batch["positions"])
     lengths = batch["attention_mask"].sum(1)
     np.testing.assert_array_equal(deltas.numpy().reshape(-1) + lengths, batch["next_position"])
+
+
+def test_positions_equal_transformers_get_rope_index(checkpoints, images):
+    d, hf = checkpoints["qwen2_5_vl"]
+    assert_positions_equal_get_rope_index(hf, ModelConfig.from_pretrained(d), images[1])
 
 
 def test_rope_positions_rejects_mismatched_grids(images):

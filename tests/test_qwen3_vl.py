@@ -22,7 +22,8 @@ import torch
 from flax import nnx
 
 from tests.test_convert import assert_round_trip, flat_params, read_all
-from tests.test_models import TOL, forward, hf_logits, left_padded_text_batch, max_diff
+from tests.test_models import (TOL, assert_positions_equal_get_rope_index, forward, hf_logits, left_padded_text_batch,
+                               max_diff)
 from tests.tiny_models import SPECIAL, make_batch, random_image
 from vrl_jax import convert
 from vrl_jax.models.config import ModelConfig
@@ -173,15 +174,7 @@ def test_each_qwen3_difference_is_seen_by_the_parity_check(checkpoints, images, 
 
 def test_positions_equal_transformers_get_rope_index(checkpoints, images):
     d, hf = checkpoints[False]
-    config = ModelConfig.from_pretrained(d)
-    batch = make_batch([[1, ("img", 0), 2, ("img", 1), 3], [4, 5, ("img", 1), 6]], images, config)
-    with torch.no_grad():
-        ref, deltas = hf.model.get_rope_index(
-            torch.tensor(batch["input_ids"]).long(), torch.tensor(batch["types"]),
-            torch.tensor(np.array([p.grid_thw for p in batch["images"]])),
-            attention_mask=torch.tensor(batch["attention_mask"]))
-    np.testing.assert_array_equal(ref.numpy() * batch["attention_mask"], batch["positions"])
-    np.testing.assert_array_equal(deltas.numpy().reshape(-1) + batch["attention_mask"].sum(1), batch["next_position"])
+    assert_positions_equal_get_rope_index(hf, ModelConfig.from_pretrained(d), images)
 
 
 # ---- image processing --------------------------------------------------------------------------------
