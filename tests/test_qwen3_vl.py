@@ -451,3 +451,24 @@ def test_config_fields_and_errors():
         bad[where][key] = value
         with pytest.raises(ConfigError, match=message):
             ModelConfig.from_dict(bad)
+
+
+def test_hf_trainer_decay_mask_equals_hf_trainers_for_qwen3_vl():
+    """decay_mask 'hf_trainer' on Qwen3-VL's parameters (q/k norms, position table, DeepStack mergers)
+    equals HF Trainer's choice for the same transformers model."""
+    from flax import traverse_util
+    from transformers import Qwen3VLForConditionalGeneration, Trainer
+
+    from vrl_jax.models.weights import abstract_model, match
+    from vrl_jax.rl.train_state import DECAY_MASKS
+    model = Qwen3VLForConditionalGeneration(hf_config(False))
+    decayed = set(Trainer.get_decay_parameter_names(None, model))  # the method does not use `self`
+    want = {}
+    for name, _ in model.named_parameters():
+        want.setdefault(match(name, "qwen3_vl")[0], set()).add(name in decayed)
+    assert all(len(v) == 1 for v in want.values())  # every layer of a stacked parameter agrees
+    want = {p: v.pop() for p, v in want.items()}
+    _, abstract = abstract_model(ModelConfig.from_dict(hf_config(False).to_dict()))
+    got = DECAY_MASKS["hf_trainer"](list(traverse_util.flatten_dict(abstract.to_pure_dict(), sep=".")))
+    assert got == want
+    assert not got["language.layers.q_norm"] and not got["visual.deepstack_norm_w"] and got["visual.pos_embed"]
