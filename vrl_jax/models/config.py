@@ -52,11 +52,11 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """The vision tower; `variant` separates Qwen2-VL from Qwen2.5-VL."""
+    """The vision tower; `variant` separates Qwen2-VL, Qwen2.5-VL and Qwen3-VL."""
 
     variant: str  # "qwen2_vl"/"qwen3_vl" (LayerNorm, fc1/fc2 MLP) or "qwen2_5_vl" (RMSNorm, SwiGLU, windows)
     depth: int
-    width: int  # vision hidden width (Qwen2-VL: embed_dim; Qwen2.5-VL: hidden_size)
+    width: int  # vision hidden width (Qwen2-VL: embed_dim; Qwen2.5-VL, Qwen3-VL: hidden_size)
     num_heads: int
     mlp_dim: int
     out_dim: int  # the language model width the merger projects to

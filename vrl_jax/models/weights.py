@@ -102,11 +102,16 @@ _COMPILED = {model_type: _compile(layout.rules) for model_type, layout in KEY_LA
 _LAYOUT_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
-def normalize_key(key: str) -> str:
-    for new, legacy in _LAYOUT_PREFIXES:
-        if key.startswith(new):
-            return legacy + key[len(new):]
+def _rename_prefix(key: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    """`key` with the first matching (old, new) prefix of `prefixes` replaced."""
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key[len(old):]
     return key
+
+
+def normalize_key(key: str) -> str:
+    return _rename_prefix(key, _LAYOUT_PREFIXES)
 
 
 def match(hf_key: str, model_type: str = "qwen2_vl") -> tuple[str, int | None, str | None] | None:
@@ -117,13 +122,6 @@ def match(hf_key: str, model_type: str = "qwen2_vl") -> tuple[str, int | None, s
         if m:
             return path, (int(m.group(1)) if m.groups() else None), layout
     return None
-
-
-def _on_disk(template: str, prefixes: tuple[tuple[str, str], ...]) -> str:
-    for ours, theirs in prefixes:
-        if template.startswith(ours):
-            return theirs + template[len(ours):]
-    return template
 
 
 def to_jax_layout(arr: np.ndarray, layout: str | None) -> np.ndarray:
@@ -251,7 +249,7 @@ def hf_tensors(model: QwenVL) -> Iterator[tuple[str, np.ndarray]]:
     cfg = model.config
     params = _flat_params(nnx.state(model, nnx.Param))
     layout_of_type = KEY_LAYOUTS[cfg.model_type]
-    by_path = {p: (_on_disk(t, layout_of_type.on_disk), k) for t, p, k in layout_of_type.rules}
+    by_path = {p: (_rename_prefix(t, layout_of_type.on_disk), k) for t, p, k in layout_of_type.rules}
     conv_shape = (cfg.vision.width, cfg.vision.in_channels, cfg.vision.temporal_patch_size,
                   cfg.vision.patch_size, cfg.vision.patch_size)
     for path, var in params.items():
