@@ -2,9 +2,10 @@
 ways, `convert check`, greedy sampling, and one training step.
 
 The tiny model follows models.md 2.3 (patch 16, a 64-entry learned position table, q/k norms,
-interleaved M-RoPE) with an explicit head_dim of 32 that is not hidden/heads (64/4), sections [4, 6, 6], with three vision blocks tapped for DeepStack at [2, 0] (out of
-order on purpose: feature j comes from the j-th tap in block order through the merger listed at its
-place) and three decoder layers, so DeepStack adds to two of them and not to the third.
+interleaved M-RoPE) with an explicit head_dim of 32 that is not hidden/heads (64/4) and sections
+[4, 6, 6]; three vision blocks are tapped for DeepStack at [2, 0] (out of order on purpose: feature j
+comes from the j-th tap in block order through the merger listed at its place) and there are three
+decoder layers, so DeepStack adds to two of them and not to the third.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ One module serves all three: Qwen2-VL uses LayerNorm and an fc1/fc2 quick-GELU M
 inside each frame; Qwen2.5-VL uses RMSNorm, a biased SwiGLU MLP and window attention except in
 its full-attention blocks; Qwen3-VL is Qwen2-VL's block with tanh-GELU, plus a biased patch
 embedding, a learned position table and DeepStack mergers (`qwen3_vl.py`). Patches of all images
-of a batch are packed into one static buffer [P, patch_dim]; frame and window attention are boolean masks from per-patch segment and window ids,
-in the processor's own patch order. That equals transformers' window permutation + cu_seqlens
-without any data-dependent shape, so a new image size never recompiles.
+of a batch are packed into one static buffer [P, patch_dim]; frame and window attention are boolean
+masks from per-patch segment and window ids, in the processor's own patch order. That equals
+transformers' window permutation + cu_seqlens without any data-dependent shape, so a new image size
+never recompiles.
 
 A packed buffer of many images (a training micro-batch, an evaluation batch) would make that mask
 [P, P] while each patch only attends inside its own image: with `VisionTower.max_segment` set (the
