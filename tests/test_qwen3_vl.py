@@ -142,6 +142,25 @@ def test_bfloat16_logits_close_to_float32(checkpoints, images):
     assert 0 < diff <= BF16_TOL
 
 
+def test_shared_image_encoding_equals_one_encoding_per_row(checkpoints, images):
+    """A GRPO group's rows share one encoding of their image (`feature_index`): the merged features and the
+    DeepStack features both follow it, so the logits equal those of packing the image once per row."""
+    from vrl_jax.models.qwen_vl import VisionInputs
+    d, _ = checkpoints[False]
+    model = load(d)
+    rows = [[5, ("img", 0), 6, 7], [8, 9, ("img", 0), 10]]
+    batch = make_batch(rows, images, model.config)
+    per_row = forward(model, batch, None)
+    once = pack_images([images[0]], [128], None)
+    units = int(np.prod(images[0].grid_thw)) // 4
+    vision = VisionInputs(*(jnp.asarray(x) for x in (once.pixel_values, once.hw_pos, once.segment_ids,
+                                                      once.window_ids)),
+                          feature_index=jnp.asarray(np.tile(np.arange(units), 2), jnp.int32))
+    shared = np.asarray(model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["positions"]),
+                              jnp.asarray(batch["attention_mask"]), vision))
+    assert max_diff(shared, per_row, batch["attention_mask"]) <= 1e-5
+
+
 def _variant(model: QwenVL, **changes) -> QwenVL:
     """The same parameters under a config with `changes` applied to its text or vision part."""
     cfg = model.config

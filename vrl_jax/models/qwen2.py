@@ -140,8 +140,8 @@ class Qwen2Decoder(nnx.Module):
         x: [B, T, H] input embeddings; positions: int [3, B, T] rotary positions (M-RoPE axes);
         kv_valid: bool [B, S] which key slots hold real tokens (S = T without a cache, the cache
         length with one); cache: KVCache or None; write_index: int scalar, the slot of x's first token;
-        deepstack: [D, B, T, H] or None, added to the hidden states after each of the first D layers
-        (Qwen3-VL's DeepStack: zero except at image positions).
+        deepstack: a `qwen3_vl.DeepStack` or None: Qwen3-VL's image features added to the hidden states
+        at image positions after each of the first D layers.
         Returns (hidden [B, T, H] after the final norm, updated cache or None).
         """
         cfg = self.config
@@ -156,9 +156,7 @@ class Qwen2Decoder(nnx.Module):
             w, layer = xs
             h, c = decoder_block(w, h, cos, sin, mask, c, layer, write_index, cfg=cfg)
             if deepstack is not None:
-                n = deepstack.shape[0]
-                extra = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(layer, n - 1), keepdims=False)
-                h = jnp.where(layer < n, h + extra.astype(h.dtype), h)
+                h = deepstack.add(h, layer)
             return (h, c), None
 
         if remat:

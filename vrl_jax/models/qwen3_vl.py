@@ -14,6 +14,8 @@ The decoder differences (q/k RMSNorm, no q/k/v bias, interleaved M-RoPE) are fla
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -68,3 +70,23 @@ def postshuffle_merger(x, w: dict, merge_units: int):
     x = layers.layer_norm(x, w["norm_w"], w["norm_b"], VISION_EPS)
     x = jax.nn.gelu(x @ w["fc1_w"] + w["fc1_b"], approximate=False)
     return x @ w["fc2_w"] + w["fc2_b"]
+
+
+class DeepStack(NamedTuple):
+    """DeepStack features for one batch, kept per merged unit (not per position) until each decoder layer.
+
+    features: [D, U, H] (feature j is added after decoder layer j); is_image: bool [B, T] (image
+    placeholder positions); index: int [B, T] (the unit each position reads; meaningless off images).
+    """
+
+    features: jax.Array
+    is_image: jax.Array
+    index: jax.Array
+
+    def add(self, h, layer):
+        """h: [B, T, H] after decoder layer `layer` (int scalar) -> h plus that layer's features at the
+        image positions; unchanged for layers >= D."""
+        n = self.features.shape[0]
+        feats = jax.lax.dynamic_index_in_dim(self.features, jnp.minimum(layer, n - 1), keepdims=False)
+        extra = jnp.take(feats, self.index, axis=0).astype(h.dtype)  # [B, T, H]
+        return jnp.where(self.is_image[..., None] & (layer < n), h + extra, h)

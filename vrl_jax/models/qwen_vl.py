@@ -16,6 +16,7 @@ from flax import nnx
 
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.qwen2 import KVCache, Qwen2Decoder
+from vrl_jax.models.qwen3_vl import DeepStack
 from vrl_jax.models.vision import VisionTower
 
 
@@ -38,6 +39,21 @@ class VisionInputs(NamedTuple):
         return cls(batch.pixel_values, batch.hw_pos, batch.segment_ids, batch.window_ids)
 
 
+def placeholder_units(input_ids, image_token_id: int, num_units: int, feature_index=None):
+    """Which positions are image placeholders and the merged unit each one reads.
+
+    input_ids: int [B, T]; num_units: U, the units of the feature buffer; feature_index: see
+    `merge_image_features` -> is_image bool [B*T], index int [B*T] (clipped into range everywhere).
+    """
+    is_image = (input_ids == image_token_id).reshape(-1)
+    order = jnp.cumsum(is_image) - 1
+    if feature_index is None:
+        index = jnp.clip(order, 0, num_units - 1)
+    else:
+        index = jnp.take(feature_index, jnp.clip(order, 0, feature_index.shape[0] - 1))
+    return is_image, index
+
+
 def merge_image_features(embeds, input_ids, features, image_token_id: int, feature_index=None):
     """Puts image features at image placeholder positions.
 
@@ -45,12 +61,7 @@ def merge_image_features(embeds, input_ids, features, image_token_id: int, featu
     (U >= number of placeholders; extra units are padding), or in any order with `feature_index`
     (int [U'], the unit for each placeholder in reading order) -> [B, T, H].
     """
-    is_image = (input_ids == image_token_id).reshape(-1)
-    order = jnp.cumsum(is_image) - 1
-    if feature_index is None:
-        index = jnp.clip(order, 0, features.shape[0] - 1)
-    else:
-        index = jnp.take(feature_index, jnp.clip(order, 0, feature_index.shape[0] - 1))
+    is_image, index = placeholder_units(input_ids, image_token_id, features.shape[0], feature_index)
     gathered = jnp.take(features, index, axis=0).astype(embeds.dtype)
     flat = jnp.where(is_image[:, None], gathered, embeds.reshape(-1, embeds.shape[-1]))
     return flat.reshape(embeds.shape)
@@ -73,19 +84,18 @@ class QwenVL(nnx.Module):
         return self.embed_with_deepstack(input_ids, vision, remat)[0]
 
     def embed_with_deepstack(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
-        """input_ids: int [B, T] -> ([B, T, H] with image features merged in, DeepStack features
-        [D, B, T, H] (zero off image positions) or None when the model has none or there is no vision)."""
+        """input_ids: int [B, T] -> ([B, T, H] with image features merged in, the `qwen3_vl.DeepStack`
+        the decoder adds at image positions, or None when the model has none or there is no vision)."""
         x = self.language.embed_tokens(input_ids, self.dtype)
         if vision is None:
             return x, None
         feats, deepstack = self.visual.encode(vision.pixel_values, vision.hw_pos, vision.segment_ids,
                                               vision.window_ids, dtype=self.dtype, remat=remat)
-        image_id = self.config.image_token_id
-        x = merge_image_features(x, input_ids, feats, image_id, vision.feature_index)
-        if deepstack is not None:
-            zeros = jnp.zeros_like(x)
-            deepstack = jnp.stack([merge_image_features(zeros, input_ids, f, image_id, vision.feature_index)
-                                   for f in deepstack])
+        x = merge_image_features(x, input_ids, feats, self.config.image_token_id, vision.feature_index)
+        if deepstack is not None:  # kept per unit ([D, U, H]), gathered to positions layer by layer
+            is_image, index = placeholder_units(input_ids, self.config.image_token_id, feats.shape[0],
+                                                vision.feature_index)
+            deepstack = DeepStack(deepstack, is_image.reshape(input_ids.shape), index.reshape(input_ids.shape))
         return x, deepstack
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
