@@ -10,6 +10,7 @@ reference rationales, then GRPO (the two-stage baseline of DyME's paper). Varian
 
   experiments/default.py:grpo    GRPO only        experiments/default.py:sft    SFT only
   experiments/default.py:dyme    DyME             experiments/default.py:smoke  a few seconds, for tests
+  experiments/default.py:grpo_qwen3  GRPO only, on a tiny Qwen3-VL (`model.tiny.family`) instead
 """
 
 from vrl_jax.configs import base_config
@@ -63,8 +64,10 @@ def get_config(arg: str | None = None):
 
     if arg in (None, "", "sft_grpo"):
         pass
-    elif arg == "grpo":
+    elif arg in ("grpo", "grpo_qwen3"):
         c.sft.steps = 0
+        if arg == "grpo_qwen3":
+            c.model.tiny.family = "qwen3_vl"
     elif arg == "sft":
         c.algorithm = "sft"
         c.rl_steps = 0
@@ -96,5 +99,6 @@ def get_config(arg: str | None = None):
         c.eval.batch_size = 4
         c.checkpoint.every_steps = 1
     else:
-        raise ValueError(f"experiments/default.py: unknown variant {arg!r}; expected sft_grpo, grpo, sft, dyme, smoke")
+        raise ValueError(f"experiments/default.py: unknown variant {arg!r}; expected sft_grpo, grpo, grpo_qwen3, "
+                         "sft, dyme, smoke")
     return c

@@ -19,6 +19,9 @@ Deviations, on purpose: evaluation accuracy and reflection ratios are pooled ove
 averages per-rank ratios); `training/ratios` and `training/approx_policy_kl` are masked means (MAYE's
 include its padding); the vision inputs are packed per micro-batch rather than re-collated.
 `experiments/geo.py:tiny` runs the same recipe on the synthetic data and the tiny model, offline.
+
+`experiments/geo.py:qwen3` is the same recipe on dense Qwen3-VL (Qwen/Qwen3-VL-4B-Instruct, converted as
+above); everything but the checkpoint is MAYE's. Its stand-in is a tiny Qwen3-VL (`model.tiny.family`).
 """
 
 from vrl_jax.configs import base_config
@@ -99,6 +102,10 @@ def get_config(arg: str | None = None):
         c.eval.max_examples = 64
         c.eval.splits = ("val", "test_iid")
         c.eval.every_steps = 0
+    elif arg == "qwen3":
+        c.name = "maye_geo_qwen3vl"
+        c.model.path = "ckpt/qwen3-vl-4b-instruct"
+        c.model.tiny.family = "qwen3_vl"  # the architecture of the stand-in and of a tiny default model
     elif arg:
-        raise ValueError(f"experiments/geo.py: unknown variant {arg!r} (expected 'tiny')")
+        raise ValueError(f"experiments/geo.py: unknown variant {arg!r} (expected 'tiny' or 'qwen3')")
     return c

@@ -45,11 +45,13 @@ def make_model(config: ModelConfig, seed: int = 0):
     return nnx.merge(graphdef, traverse_util.unflatten_dict(params, sep="."))
 
 
-def make_rollouts(config: ModelConfig, n_rows: int, seed: int = 0, image_every: int = 2) -> dict:
+def make_rollouts(config: ModelConfig, n_rows: int, seed: int = 0, image_every: int = 2,
+                  proc: ImageProcessor | None = None) -> dict:
     """Host arrays for n_rows rollouts: ids/mask/targets/loss_mask [B, T], positions [3, B, T], advantages
-    [B, T], row_images (list per row), all numpy."""
+    [B, T], row_images (list per row), all numpy. proc: the image processor (default: Qwen2-VL's 14-pixel
+    patches, one 4x4-patch image each)."""
     rs = np.random.RandomState(seed)
-    proc = ImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56)  # one 4x4-patch (16) image each
+    proc = proc or ImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56)
     processed, specs, response = [], [], []
     for i in range(n_rows):
         spec = list(rs.randint(0, 999, rs.randint(2, 6)))

@@ -41,9 +41,10 @@ def flat_params(model):
     return {".".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def test_hf_to_vrl_jax_to_hf_is_bit_identical_and_loads_in_transformers(hf_dir, tmp_path):
+def assert_round_trip(hf_dir, out) -> dict:
+    """HF -> vrl_jax -> HF: the same keys, dtypes and bits, and transformers loads `out` with equal logits.
+    Returns the exported tensors."""
     from transformers import AutoModelForImageTextToText
-    out = str(tmp_path / "export")
     export_hf(load_model(hf_dir), out, source_dir=hf_dir)
     before, after = read_all(hf_dir), read_all(out)
     assert sorted(before) == sorted(after)
@@ -54,6 +55,11 @@ def test_hf_to_vrl_jax_to_hf_is_bit_identical_and_loads_in_transformers(hf_dir, 
         ref = AutoModelForImageTextToText.from_pretrained(hf_dir).eval()(input_ids=ids).logits
         got = AutoModelForImageTextToText.from_pretrained(out).eval()(input_ids=ids).logits
     assert torch.equal(ref, got)
+    return after
+
+
+def test_hf_to_vrl_jax_to_hf_is_bit_identical_and_loads_in_transformers(hf_dir, tmp_path):
+    assert_round_trip(hf_dir, str(tmp_path / "export"))
 
 
 def test_orbax_round_trip_through_the_cli(hf_dir, tmp_path):

@@ -330,10 +330,12 @@ def check_trainable_parts(c, root, workdir):
     end = load_file(os.path.join(workdir, "export", "model.safetensors"))
     assert set(start) == set(end)
 
-    def part(name):  # Qwen-VL (visual.*) and LLaVA-OneVision (vision_tower.*, projector and image_newline)
-        if "visual.merger" in name or name.startswith(("multi_modal_projector.", "image_newline")):
+    def part(name):  # Qwen-VL (visual.*, Qwen3-VL's DeepStack mergers) and LLaVA-OneVision (vision_tower.*,
+        # projector and image_newline)
+        if "visual.merger" in name or "visual.deepstack_merger" in name or \
+                name.startswith(("multi_modal_projector.", "image_newline")):
             return "connector"
-        return "vit" if name.startswith(("visual.", "vision_tower.")) else "llm"
+        return "vit" if "visual." in name or name.startswith("vision_tower.") else "llm"
 
     changed = {p: False for p in ("vit", "connector", "llm")}
     for name in start:

@@ -69,6 +69,17 @@ def max_diff(a, b, mask):
     return float(np.abs(a - b)[mask.astype(bool)].max())
 
 
+def left_padded_text_batch():
+    """Three text rows of 16, 11 and 5 real tokens, left-padded to 16."""
+    rs = np.random.RandomState(1)
+    ids = rs.randint(0, 999, (3, 16)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    pos, _ = text_positions(mask)
+    return dict(input_ids=ids, attention_mask=mask, positions=pos, images=[])
+
+
 @pytest.mark.parametrize("family,tie", FAMILIES)
 def test_text_logits_with_left_padding(checkpoints, family, tie):
     d, hf = checkpoints[family]
@@ -76,14 +87,8 @@ def test_text_logits_with_left_padding(checkpoints, family, tie):
     assert config.tie_word_embeddings == tie
     model = load_hf_params(d, config)
     assert (model.language.lm_head is None) == tie
-    rs = np.random.RandomState(1)
-    ids = rs.randint(0, 999, (3, 16)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, :5] = 0
-    mask[2, :11] = 0
-    pos, _ = text_positions(mask)
-    batch = dict(input_ids=ids, attention_mask=mask, positions=pos, images=[])
-    assert max_diff(forward(model, batch, None), hf_logits(hf, batch), mask) <= TOL
+    batch = left_padded_text_batch()
+    assert max_diff(forward(model, batch, None), hf_logits(hf, batch), batch["attention_mask"]) <= TOL
 
 
 @pytest.mark.parametrize("family,tie", FAMILIES)
@@ -122,10 +127,9 @@ def test_window_attention_is_exercised(checkpoints, images):
     assert max_diff(forward(model, batch, None), ref, batch["attention_mask"]) > 1e-3
 
 
-def test_positions_equal_transformers_get_rope_index(checkpoints, images):
-    d, hf = checkpoints["qwen2_5_vl"]
-    config = ModelConfig.from_pretrained(d)
-    _, processed = images
+def assert_positions_equal_get_rope_index(hf, config, processed):
+    """Our host M-RoPE positions and decode starts equal the HF model's `get_rope_index` (two rows, left
+    padding, two images of different sizes)."""
     batch = make_batch([[1, ("img", 0), 2, ("img", 1), 3], [4, 5, ("img", 1), 6]], processed, config)
     with torch.no_grad():
         ref, deltas = hf.model.get_rope_index(
@@ -135,6 +139,11 @@ def test_positions_equal_transformers_get_rope_index(checkpoints, images):
     np.testing.assert_array_equal(ref.numpy() * batch["attention_mask"], batch["positions"])
     lengths = batch["attention_mask"].sum(1)
     np.testing.assert_array_equal(deltas.numpy().reshape(-1) + lengths, batch["next_position"])
+
+
+def test_positions_equal_transformers_get_rope_index(checkpoints, images):
+    d, hf = checkpoints["qwen2_5_vl"]
+    assert_positions_equal_get_rope_index(hf, ModelConfig.from_pretrained(d), images[1])
 
 
 def test_rope_positions_rejects_mismatched_grids(images):

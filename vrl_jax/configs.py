@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"
     c.model.remat = False
-    # family: the architecture of the tiny offline model (models.tiny.TINY_FAMILIES: qwen2_5_vl | llava_onevision)
+    # family: the architecture of the tiny offline model (`models.tiny.TINY_FAMILIES`: qwen2_5_vl | qwen3_vl |
+    # llava_onevision)
     c.model.tiny = ml_collections.ConfigDict(dict(family="qwen2_5_vl", hidden=128, layers=4, intermediate=384,
                                                   vision_width=64, vision_depth=2, vocab_size=1024))
 
@@ -256,7 +257,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _choice(c, "loss.kl_estimator", KL_ESTIMATORS)
     _choice(c, "model.dtype", ("float32", "bfloat16"))
     _choice(c, "model.param_dtype", ("float32", "bfloat16"))
-    _choice(c, "model.tiny.family", ("qwen2_5_vl", "llava_onevision"))
     _choice(c, "dyme.answer_format", ("boxed", "flag"))
     _choice(c, "loss.kl_clamp_mode", KL_CLAMP_MODES)
     _choice(c, "optim.schedule", tuple(SCHEDULES))
@@ -271,6 +271,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _check_rules(c)
     if any(not isinstance(s, int) or s < 1 for s in c.log.profile_steps):
         _fail("log.profile_steps", f"expected step numbers >= 1, got {tuple(c.log.profile_steps)}")
+    from vrl_jax.models.tiny import TINY_FAMILIES
+    _choice(c, "model.tiny.family", tuple(TINY_FAMILIES))
     if c.model.tiny.hidden % 8:
         _fail("model.tiny.hidden", f"must be a multiple of 8 (4 heads of an even width), got {c.model.tiny.hidden}")
     if c.model.tiny.vision_width % 4:

@@ -60,6 +60,10 @@ PARAM_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     (r"^projector\.linear1_w$", ("fsdp", "tensor")),
     (r"^projector\.linear1_b$", ("tensor",)),
     (r"^projector\.linear2_w$", ("tensor", "fsdp")),
+    # Qwen3-VL's DeepStack mergers, stacked [taps, ...]: as the merger.
+    (r"^visual\.deepstack_fc1_w$", (None, "fsdp", "tensor")),
+    (r"^visual\.deepstack_fc1_b$", (None, "tensor")),
+    (r"^visual\.deepstack_fc2_w$", (None, "tensor", "fsdp")),
     # Norm weights and the remaining biases are small: replicated (the default).
 )
 

@@ -5,7 +5,7 @@
 writes DIR/data (the synthetic geometry benchmark in every file format the loaders read: MAYE jsonl,
 EasyR1 parquet, DyME json) and DIR/model (a tiny random Qwen2.5-VL whose tokenizer is trained on that
 data; DIR/model_<family> for a recipe whose `model.tiny.family` is another architecture, e.g.
-LLaVA-OneVision for DyME), then prints the `python -m vrl_jax.train` command that runs the recipe on them:
+LLaVA-OneVision for DyME or Qwen3-VL), then prints the `python -m vrl_jax.train` command that runs the recipe on them:
 `--config.*` overrides of the keys in `SIZE_KEYS` only. The test suite runs every experiment file and
 variant this way (`tests/test_experiments.py`), so what a stand-in may change is fixed here, in one
 place, and checked there.
@@ -60,11 +60,6 @@ def is_size_key(key: str) -> bool:
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in SIZE_KEYS)
 
 
-def model_dir(root: str, family: str) -> str:
-    """Where the stand-in model of tiny `family` goes under `root`."""
-    return os.path.join(root, "model" if family == "qwen2_5_vl" else f"model_{family}")
-
-
 def data_file(root: str, source: str, split: str) -> str:
     """The stand-in file of `split` in the loader format `source` (eval splits other than 'val' read test_iid)."""
     synth = split if split in ("train", "val") else "test_iid"
@@ -75,10 +70,16 @@ def _smallest_multiple(step: int, at_least: int) -> int:
     return step * max(1, -(-at_least // step))
 
 
+def model_dir(root: str, family: str = "qwen2_5_vl") -> str:
+    """The stand-in model of architecture `family` (`model.tiny.family`) under `root`."""
+    return os.path.join(root, "model" if family == "qwen2_5_vl" else f"model_{family}")
+
+
 def standin_overrides(c, root: str) -> dict[str, Any]:
     """{dotted key: value}: the stand-in of config `c` with its model and data under `root`.
 
-    Pure (reads nothing); `prepare` writes what the paths point to. Every key is in `SIZE_KEYS`.
+    Pure (reads nothing); `prepare` writes what the paths point to. Every key is in `SIZE_KEYS`. The
+    model is a tiny one of the recipe's `model.tiny.family` (its checkpoint's architecture).
     """
     out: dict[str, Any] = {"model.path": model_dir(root, c.model.tiny.family)}
     if c.data.source == "synthgeo":

@@ -24,6 +24,7 @@ _QWEN = Family(model="vrl_jax.models.qwen_vl:QwenVL", weights="vrl_jax.models.we
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,
+    "qwen3_vl": dataclasses.replace(_QWEN, weights="vrl_jax.models.weights:QWEN3_VL_WEIGHTS"),
     "llava_onevision": Family(
         model="vrl_jax.models.llava_onevision:LlavaOnevision",
         weights="vrl_jax.models.llava_onevision:LLAVA_WEIGHTS",

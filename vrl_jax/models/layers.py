@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Large and finite: a fully masked row (left padding) then gives a uniform softmax instead of NaN.
 MASK_VALUE = -1e30
@@ -60,19 +61,31 @@ def inverse_frequencies(dim: int, theta: float):
     return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
 
 
-def mrope_cos_sin(positions, head_dim: int, theta: float, mrope_section, dtype):
-    """Multimodal rotary tables with the chunked (Qwen2/2.5-VL) section layout.
+def mrope_axes(half: int, mrope_section, interleaved: bool = False) -> np.ndarray:
+    """int [half]: which position axis (0 temporal, 1 height, 2 width) each rotary frequency takes.
+
+    Chunked (Qwen2/2.5-VL): consecutive chunks of `mrope_section`, chunk i from axis i % 3.
+    Interleaved (Qwen3-VL): temporal everywhere, then frequencies 1, 4, 7, ... (the first
+    `section[1]` of them) from height and 2, 5, 8, ... (`section[2]`) from width.
+    """
+    if interleaved:
+        axes = np.zeros(half, np.int32)
+        for axis in (1, 2):
+            axes[axis:mrope_section[axis] * 3:3] = axis
+        return axes
+    return np.concatenate([np.full(size, i % 3, np.int32) for i, size in enumerate(mrope_section)])
+
+
+def mrope_cos_sin(positions, head_dim: int, theta: float, mrope_section, dtype, interleaved: bool = False):
+    """Multimodal rotary tables.
 
     positions: int [3, B, T] (temporal, height, width; equal rows for text) -> cos, sin: [B, T, head_dim].
-    Frequency chunk i of `mrope_section` takes its angle from axis i % 3.
+    Each frequency takes its angle from the axis `mrope_axes` assigns it (a selection, no arithmetic).
     """
     inv = inverse_frequencies(head_dim, theta)  # [hd/2]
     freqs = positions.astype(jnp.float32)[..., None] * inv  # [3, B, T, hd/2]
-    chunks, start = [], 0
-    for i, size in enumerate(mrope_section):
-        chunks.append(freqs[i % 3, ..., start:start + size])
-        start += size
-    f = jnp.concatenate(chunks, axis=-1)
+    axes = jnp.asarray(mrope_axes(head_dim // 2, mrope_section, interleaved))
+    f = jnp.take_along_axis(freqs, axes[None, None, None, :], axis=0)[0]
     emb = jnp.concatenate([f, f], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 

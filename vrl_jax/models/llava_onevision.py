@@ -73,12 +73,12 @@ class LlavaOnevision(QwenVL):
         units = jnp.concatenate([feats, self.projector.newline.value.astype(self.dtype)[None]])  # unit P: newline
         return gather_units(units, vision.feature_index, vision.feature_weight)
 
-    def embed(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
-        """input_ids: int [B, T] -> [B, T, H] with image features merged in."""
+    def embed_with_deepstack(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
+        """input_ids: int [B, T] -> ([B, T, H] with image features merged in, None: no DeepStack)."""
         x = self.language.embed_tokens(input_ids, self.dtype)
         if vision is not None:
             x = merge_image_features(x, input_ids, self.image_features(vision, remat), self.config.image_token_id)
-        return x
+        return x, None
 
 
 def _siglip_rules():

@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from vrl_jax.models.config import ModelConfig
+from vrl_jax.models.config import ConfigError, ModelConfig
 from vrl_jax.models.image_processing import (ImageProcessor, ProcessedImage, VisionBatch, num_image_tokens,
                                              pack_images)
 from vrl_jax.models.positions import rope_positions, token_types
@@ -45,6 +45,20 @@ def left_pad(rows: Sequence[Sequence[int]], length: int | None = None, pad_id: i
         ids[i, length - len(r):] = r
         mask[i, length - len(r):] = 1
     return ids, mask
+
+
+def check_patch_geometry(image_processor: ImageProcessor, config: ModelConfig, directory: str) -> None:
+    """The processor must cut patches as the vision tower reads them (Qwen3-VL: 16 pixels, Qwen2/2.5-VL: 14);
+    raises ConfigError naming preprocessor_config.json and each disagreeing field."""
+    v = config.vision
+    wrong = [f"{name} {getattr(image_processor, name)} but the model's vision_config has {want}"
+             for name, want in (("patch_size", v.patch_size), ("merge_size", v.merge_size),
+                                ("temporal_patch_size", v.temporal_patch_size))
+             if getattr(image_processor, name) != want]
+    if wrong:
+        file = os.path.join(directory, "preprocessor_config.json")
+        missing = "" if os.path.exists(file) else " (the file is missing, so Qwen2-VL's defaults were used)"
+        raise ConfigError(f"{file}{missing}: {'; '.join(wrong)}")
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -87,7 +101,9 @@ class VLProcessor:
 
     @classmethod
     def load_image_processor(cls, directory: str, config: ModelConfig):
-        return ImageProcessor.from_pretrained(directory)
+        image_processor = ImageProcessor.from_pretrained(directory)
+        check_patch_geometry(image_processor, config, directory)
+        return image_processor
 
     def process_row(self, images: Sequence) -> list:
         """One prompt's images (PIL / arrays, or already processed) -> processed images."""

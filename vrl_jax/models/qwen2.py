@@ -1,4 +1,5 @@
-"""The Qwen2 decoder shared by Qwen2-VL and Qwen2.5-VL (and later LLaVA-OneVision's language model).
+"""The Qwen2 decoder shared by Qwen2-VL and Qwen2.5-VL (and later LLaVA-OneVision's language model),
+with the Qwen3 variant (q/k norms, no q/k/v bias, DeepStack injections) for Qwen3-VL.
 
 Parameters of all layers are stacked on a leading layer axis and the layers run under `lax.scan`,
 so compile time does not grow with depth and a KV cache is one array per K and V. Weights are
@@ -44,33 +45,50 @@ def _zeros(shape, dtype):
 
 
 class DecoderLayers(nnx.Module):
-    """The stack of pre-norm decoder blocks; every parameter has a leading [layers] axis."""
+    """The stack of pre-norm decoder blocks; every parameter has a leading [layers] axis.
 
-    NAMES = ("input_norm", "q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "post_norm", "gate_w", "up_w",
-             "down_w")
+    Qwen2: q/k/v biases. Qwen3 (`cfg.qk_norm`): no biases, RMSNorm weights q_norm/k_norm [layers, head_dim].
+    """
 
     def __init__(self, cfg: TextConfig, *, param_dtype, rngs: nnx.Rngs):
         n, h, i = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         p = lambda *shape: _param(rngs, (n, *shape), param_dtype)  # noqa: E731
         self.input_norm = _ones((n, h), param_dtype)
-        self.q_w, self.q_b = p(h, q), _zeros((n, q), param_dtype)
-        self.k_w, self.k_b = p(h, kv), _zeros((n, kv), param_dtype)
-        self.v_w, self.v_b = p(h, kv), _zeros((n, kv), param_dtype)
+        self.q_w, self.k_w, self.v_w = p(h, q), p(h, kv), p(h, kv)
+        if cfg.attention_bias:
+            self.q_b, self.k_b, self.v_b = _zeros((n, q), param_dtype), _zeros((n, kv), param_dtype), \
+                _zeros((n, kv), param_dtype)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = _ones((n, cfg.head_dim), param_dtype), _ones((n, cfg.head_dim), param_dtype)
         self.o_w = p(q, h)
         self.post_norm = _ones((n, h), param_dtype)
         self.gate_w, self.up_w, self.down_w = p(h, i), p(h, i), p(i, h)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(k for k, v in vars(self).items() if isinstance(v, nnx.Param))
+
+
+def _project(y, w: dict, name: str, heads: int, cfg: TextConfig):
+    """y: [B, T, H] -> [B, T, heads, head_dim]: the q/k/v projection, its bias and (q, k) its norm if present."""
+    b, t, _ = y.shape
+    dt = y.dtype
+    x = y @ w[name + "_w"].astype(dt)
+    if name + "_b" in w:
+        x = x + w[name + "_b"].astype(dt)
+    x = x.reshape(b, t, heads, cfg.head_dim)
+    if name + "_norm" in w:  # Qwen3: RMSNorm over each head, before the rotary embedding
+        x = layers.rms_norm(x, w[name + "_norm"].astype(dt), cfg.rms_norm_eps)
+    return x
 
 
 def _queries_keys_values(w: dict, x, cos, sin, *, cfg: TextConfig):
     """The attention inputs of one block: x [B, T, H] -> q [B, T, N, hd], k [B, K, T, hd], v [B, K, hd, T]
     (rotated; keys and values in the KV cache's layouts)."""
-    b, t, _ = x.shape
-    dt, hd = x.dtype, cfg.head_dim
-    y = layers.rms_norm(x, w["input_norm"].astype(dt), cfg.rms_norm_eps)
-    q = (y @ w["q_w"].astype(dt) + w["q_b"].astype(dt)).reshape(b, t, cfg.num_heads, hd)
-    k = (y @ w["k_w"].astype(dt) + w["k_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
-    v = (y @ w["v_w"].astype(dt) + w["v_b"].astype(dt)).reshape(b, t, cfg.num_kv_heads, hd)
+    y = layers.rms_norm(x, w["input_norm"].astype(x.dtype), cfg.rms_norm_eps)
+    q = _project(y, w, "q", cfg.num_heads, cfg)
+    k = _project(y, w, "k", cfg.num_kv_heads, cfg)
+    v = _project(y, w, "v", cfg.num_kv_heads, cfg)
     q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
 
@@ -144,24 +162,30 @@ class Qwen2Decoder(nnx.Module):
         return self.embed.value.T if self.lm_head is None else self.lm_head.value
 
     def __call__(self, x, positions, kv_valid, cache: KVCache | None = None, write_index=0,
-                 remat: bool = False):
+                 remat: bool = False, deepstack=None):
         """Runs the decoder stack.
 
         x: [B, T, H] input embeddings; positions: int [3, B, T] rotary positions (M-RoPE axes);
         kv_valid: bool [B, S] which key slots hold real tokens (S = T without a cache, the cache
-        length with one); cache: KVCache or None; write_index: int scalar, the slot of x's first token.
+        length with one); cache: KVCache or None; write_index: int scalar, the slot of x's first token;
+        deepstack: a `qwen3_vl.DeepStack` or None: Qwen3-VL's image features added to the hidden states
+        at image positions after each of the first D layers.
         Returns (hidden [B, T, H] after the final norm, updated cache or None).
         """
         cfg = self.config
         t = x.shape[1]
-        cos, sin = layers.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype)
+        cos, sin = layers.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype,
+                                        cfg.mrope_interleaved)
         mask = layers.causal_mask(kv_valid, write_index + jnp.arange(t))
-        stacked = {k: getattr(self.layers, k).value for k in DecoderLayers.NAMES}
+        stacked = {k: getattr(self.layers, k).value for k in self.layers.names()}
 
         def body(carry, xs):
             h, c = carry
             w, layer = xs
-            return decoder_block(w, h, cos, sin, mask, c, layer, write_index, cfg=cfg), None
+            h, c = decoder_block(w, h, cos, sin, mask, c, layer, write_index, cfg=cfg)
+            if deepstack is not None:
+                h = deepstack.add(h, layer)
+            return (h, c), None
 
         if remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
@@ -169,27 +193,34 @@ class Qwen2Decoder(nnx.Module):
         (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(cfg.num_layers)))
         return layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps), cache
 
-    def shared_prompt(self, xp, positions_p, valid_p, xr, positions_r, valid_r, remat: bool = False):
+    def shared_prompt(self, xp, positions_p, valid_p, xr, positions_r, valid_r, remat: bool = False,
+                      deepstack=None):
         """The decoder stack over G prompts shared by n responses each (`shared_prompt_block`).
 
         xp: [G, L, H], positions_p: int [3, G, L], valid_p: bool [G, L] (the prompts, left-padded);
         xr: [G*n, N, H], positions_r: int [3, G*n, N], valid_r: bool [G*n, N] (the responses, rows of
-        a group consecutive). Returns final-norm hidden states ([G, L, H], [G*n, N, H]).
+        a group consecutive); deepstack: the prompts' `qwen3_vl.DeepStack` or None (images are in the
+        prompts only). Returns final-norm hidden states ([G, L, H], [G*n, N, H]).
         """
         cfg = self.config
-        (g, length), n = valid_p.shape, xr.shape[0] // xp.shape[0]
-        rope_p = layers.mrope_cos_sin(positions_p, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, xp.dtype)
-        rope_r = layers.mrope_cos_sin(positions_r, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, xr.dtype)
+        length, n = valid_p.shape[1], xr.shape[0] // xp.shape[0]
+        rope = lambda pos, x: layers.mrope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,  # noqa
+                                                   x.dtype, cfg.mrope_interleaved)
+        rope_p, rope_r = rope(positions_p, xp), rope(positions_r, xr)
         mask_p = layers.causal_mask(valid_p, jnp.arange(length))
         kv_valid = jnp.concatenate([jnp.repeat(valid_p, n, axis=0), valid_r], axis=1)
         mask_r = layers.causal_mask(kv_valid, length + jnp.arange(xr.shape[1]))
-        stacked = {k: getattr(self.layers, k).value for k in DecoderLayers.NAMES}
+        stacked = {k: getattr(self.layers, k).value for k in self.layers.names()}
 
-        def body(carry, w):
-            return shared_prompt_block(w, *carry, rope_p, rope_r, mask_p, mask_r, cfg=cfg), None
+        def body(carry, xs):
+            w, layer = xs
+            hp, hr = shared_prompt_block(w, *carry, rope_p, rope_r, mask_p, mask_r, cfg=cfg)
+            if deepstack is not None:
+                hp = deepstack.add(hp, layer)
+            return (hp, hr), None
 
         if remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        (xp, xr), _ = jax.lax.scan(body, (xp, xr), stacked)
+        (xp, xr), _ = jax.lax.scan(body, (xp, xr), (stacked, jnp.arange(cfg.num_layers)))
         norm = lambda x: layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps)  # noqa: E731
         return norm(xp), norm(xr)

@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL: the vision tower, the decoder, and the merge of image features into text.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the vision tower, the decoder, and the merge of image features into text.
 
 The module holds parameters; the forward is a pure function of them once the module is split with
 `nnx.split` (the train step and the sampler merge it back inside `jax.jit`). Image features replace the embeddings of image
@@ -16,6 +16,7 @@ from flax import nnx
 
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.qwen2 import KVCache, Qwen2Decoder
+from vrl_jax.models.qwen3_vl import DeepStack
 from vrl_jax.models.vision import VisionTower
 
 
@@ -43,6 +44,21 @@ class VisionInputs(NamedTuple):
                    getattr(batch, "feature_index", None), getattr(batch, "feature_weight", None))
 
 
+def placeholder_units(input_ids, image_token_id: int, num_units: int, feature_index=None):
+    """Which positions are image placeholders and the merged unit each one reads.
+
+    input_ids: int [B, T]; num_units: U, the units of the feature buffer; feature_index: see
+    `merge_image_features` -> is_image bool [B*T], index int [B*T] (clipped into range everywhere).
+    """
+    is_image = (input_ids == image_token_id).reshape(-1)
+    order = jnp.cumsum(is_image) - 1
+    if feature_index is None:
+        index = jnp.clip(order, 0, num_units - 1)
+    else:
+        index = jnp.take(feature_index, jnp.clip(order, 0, feature_index.shape[0] - 1))
+    return is_image, index
+
+
 def merge_image_features(embeds, input_ids, features, image_token_id: int, feature_index=None):
     """Puts image features at image placeholder positions.
 
@@ -50,19 +66,14 @@ def merge_image_features(embeds, input_ids, features, image_token_id: int, featu
     (U >= number of placeholders; extra units are padding), or in any order with `feature_index`
     (int [U'], the unit for each placeholder in reading order) -> [B, T, H].
     """
-    is_image = (input_ids == image_token_id).reshape(-1)
-    order = jnp.cumsum(is_image) - 1
-    if feature_index is None:
-        index = jnp.clip(order, 0, features.shape[0] - 1)
-    else:
-        index = jnp.take(feature_index, jnp.clip(order, 0, feature_index.shape[0] - 1))
+    is_image, index = placeholder_units(input_ids, image_token_id, features.shape[0], feature_index)
     gathered = jnp.take(features, index, axis=0).astype(embeds.dtype)
     flat = jnp.where(is_image[:, None], gathered, embeds.reshape(-1, embeds.shape[-1]))
     return flat.reshape(embeds.shape)
 
 
 class QwenVL(nnx.Module):
-    """A Qwen2-VL or Qwen2.5-VL model, parameters in `param_dtype`, compute in `dtype`."""
+    """A Qwen2-VL, Qwen2.5-VL or dense Qwen3-VL model, parameters in `param_dtype`, compute in `dtype`."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs | None = None):
@@ -75,12 +86,22 @@ class QwenVL(nnx.Module):
 
     def embed(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
         """input_ids: int [B, T] -> [B, T, H] with image features merged in."""
+        return self.embed_with_deepstack(input_ids, vision, remat)[0]
+
+    def embed_with_deepstack(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
+        """input_ids: int [B, T] -> ([B, T, H] with image features merged in, the `qwen3_vl.DeepStack`
+        the decoder adds at image positions, or None when the model has none or there is no vision)."""
         x = self.language.embed_tokens(input_ids, self.dtype)
-        if vision is not None:
-            feats = self.visual(vision.pixel_values, vision.hw_pos, vision.segment_ids, vision.window_ids,
-                                dtype=self.dtype, remat=remat)
-            x = merge_image_features(x, input_ids, feats, self.config.image_token_id, vision.feature_index)
-        return x
+        if vision is None:
+            return x, None
+        feats, deepstack = self.visual.encode(vision.pixel_values, vision.hw_pos, vision.segment_ids,
+                                              vision.window_ids, dtype=self.dtype, remat=remat)
+        x = merge_image_features(x, input_ids, feats, self.config.image_token_id, vision.feature_index)
+        if deepstack is not None:  # kept per unit ([D, U, H]), gathered to positions layer by layer
+            is_image, index = placeholder_units(input_ids, self.config.image_token_id, feats.shape[0],
+                                                vision.feature_index)
+            deepstack = DeepStack(deepstack, is_image.reshape(input_ids.shape), index.reshape(input_ids.shape))
+        return x, deepstack
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
                       cache: KVCache | None = None, write_index=0, kv_valid=None, remat: bool = False):
@@ -90,10 +111,11 @@ class QwenVL(nnx.Module):
         With a cache, `kv_valid` [B, S] says which cache slots are real once this call's tokens are
         written at `write_index`; without one it is `attention_mask`.
         """
-        x = self.embed(input_ids, vision, remat=remat)
+        x, deepstack = self.embed_with_deepstack(input_ids, vision, remat=remat)
         if kv_valid is None:
             kv_valid = attention_mask.astype(bool)
-        return self.language(x, positions, kv_valid, cache=cache, write_index=write_index, remat=remat)
+        return self.language(x, positions, kv_valid, cache=cache, write_index=write_index, remat=remat,
+                             deepstack=deepstack)
 
     def shared_prompt_hidden_states(self, input_ids, positions, attention_mask, prompt_mask,
                                     vision: VisionInputs | None = None, remat: bool = False):
@@ -108,11 +130,11 @@ class QwenVL(nnx.Module):
         g, length = prompt_mask.shape
         n = input_ids.shape[0] // g
         first = slice(None, None, n)
-        xp = self.embed(input_ids[first, :length], vision, remat=remat)
+        xp, deepstack = self.embed_with_deepstack(input_ids[first, :length], vision, remat=remat)
         xr = self.language.embed_tokens(input_ids[:, length:], self.dtype)
         hp, hr = self.language.shared_prompt(xp, positions[:, first, :length], prompt_mask.astype(bool), xr,
                                              positions[:, :, length:], attention_mask[:, length:].astype(bool),
-                                             remat=remat)
+                                             remat=remat, deepstack=deepstack)
         return jnp.concatenate([jnp.repeat(hp[:, -1:], n, axis=0), hr], axis=1)
 
     def logits(self, hidden):

@@ -1,11 +1,13 @@
-"""The Qwen2-VL / Qwen2.5-VL vision tower and patch merger.
+"""The Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower and patch merger.
 
-One module serves both: Qwen2-VL uses LayerNorm and an fc1/fc2 quick-GELU MLP with attention
+One module serves all three: Qwen2-VL uses LayerNorm and an fc1/fc2 quick-GELU MLP with attention
 inside each frame; Qwen2.5-VL uses RMSNorm, a biased SwiGLU MLP and window attention except in
-its full-attention blocks. Patches of all images of a batch are packed into one static buffer
-[P, patch_dim]; frame and window attention are boolean masks from per-patch segment and window ids,
-in the processor's own patch order. That equals transformers' window permutation + cu_seqlens
-without any data-dependent shape, so a new image size never recompiles.
+its full-attention blocks; Qwen3-VL is Qwen2-VL's block with tanh-GELU, plus a biased patch
+embedding, a learned position table and DeepStack mergers (`qwen3_vl.py`). Patches of all images
+of a batch are packed into one static buffer [P, patch_dim]; frame and window attention are boolean
+masks from per-patch segment and window ids, in the processor's own patch order. That equals
+transformers' window permutation + cu_seqlens without any data-dependent shape, so a new image size
+never recompiles.
 
 A packed buffer of many images (a training micro-batch, an evaluation batch) would make that mask
 [P, P] while each patch only attends inside its own image: with `VisionTower.max_segment` set (the
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vrl_jax.models import layers
+from vrl_jax.models import layers, qwen3_vl
 from vrl_jax.models.config import VisionConfig
 from vrl_jax.models.qwen2 import _ones, _param, _zeros
 
@@ -39,7 +41,7 @@ class VisionBlocks(nnx.Module):
             self.norm1_b, self.norm2_b = z(c), z(c)
         self.qkv_w, self.qkv_b = p(c, 3 * c), z(3 * c)
         self.proj_w, self.proj_b = p(c, c), z(c)
-        if cfg.variant == "qwen2_vl":
+        if cfg.mlp_type == "fc":
             self.fc1_w, self.fc1_b, self.fc2_w, self.fc2_b = p(c, m), z(m), p(m, c), z(c)
         else:
             self.gate_w, self.gate_b, self.up_w, self.up_b = p(c, m), z(m), p(c, m), z(m)
@@ -112,7 +114,7 @@ def vision_block(w: dict, x, cos, sin, mask, *, cfg: VisionConfig, ids=None, ban
     x = x + attn @ w["proj_w"] + w["proj_b"]
     y = _norm(x, w, "norm2", cfg)
     act = layers.activation(cfg.hidden_act)
-    if cfg.variant == "qwen2_vl":
+    if cfg.mlp_type == "fc":
         mlp = act(y @ w["fc1_w"] + w["fc1_b"]) @ w["fc2_w"] + w["fc2_b"]
     else:
         mlp = (act(y @ w["gate_w"] + w["gate_b"]) * (y @ w["up_w"] + w["up_b"])) @ w["down_w"] + w["down_b"]
@@ -126,6 +128,18 @@ class VisionTower(nnx.Module):
         self.config = cfg
         c4 = cfg.width * cfg.merge_size**2
         self.patch_embed = _param(rngs, (cfg.patch_dim, cfg.width), param_dtype)
+        if cfg.patch_bias:
+            self.patch_embed_b = _zeros((cfg.width,), param_dtype)
+        if cfg.num_position_embeddings:
+            self.pos_embed = _param(rngs, (cfg.num_position_embeddings, cfg.width), param_dtype)
+        n_ds = len(cfg.deepstack_visual_indexes)
+        if n_ds:  # DeepStack mergers, stacked on a leading axis in deepstack_visual_indexes order
+            self.deepstack_norm_w = _ones((n_ds, c4), param_dtype)
+            self.deepstack_norm_b = _zeros((n_ds, c4), param_dtype)
+            self.deepstack_fc1_w = _param(rngs, (n_ds, c4, c4), param_dtype)
+            self.deepstack_fc1_b = _zeros((n_ds, c4), param_dtype)
+            self.deepstack_fc2_w = _param(rngs, (n_ds, c4, cfg.out_dim), param_dtype)
+            self.deepstack_fc2_b = _zeros((n_ds, cfg.out_dim), param_dtype)
         self.blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
         self.merger_norm_w = _ones((cfg.width,), param_dtype)
         if cfg.norm_type == "layernorm":
@@ -143,8 +157,17 @@ class VisionTower(nnx.Module):
         P must be a multiple of merge_size**2. Returns merged features [P / merge_size**2, out_dim],
         in patch order (padding units at their own positions, never read by the language model).
         """
+        return self.encode(pixel_values, hw_pos, segment_ids, window_ids, dtype, remat)[0]
+
+    def encode(self, pixel_values, hw_pos, segment_ids, window_ids, dtype=jnp.float32, remat: bool = False):
+        """As `__call__`, and the DeepStack features: (merged [U, out_dim], deepstack [D, U, out_dim] or None)."""
         cfg = self.config
         x = pixel_values.astype(dtype) @ self.patch_embed.value.astype(dtype)
+        if cfg.patch_bias:
+            x = x + self.patch_embed_b.value.astype(dtype)
+        if cfg.num_position_embeddings:
+            grid = qwen3_vl.frame_grid_sizes(hw_pos, segment_ids)
+            x = x + qwen3_vl.interpolated_positions(self.pos_embed.value, hw_pos, grid).astype(dtype)
         cos, sin = layers.vision_cos_sin(hw_pos, cfg.head_dim, cfg.rope_theta)
         full = jnp.array([cfg.is_full_attention(i) for i in range(cfg.depth)])
         stacked = {k: getattr(self.blocks, k).value for k in self.blocks.names()}
@@ -163,7 +186,26 @@ class VisionTower(nnx.Module):
 
         if remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x, _ = jax.lax.scan(body, x, (stacked, full))
+        # One scan per run of blocks between DeepStack taps (no taps: one scan over all blocks), so the
+        # tapped hidden states are plain values rather than a [depth, P, C] stack of every block's output.
+        taps = []
+        start = 0
+        for stop in [*sorted(cfg.deepstack_visual_indexes), cfg.depth - 1]:
+            if stop >= start:
+                x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[start:stop + 1], (stacked, full)))
+                start = stop + 1
+            taps.append(x)
+        deepstack = None
+        if cfg.deepstack_visual_indexes:
+            # Feature j (added after decoder layer j) is the j-th tap in block order, through the merger
+            # listed at that block's place in deepstack_visual_indexes, as transformers pairs them.
+            names = ("norm_w", "norm_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b")
+            order = sorted(cfg.deepstack_visual_indexes)
+            deepstack = jnp.stack([
+                qwen3_vl.postshuffle_merger(
+                    tap, {n: getattr(self, "deepstack_" + n).value[cfg.deepstack_visual_indexes.index(layer)]
+                          .astype(dtype) for n in names}, cfg.merge_size**2)
+                for layer, tap in zip(order, taps)])
         m = {"merger_norm_w": self.merger_norm_w.value}
         if cfg.norm_type == "layernorm":
             m["merger_norm_b"] = self.merger_norm_b.value
@@ -171,4 +213,4 @@ class VisionTower(nnx.Module):
         x = _norm(x, m, "merger_norm", cfg).reshape(-1, cfg.width * cfg.merge_size**2)
         x = x @ self.merger_fc1_w.value.astype(dtype) + self.merger_fc1_b.value.astype(dtype)
         x = jax.nn.gelu(x, approximate=False)
-        return x @ self.merger_fc2_w.value.astype(dtype) + self.merger_fc2_b.value.astype(dtype)
+        return x @ self.merger_fc2_w.value.astype(dtype) + self.merger_fc2_b.value.astype(dtype), deepstack

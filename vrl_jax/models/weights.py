@@ -55,17 +55,49 @@ RULES: tuple[tuple[str, str, str | None], ...] = LM_RULES + (
     ("visual.merger.mlp.2.bias", "visual.merger_fc2_b", None),
 )
 
+# Qwen3-VL, in the same legacy-prefix form: Qwen2's decoder keys without q/k/v biases plus the q/k
+# norms; Qwen2-VL's block norms and attention; its own patch bias, position table, MLP, merger and
+# DeepStack mergers (stacked on their list index).
+QWEN3_VL_RULES: tuple[tuple[str, str, str | None], ...] = (
+    *(r for r in RULES if r[1].startswith("language.") and not r[1].endswith(("q_b", "k_b", "v_b"))),
+    *((f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"language.layers.{p}_norm", None) for p in "qk"),
+    *(r for r in RULES
+      if r[0].startswith(("visual.patch_embed.", "visual.blocks.{i}.norm", "visual.blocks.{i}.attn."))),
+    ("visual.patch_embed.proj.bias", "visual.patch_embed_b", None),
+    ("visual.pos_embed.weight", "visual.pos_embed", None),
+    *((f"visual.blocks.{{i}}.mlp.linear_{p}.weight", f"visual.blocks.{p}_w", "linear") for p in ("fc1", "fc2")),
+    *((f"visual.blocks.{{i}}.mlp.linear_{p}.bias", f"visual.blocks.{p}_b", None) for p in ("fc1", "fc2")),
+    *((f"visual.merger.norm.{s}", f"visual.merger_norm_{s[0]}", None) for s in ("weight", "bias")),
+    *((f"visual.merger.linear_{p}.weight", f"visual.merger_{p}_w", "linear") for p in ("fc1", "fc2")),
+    *((f"visual.merger.linear_{p}.bias", f"visual.merger_{p}_b", None) for p in ("fc1", "fc2")),
+    *((f"visual.deepstack_merger_list.{{i}}.norm.{s}", f"visual.deepstack_norm_{s[0]}", None)
+      for s in ("weight", "bias")),
+    *((f"visual.deepstack_merger_list.{{i}}.linear_{p}.weight", f"visual.deepstack_{p}_w", "linear")
+      for p in ("fc1", "fc2")),
+    *((f"visual.deepstack_merger_list.{{i}}.linear_{p}.bias", f"visual.deepstack_{p}_b", None)
+      for p in ("fc1", "fc2")),
+)
+
+
+def _rename_prefix(key: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    """`key` with the first matching (old, new) prefix of `prefixes` replaced."""
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
 
 class WeightTable:
     """One family's checkpoint names: `rules` in the layout export writes, and `prefixes`, (other layout's
     prefix, the written layout's) pairs applied in order, so that every layout transformers reads loads."""
 
-    def __init__(self, rules, prefixes=()):
+    def __init__(self, rules, prefixes=(), on_disk=()):
         self.rules = tuple(rules)
         self.prefixes = tuple(prefixes)
         self._compiled = [(re.compile("^" + re.escape(t).replace(r"\{i\}", r"(\d+)") + "$"), p, k)
                           for t, p, k in self.rules]
-        self.by_path = {p: (t, k) for t, p, k in self.rules}
+        # export's names: the rules' templates with `on_disk` (rules' prefix, written prefix) renames
+        self.by_path = {p: (_rename_prefix(t, tuple(on_disk)), k) for t, p, k in self.rules}
 
     def normalize_key(self, key: str) -> str:
         for other, written in self.prefixes:
@@ -84,7 +116,11 @@ class WeightTable:
 
 
 # transformers 5.x in-memory / new on-disk layout -> the legacy layout the table is written in.
-QWEN_VL_WEIGHTS = WeightTable(RULES, (("model.language_model.", "model."), ("model.visual.", "visual.")))
+_NEW_TO_LEGACY = (("model.language_model.", "model."), ("model.visual.", "visual."))
+QWEN_VL_WEIGHTS = WeightTable(RULES, _NEW_TO_LEGACY)
+# transformers writes the legacy layout for Qwen2/2.5-VL and the new one for Qwen3-VL (models.md 2.4).
+QWEN3_VL_WEIGHTS = WeightTable(QWEN3_VL_RULES, _NEW_TO_LEGACY, on_disk=(("model.", "model.language_model."),
+                                                                        ("visual.", "model.visual.")))
 
 
 def weight_table(config: ModelConfig) -> WeightTable:
@@ -96,9 +132,10 @@ def normalize_key(key: str) -> str:
     return QWEN_VL_WEIGHTS.normalize_key(key)
 
 
-def match(hf_key: str) -> tuple[str, int | None, str | None] | None:
-    """HF key of a Qwen2-VL / Qwen2.5-VL checkpoint -> (parameter path, layer index or None, layout)."""
-    return QWEN_VL_WEIGHTS.match(hf_key)
+def match(hf_key: str, model_type: str = "qwen2_vl") -> tuple[str, int | None, str | None] | None:
+    """HF key of a `model_type` checkpoint -> (parameter path, layer index or None, layout), or None."""
+    from vrl_jax.models.families import resolve
+    return resolve(model_type, "weights").match(hf_key)
 
 
 def to_jax_layout(arr: np.ndarray, layout: str | None) -> np.ndarray:
@@ -221,7 +258,8 @@ def load_hf_params(directory: str, config: ModelConfig, param_dtype=jnp.float32,
 
 
 def hf_tensors(model: QwenVL) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (HF key, array in HF layout) for every parameter, legacy key layout, one at a time."""
+    """Yields (HF key, array in HF layout) for every parameter, in the key layout transformers writes for
+    the model type, one at a time."""
     cfg = model.config
     params = _flat_params(nnx.state(model, nnx.Param))
     by_path = weight_table(cfg).by_path

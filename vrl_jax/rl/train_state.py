@@ -28,8 +28,9 @@ from vrl_jax import sharding as shd
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
-# Which flag owns a parameter path (MAYE: vit = patch embedding + blocks, connector = the merger).
-_PARTS = ((r"^visual\.merger_", "train_connector"), (r"^projector\.", "train_connector"),  # LLaVA-OneVision's
+# Which flag owns a parameter path (MAYE: vit = patch embedding + blocks, connector = the merger, Qwen3-VL's
+# DeepStack mergers and LLaVA-OneVision's projector).
+_PARTS = ((r"^visual\.(merger|deepstack)_", "train_connector"), (r"^projector\.", "train_connector"),
           (r"^visual\.", "train_vit"), (r"^language\.", "train_llm"))
 
 
@@ -194,7 +195,7 @@ def decay_mask_hf_trainer(paths: list[str]) -> dict[str, bool]:
     """
     from vrl_jax.models.families import hf_names as family_names  # heavy; only this mask needs it
 
-    hf_names = family_names()
+    hf_names = family_names()  # the first family's name of a path wins (Qwen2's); others add their own
     present = set(paths)
     out = {}
     for path in paths:
