@@ -161,6 +161,40 @@ def test_shared_image_encoding_equals_one_encoding_per_row(checkpoints, images):
     assert max_diff(shared, per_row, batch["attention_mask"]) <= 1e-5
 
 
+def test_shared_prompt_forward_carries_deepstack(checkpoints, images):
+    """The update's shared-prompt forward (`TrainBatch.prompt_mask`: a group's prompt computed once, its
+    responses attending to its keys and values) adds DeepStack features in the prompt as the row-by-row
+    forward does: response log-probs equal (float32, 1e-5)."""
+    from flax import nnx
+
+    from vrl_jax.models.qwen_vl import VisionInputs
+    from vrl_jax.rl.logprobs import sequence_stats
+    d, _ = checkpoints[False]
+    model = load(d)
+    n, responses = 3, np.random.RandomState(1).randint(0, 999, (6, 5))
+    prompts = [[5, ("img", 0), 6, 7], [8, 9, ("img", 1), 10]]
+    batch = make_batch([p + list(r) for i, p in enumerate(prompts) for r in responses[i * n:(i + 1) * n]],
+                       images, model.config)
+    ids, mask, pos = (jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "positions"))
+    length = ids.shape[1] - responses.shape[1]
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((6, 1), ids.dtype)], axis=1)
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = state.to_pure_dict()
+
+    def vision(rows):
+        packed = pack_images([im for r in rows for im in batch["images"][r:r + 1]], [512], None)
+        return VisionInputs(*(jnp.asarray(x) for x in (packed.pixel_values, packed.hw_pos, packed.segment_ids,
+                                                       packed.window_ids)))
+    per_row = pack_images(batch["images"], [1024], None)
+    rows_vision = VisionInputs(*(jnp.asarray(x) for x in (per_row.pixel_values, per_row.hw_pos,
+                                                          per_row.segment_ids, per_row.window_ids)))
+    ref = sequence_stats(graphdef, params, ids, pos, mask, targets, rows_vision, chunk_size=256).logprobs
+    group_vision = vision([0, n])  # the groups' first rows' images, in group order
+    shared = sequence_stats(graphdef, params, ids, pos, mask, targets, group_vision, chunk_size=256,
+                            prompt_mask=mask[::n, :length]).logprobs
+    np.testing.assert_allclose(np.asarray(shared)[:, length - 1:], np.asarray(ref)[:, length - 1:], atol=1e-5)
+
+
 def _variant(model: QwenVL, **changes) -> QwenVL:
     """The same parameters under a config with `changes` applied to its text or vision part."""
     cfg = model.config
