@@ -6,7 +6,9 @@ Nothing is downloaded: the data is generated (`vrl_jax.data.synthgeo`), and the 
 random Qwen2.5-VL with a tokenizer trained on that data, written as an ordinary HF directory in the
 workdir and loaded through the same code as a real checkpoint. A random model never answers
 correctly, so reward-only RL has nothing to learn from: the default runs a short SFT stage on the
-reference rationales, then GRPO (the two-stage baseline of DyME's paper). Variants:
+reference rationales (the hint and the boxed answer, at most 104 tokens), then 100 GRPO steps (8 prompts
+x 8 samples, 128 new tokens, the two-stage baseline of DyME's paper), and evaluates all 100 val and 200
+test_iid problems under MAYE's three settings after SFT and at the end. Variants:
 
   experiments/default.py:grpo    GRPO only        experiments/default.py:sft    SFT only
   experiments/default.py:dyme    DyME             experiments/default.py:smoke  a few seconds, for tests
@@ -42,7 +44,7 @@ def get_config(arg: str | None = None):
     c.sft.learning_rate = 2e-3
     c.sft.max_target_tokens = 128  # hint + answer line: at most 104 tokens on synthgeo
 
-    c.rl_steps = 15
+    c.rl_steps = 100
     c.prompts_per_step = 8
     c.rollout.num_samples = 8
     c.rollout.max_new_tokens = 128
@@ -54,10 +56,11 @@ def get_config(arg: str | None = None):
     c.loss.agg_mode = "seq_mean_token_mean"
 
     c.rewards.weights = {"accuracy": 1.0}
-    c.eval.every_steps = 0  # at the start, after SFT and at the end
+    c.eval.every_steps = 0  # after SFT and at the end
+    c.eval.at_start = False  # a random model scores 0
     c.eval.splits = ("val", "test_iid")
-    c.eval.max_examples = 48
-    c.eval.batch_size = 48
+    c.eval.max_examples = 200  # all 100 val and 200 test_iid problems
+    c.eval.batch_size = 50  # 50 images of 64 patches fill the largest patch bucket
     c.eval.settings = ("low", "medium", "high")
     c.eval.pass_k = 4
     c.checkpoint.every_steps = 10
@@ -71,7 +74,7 @@ def get_config(arg: str | None = None):
     elif arg == "sft":
         c.algorithm = "sft"
         c.rl_steps = 0
-        c.sft.steps = 515
+        c.sft.steps = 600  # the SFT+GRPO default's 500 + 100 optimizer steps
     elif arg == "dyme":
         c.algorithm = "dyme"
         c.sft.steps = 0
@@ -94,6 +97,7 @@ def get_config(arg: str | None = None):
         c.sft.max_target_tokens = 16
         c.num_micro = 2
         c.eval.every_steps = 0
+        c.eval.at_start = True  # cheap here: the tests see the step-0 ("Vanilla") row
         c.eval.max_examples = 4
         c.eval.pass_k = 2
         c.eval.batch_size = 4
