@@ -302,3 +302,20 @@ def test_check_without_torch_names_the_install_command(hf_dir, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails as if it were not installed
     rc, err = cli(["check", hf_dir], capsys)
     assert rc == 2 and 'pip install -e ".[test]"' in err and "PyTorch is not installed" in err
+
+
+def assert_orbax_round_trip_and_check(d: str, tmp_path, capsys) -> str:
+    """HF -> orbax -> HF through the CLI is bit-identical (parameters and files), and `convert check` of the
+    orbax copy against the HF directory passes; returns what `check` printed."""
+    from vrl_jax import convert
+    from vrl_jax.models.loading import load_model
+    orbax_dir, back = str(tmp_path / "orbax"), str(tmp_path / "back")
+    assert convert.main(["to-orbax", d, orbax_dir]) == 0
+    a, b = flat_params(load_model(d)), flat_params(load_model(orbax_dir))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert convert.main(["to-hf", orbax_dir, back]) == 0
+    before, after = read_all(d), read_all(back)
+    assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)
+    capsys.readouterr()
+    assert convert.main(["check", d, "--model", orbax_dir]) == 0
+    return capsys.readouterr().out

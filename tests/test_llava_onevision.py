@@ -287,19 +287,10 @@ def test_both_key_layouts_load(checkpoint, tmp_path):
 
 
 def test_orbax_round_trip_and_check_cli(checkpoint, untied, tmp_path, capsys):
+    from tests.test_convert import assert_orbax_round_trip_and_check
     from vrl_jax import convert
-    from vrl_jax.models.loading import load_model
     d, _ = checkpoint
-    orbax_dir, back = str(tmp_path / "orbax"), str(tmp_path / "back")
-    assert convert.main(["to-orbax", d, orbax_dir]) == 0
-    a, b = flat_params(load_model(d)), flat_params(load_model(orbax_dir))
-    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    assert convert.main(["to-hf", orbax_dir, back]) == 0
-    before, after = read_all(d), read_all(back)
-    assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)
-    capsys.readouterr()
-    assert convert.main(["check", d, "--model", orbax_dir]) == 0
-    printed = capsys.readouterr().out
+    printed = assert_orbax_round_trip_and_check(d, tmp_path, capsys)
     assert "one image" in printed and "two images of different sizes" in printed and "PASS" in printed
     print(printed)
     assert convert.main(["check", d, "--model", untied[0]]) == 1

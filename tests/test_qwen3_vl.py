@@ -22,7 +22,7 @@ import pytest
 import torch
 from flax import nnx
 
-from tests.test_convert import assert_round_trip, flat_params, read_all
+from tests.test_convert import assert_orbax_round_trip_and_check, assert_round_trip, read_all
 from tests.test_models import (TOL, assert_positions_equal_get_rope_index, forward, hf_logits, left_padded_text_batch,
                                max_diff)
 from tests.tiny_models import SPECIAL, make_batch, random_image
@@ -304,16 +304,7 @@ def test_round_trip_is_bit_identical_in_the_new_layout_and_loads_in_transformers
 
 def test_orbax_round_trip_and_check_cli(checkpoints, tmp_path, capsys):
     d, _ = checkpoints[False]
-    orbax_dir, back = str(tmp_path / "orbax"), str(tmp_path / "back")
-    assert convert.main(["to-orbax", d, orbax_dir]) == 0
-    a, b = flat_params(load_model(d)), flat_params(load_model(orbax_dir))
-    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    assert convert.main(["to-hf", orbax_dir, back]) == 0
-    before, after = read_all(d), read_all(back)
-    assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)
-    capsys.readouterr()
-    assert convert.main(["check", d, "--model", orbax_dir]) == 0
-    printed = capsys.readouterr().out
+    printed = assert_orbax_round_trip_and_check(d, tmp_path, capsys)
     with capsys.disabled():
         print(printed)
     assert "two images of different sizes" in printed and "PASS" in printed

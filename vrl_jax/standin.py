@@ -49,9 +49,11 @@ SPLIT_SIZES = {"train": 8, "val": 2, "test_iid": 2, "test_ood": 2}
 EVAL_BATCH = 2
 IMAGE_SIZE = 112  # the tiny model's processor takes 112 x 112 images: 8 x 8 = 64 patches each
 TINY_MODEL = dict(hidden=32, layers=1, intermediate=64, vision_width=32, vision_depth=2, vocab_size=1024)
-# Patch rows one stand-in image takes, per tiny family: Qwen2.5-VL 8 x 8 patches; LLaVA-OneVision a base
-# tile and at most 4 x 4 tiles of 2 x 2 patches (`models.llava_tiny`).
-PATCH_ROWS = {"qwen2_5_vl": (IMAGE_SIZE // 14) ** 2, "llava_onevision": (1 + 16) * 4}
+# Patch rows one stand-in image takes, per tiny family: Qwen2.5-VL 8 x 8 patches of 14 pixels; Qwen3-VL 6 x 6
+# of 16 (the side rounded down to a multiple of 32); LLaVA-OneVision a base tile and at most 4 x 4 tiles of
+# 2 x 2 patches (`models.llava_tiny`).
+PATCH_ROWS = {"qwen2_5_vl": (IMAGE_SIZE // 14) ** 2, "qwen3_vl": (IMAGE_SIZE // 32 * 2) ** 2,
+              "llava_onevision": (1 + 16) * 4}
 # File names the synthgeo exporter writes, per loader format ("{split}" is a synthgeo split).
 FILE_NAMES = {"maye": "maye_{split}.jsonl", "easyr1": "easyr1_{split}.parquet", "dyme": "dyme_{split}.json"}
 

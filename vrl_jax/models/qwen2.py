@@ -142,6 +142,16 @@ def shared_prompt_block(w: dict, xp, xr, rope_p, rope_r, mask_p, mask_r, *, cfg:
     return _attend_and_mlp(w, xp, qp, kp, vp, mask_p, cfg=cfg), _attend_and_mlp(w, xr, qr, k, v, mask_r, cfg=cfg)
 
 
+def _scan_layers(body, carry, stacked: dict, remat: bool):
+    """`lax.scan` of `body(carry, (layer weights, layer index))` over the stacked layers (each layer
+    rematerialised in the backward pass when `remat`); returns the final carry."""
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    layers_count = next(iter(stacked.values())).shape[0]
+    carry, _ = jax.lax.scan(body, carry, (stacked, jnp.arange(layers_count)))
+    return carry
+
+
 class Qwen2Decoder(nnx.Module):
     """Token embedding, the decoder stack, the final norm and the (possibly tied) unembedding."""
 
@@ -187,10 +197,8 @@ class Qwen2Decoder(nnx.Module):
                 h = deepstack.add(h, layer)
             return (h, c), None
 
-        if remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         # The cache rides in the carry (updated in place), not in the scan's stacked outputs.
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(cfg.num_layers)))
+        x, cache = _scan_layers(body, (x, cache), stacked, remat)
         return layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps), cache
 
     def shared_prompt(self, xp, positions_p, valid_p, xr, positions_r, valid_r, remat: bool = False,
@@ -219,8 +227,6 @@ class Qwen2Decoder(nnx.Module):
                 hp = deepstack.add(hp, layer)
             return (hp, hr), None
 
-        if remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        (xp, xr), _ = jax.lax.scan(body, (xp, xr), (stacked, jnp.arange(cfg.num_layers)))
+        xp, xr = _scan_layers(body, (xp, xr), stacked, remat)
         norm = lambda x: layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps)  # noqa: E731
         return norm(xp), norm(xr)
