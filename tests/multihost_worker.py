@@ -61,7 +61,7 @@ def main(process_id: int, port: int, work_dir: str, local_devices: int, mesh_sha
         (new_state.params, metrics, (new_state.step, new_state.skipped)))
     params, metrics, counters = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), outputs)
     pooled = pool_host_metrics(inputs["texts"], inputs["correct"], inputs["values"], process_id)
-    log("host metrics pooled")
+    log("host rows gathered")
     if process_id == 0:
         result = dict(params=jax.tree.map(np.asarray, params), metrics=jax.tree.map(np.asarray, metrics),
                       step=int(counters[0]), skipped=int(counters[1]),
@@ -75,17 +75,16 @@ def main(process_id: int, port: int, work_dir: str, local_devices: int, mesh_sha
 
 
 def pool_host_metrics(texts, correct, values, process_id: int) -> dict:
-    """Each process analyses its own half of the rollouts (the second process holds more of them);
-    the pooled reflection ratios and epoch accumulator must equal one process analysing all."""
-    from vrl_jax.evaluation.metrics import EpochAccumulator
-    from vrl_jax.evaluation.pooling import pool_epoch, pool_reflection
-    from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
+    """Each process judges its `distributed.share` of the rows (3 of the 6 here, or 2 and 1 of 3) and
+    `gather_rows` / `gather_texts` give every process all of them, in row order, exactly."""
+    from vrl_jax import distributed
 
-    cut = len(texts) // 3
-    part = slice(0, cut) if process_id == 0 else slice(cut, None)
-    counts = analyze_reflection(texts[part], correct[part]).counts
-    acc = EpochAccumulator.create(("length", "score")).update(correct[part], {"length": values[part], "score": 0.25})
-    return dict(reflection=reflection_metrics(pool_reflection(counts)), epoch=pool_epoch(acc).result())
+    out = {}
+    for n in (len(texts), len(texts) // 2):
+        mine = distributed.share(n)
+        rows = distributed.gather_rows({"correct": correct[:n][mine], "values": values[:n][mine]}, n)
+        out[n] = dict(texts=distributed.gather_texts(texts[:n][mine], n), **rows)
+    return out
 
 
 if __name__ == "__main__":

@@ -166,9 +166,9 @@ def test_ci_runs_the_readme_main_and_test_commands():
 # ---- fixtures: the synthetic data and a tiny model with a tokenizer ------------------------------
 
 @pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    """One JAX compilation cache for the module's subprocesses."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+def cache_env(session_jax_cache):
+    """The session's JAX compilation cache for the module's subprocesses."""
+    return {"JAX_COMPILATION_CACHE_DIR": session_jax_cache,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 

@@ -171,8 +171,8 @@ def standin_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
+def cache_dir(session_jax_cache):
+    return session_jax_cache
 
 
 @pytest.fixture(scope="module")

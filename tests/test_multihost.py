@@ -18,8 +18,6 @@ import pytest
 from flax import nnx
 
 from tests.rl_batches import flat_rows, make_model, make_rollouts, model_config, train_batch
-from vrl_jax.evaluation.metrics import EpochAccumulator
-from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
 from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import PolicyLossConfig
 from vrl_jax.rl.train_state import OptimizerConfig, create_train_state
@@ -29,12 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 540
 FAST = {"xla_backend_optimization_level": 0}  # same HLO, half the CPU compile time
 
-# Rollouts for the host-side pooling check: process 0 takes the first two, process 1 the other four.
-# Process 0's texts all reflect, one of process 1's four does: pooled 3/6 = 0.5, mean of ratios 0.625.
-TEXTS = ["Wait, re-check: the side is 4. Answer 16.", "Let me verify: 5 + 7 = 12.", "The angle is 40 degrees.",
-         "x = 3, so the area is 12.", "Think again... wait, it is 9.", "The perimeter is 20."]
+# Rows for the host-side share-and-gather check (each process judges its share of a step's rows).
+TEXTS = ["Wait, re-check: the side is 4. Answer 16.", "Let me verify: 5 + 7 = 12.", "The angle is 40°.",
+         "x = 3, so the area is 12.", "Think again... wait, it is 9.", "The perimeter is 20. 答案"]
 CORRECT = np.array([1.0, 1.0, 0.0, 1.0, 0.0, 1.0], np.float32)
-VALUES = np.array([0.1, 1 / 3, 2.7, 1e-9, 5.5, 7 / 3])  # float64 sums: a float32 gather would be off by ~1e-8
+VALUES = np.array([0.1, 1 / 3, 2.7, 1e-9, 5.5, 7 / 3], np.float32)
 
 
 def free_port() -> int:
@@ -100,11 +97,10 @@ def test_two_processes_equal_one(tmp_path):
         np.testing.assert_allclose(result["metrics"][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
     assert result["step"] == 1 and result["skipped"] == 0
 
-    # Host-side metrics pooled over the two processes equal one process seeing every rollout (MAYE's
-    # reflection ratios are ratios of pooled counts, not a mean of per-process ratios).
-    want_reflection = reflection_metrics(analyze_reflection(TEXTS, CORRECT).counts)
-    assert result["pooled"]["reflection"] == want_reflection
-    assert want_reflection["reflection_analysis/reflection_ratio"] == 0.5  # 3 of 6 texts reflect
-    acc = EpochAccumulator.create(("length", "score")).update(CORRECT, {"length": VALUES, "score": 0.25})
-    acc = acc.update(None, {"score": 0.25})  # each process added the step scalar once
-    assert result["pooled"]["epoch"] == pytest.approx(acc.result(), rel=1e-14, abs=0)
+    # Rows judged in per-process shares and gathered: every process holds all of them, in order, exactly
+    # (texts with non-ASCII characters too; 6 rows split 3 + 3, 3 rows split 2 + 1).
+    for n, got in result["pooled"].items():
+        assert got["texts"] == TEXTS[:n]
+        np.testing.assert_array_equal(got["correct"], CORRECT[:n])
+        np.testing.assert_array_equal(got["values"], VALUES[:n])
+        assert got["values"].dtype == np.float32

@@ -26,9 +26,9 @@ CACHE = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for every run of this module: identical programs compile once."""
-    CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
+def compilation_cache(session_jax_cache):
+    """The session's persistent compilation cache for every run of this module: identical programs compile once."""
+    CACHE["dir"] = session_jax_cache
     yield
 
 

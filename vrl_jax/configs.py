@@ -117,6 +117,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.judge = ml_collections.ConfigDict(dict(mode="", timeout_s=2.0))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=3, best_metric="", export_hf=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Joining the processes of a multi-host run (`vrl_jax.distributed`): the environment variables
+    # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID win over these; auto: let JAX detect
+    # SLURM and Cloud TPU VMs when nothing is given.
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=-1, process_id=-1,
+                                                   auto=True, timeout_s=300))
     # reflection_match: MAYE's reflection words as whole words, or as substrings (MAYE's own rule).
     # every_steps: train rows are written (and the update's device metrics fetched) every N steps and at the
     # end; profile_steps: steps (1-based) traced with jax.profiler into workdir/profile (TensorBoard/Perfetto).

@@ -20,6 +20,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from vrl_jax import distributed
 from vrl_jax.evaluation.passk import MAYE_HIGH, MAYE_LOW, MAYE_MEDIUM, GenerationSetting, mean_pass_at_k
 from vrl_jax.errors import UserError, run_cli
 from vrl_jax.evaluation.progress import Progress
@@ -51,9 +52,12 @@ def user_text(messages) -> str:
 
 class Evaluator:
     """Runs the settings over a split's batches. One compiled sampler per distinct k (the temperature
-    and top-p are traced), so the three settings compile twice per prompt-length bucket."""
+    and top-p are traced), so the three settings compile twice per prompt-length bucket. With a `mesh`
+    the samplers split each batch's prompts over the devices of every process, and each process
+    judges its share of the samples: every process ends with the metrics of the whole split."""
 
-    def __init__(self, graphdef, processor, reward_set, settings: Sequence[GenerationSetting], stop_ids, pad_id):
+    def __init__(self, graphdef, processor, reward_set, settings: Sequence[GenerationSetting], stop_ids, pad_id,
+                 mesh=None):
         self.processor = processor
         self.reward_set = reward_set
         self.settings = list(settings)
@@ -61,7 +65,17 @@ class Evaluator:
         for s in self.settings:
             if s.k not in self.samplers:
                 self.samplers[s.k] = Sampler(graphdef, SamplerConfig(
-                    max_new_tokens=s.max_tokens, num_samples=s.k, stop_token_ids=tuple(stop_ids), pad_token_id=pad_id))
+                    max_new_tokens=s.max_tokens, num_samples=s.k, stop_token_ids=tuple(stop_ids), pad_token_id=pad_id),
+                    mesh=mesh)
+
+    def _accuracy(self, texts, examples, out) -> np.ndarray:
+        """float [rows]: this process judges its share of the rows; the shares are gathered."""
+        if not self.reward_set:
+            return np.zeros(len(texts))
+        mine = distributed.share(len(texts))
+        local = self.reward_set(texts[mine], examples[mine], lengths=out.lengths[mine],
+                                truncated=~out.stopped[mine])["accuracy"]
+        return distributed.gather_rows({"accuracy": np.asarray(local, np.float32)}, len(texts))["accuracy"]
 
     def evaluate_split(self, params, batches, key, split: str, keep_samples: int = 0, num_batches: int = 0):
         """batches: iterable of pipeline `Batch`es (`num_batches` of them, for the progress bar's ETA).
@@ -81,8 +95,7 @@ class Evaluator:
                 examples = [e for e in batch.examples for _ in range(s.k)]
                 # The run's whole reward set scores the samples, so length-aware components
                 # (maye_penalty, soft_overlong) get the same context as in training.
-                acc = (self.reward_set(texts, examples, lengths=out.lengths, truncated=~out.stopped)["accuracy"]
-                       if self.reward_set else np.zeros(len(texts)))
+                acc = self._accuracy(texts, examples, out)
                 per_problem = np.asarray(acc).reshape(-1, s.k) > 0.5
                 correct[s.name].append(per_problem[valid])
                 hits_so_far[0] += int(per_problem[valid].any(1).sum())

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vrl_jax import configs
+from vrl_jax import configs, distributed, sharding
 from vrl_jax.configs import SYNTHGEO_EVAL_SPLITS
 from vrl_jax.data.faults import FaultCounter
 from vrl_jax.data.formats import Example, SampleFault, load_examples, load_image
@@ -101,13 +101,13 @@ def _with_hint(ex: Example) -> Example:
 def synthgeo_data(c, workdir: str, faults: FaultCounter) -> tuple[list[Example], dict[str, list[Example]]]:
     """Generates the synthetic benchmark into `workdir/data` once and reads it back through the MAYE loader."""
     from vrl_jax.data.synthgeo import GeneratorConfig, export_dataset
-    out = os.path.join(workdir, "data")
+    out = os.path.join(setup_dir(workdir), "data")
     s = c.data.synthgeo
     sizes = {"train": s.train, "val": s.val, "test_iid": s.test, "test_ood": s.test}
-    if not os.path.exists(os.path.join(out, "manifest.json")):
-        gen = GeneratorConfig(seed=s.seed, levels=tuple(s.levels), text_fraction=s.text_fraction,
-                              **({"families": tuple(s.families)} if s.families else {}))
-        export_dataset(out, sizes, gen, formats=("maye",), progress=True)
+    gen = GeneratorConfig(seed=s.seed, levels=tuple(s.levels), text_fraction=s.text_fraction,
+                          **({"families": tuple(s.families)} if s.families else {}))
+    distributed.once("synthgeo", lambda: export_dataset(out, sizes, gen, formats=("maye",), progress=True),
+                     done=lambda: os.path.exists(os.path.join(out, "manifest.json")))
     load = lambda split: [_with_hint(e) for e in load_examples(os.path.join(out, f"maye_{split}.jsonl"),  # noqa
                                                                  faults=faults)]
     return load("train"), {split: load(split) for split in SYNTHGEO_EVAL_SPLITS}
@@ -127,14 +127,24 @@ def prepare_model(c, workdir: str, train_examples: list[Example]) -> str:
     if c.model.path:
         return c.model.path
     from vrl_jax.models.tiny import build_tiny_model
-    model_dir = os.path.join(workdir, "model")
-    if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
-        texts = [t for e in train_examples for t in (e.question, e.hint, e.solution, e.answer) if t]
-        t = c.model.tiny
-        build_tiny_model(model_dir, texts, family=t.family, seed=c.seed, vocab_size=t.vocab_size, hidden=t.hidden,
-                         layers=t.layers, intermediate=t.intermediate, vision_width=t.vision_width,
-                         vision_depth=t.vision_depth)
+    model_dir = os.path.join(setup_dir(workdir), "model")
+    texts = [t for e in train_examples for t in (e.question, e.hint, e.solution, e.answer) if t]
+    t = c.model.tiny
+    distributed.once("tiny_model", lambda: build_tiny_model(
+        model_dir, texts, family=t.family, seed=c.seed, vocab_size=t.vocab_size, hidden=t.hidden, layers=t.layers,
+        intermediate=t.intermediate, vision_width=t.vision_width, vision_depth=t.vision_depth),
+        done=lambda: os.path.exists(os.path.join(model_dir, "model.safetensors")))
     return model_dir
+
+
+def setup_dir(workdir: str) -> str:
+    """Where the run's generated inputs (the synthetic data, the tiny model) live: the workdir, or, for a
+    remote one (gs://...), a local directory named after it, filled by each host from the same seed."""
+    if "://" not in workdir:
+        return workdir
+    import re
+    import tempfile
+    return os.path.join(tempfile.gettempdir(), "vrl_jax_setup", re.sub(r"[^\w.-]+", "_", workdir))
 
 
 def _missing_data_message(c, missing: list[tuple[str, str]]) -> str:
@@ -252,7 +262,9 @@ def rl_steps(c, num_train: int) -> int:
     return math.ceil(c.rl_epochs * num_train / c.prompts_per_step) if c.rl_epochs else c.rl_steps
 
 
-def prepare_run(c, workdir: str) -> RunSetup:
+def prepare_run(c, workdir: str, mesh=None) -> RunSetup:
+    """Data, model, processor, rewards and pipelines for a run. Every process reads the same global
+    batches (see `vrl_jax.distributed`); with a `mesh` the reference parameters are placed on it."""
     visual = make_visual(c)  # a bad dyme.visual fails before the data and the model are read
     faults = FaultCounter(max_share=c.data.max_fault_share)
     if c.data.source == "synthgeo":
@@ -277,10 +289,14 @@ def prepare_run(c, workdir: str) -> RunSetup:
     model.visual.max_segment = processor.image_processor.max_patches
     graphdef, params = nnx.split(model, nnx.Param)
     needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef))
-    ref_params = jax.tree.map(jnp.copy, params.to_pure_dict()) if needs_ref else None
+    ref_params = None
+    if needs_ref:
+        ref_params = jax.tree.map(jnp.copy, params.to_pure_dict())
+        if mesh is not None:
+            ref_params = sharding.put(ref_params, sharding.param_shardings(ref_params, mesh))
     encode = processor.encode_examples
-    pi, pc = jax.process_index(), jax.process_count()
-    common = dict(template=c.data.template, process_index=pi, process_count=pc, faults=faults)
+    # Configured batch sizes are global, and every process reads the whole global batch.
+    common = dict(template=c.data.template, process_index=0, process_count=1, faults=faults)
     rl_data = train_dataset(train, encode, batch_size=c.prompts_per_step, seed=c.seed, shuffle=c.data.shuffle,
                             **common) \
         if c.rl_steps or c.rl_epochs else None
@@ -289,6 +305,6 @@ def prepare_run(c, workdir: str) -> RunSetup:
         if c.sft.steps else None
     eval_data = {split: (lambda ex=ex: eval_dataset(ex, encode, batch_size=c.eval.batch_size, **common))
                  for split, ex in evals.items() if ex}
-    eval_batches = {split: eval_num_batches(len(ex), c.eval.batch_size, pc) for split, ex in evals.items() if ex}
+    eval_batches = {split: eval_num_batches(len(ex), c.eval.batch_size) for split, ex in evals.items() if ex}
     return RunSetup(model_dir, processor, model, graphdef, RewardSet(reward_spec(c)), RewardSet(eval_reward_spec(c)),
                     visual, sft_data, rl_data, eval_data, ref_params, faults, eval_batches, len(train))

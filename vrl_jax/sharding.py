@@ -176,14 +176,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def put(tree: Any, shardings: Any) -> Any:
     """Places host or device arrays into `shardings` (a matching tree), in every process.
 
-    With several processes each one passes the full global value (all hosts hold the same data, e.g.
-    the same seed); `make_array_from_callback` keeps only the shards this process's devices own.
+    With several processes each one passes the full global value (every host builds the same global
+    batch from the same seed, see `vrl_jax.distributed`); `make_array_from_callback` keeps only the
+    shards this process's devices own. An array already spread over the processes is resharded.
     """
     def one(x, sharding):
         if x is None:
             return None
-        if jax.process_count() == 1:
-            return jax.device_put(x, sharding)
+        if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sharding)  # (a global array is resharded on the devices)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

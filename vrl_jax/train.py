@@ -215,6 +215,8 @@ def main(argv: list[str]) -> int:
         flags.FLAGS.mark_as_parsed()
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     hide_logged_user_errors()  # a full disk is reported once below, not by every orbax thread
+    from vrl_jax import distributed
+    distributed.initialize(command.config)  # joins a multi-process run before anything asks for devices
     import jax
     workdir = command.workdir
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):

@@ -21,12 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vrl_jax import configs, sharding
+from vrl_jax import configs, distributed, sharding
 from vrl_jax.checkpointing import Checkpointer, PreemptionGuard, config_fingerprint
 from vrl_jax.errors import as_user_error
 from vrl_jax.evaluate import Evaluator, decode_responses, settings_from_names
 from vrl_jax.evaluation.metrics import EpochAccumulator, step_metrics
-from vrl_jax.evaluation.pooling import pool_epoch, pool_reflection
 from vrl_jax.evaluation.progress import Progress
 from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
 from vrl_jax.evaluation.writers import MetricWriter
@@ -35,7 +34,7 @@ from vrl_jax.rl import algorithms, rollout
 from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
 from vrl_jax.rl.train_state import create_train_state, train_state_shardings
-from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step, recompute_old_logprobs
+from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step
 from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run, rl_steps
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 from vrl_jax.timing import CompileWatch, PhaseTimer
@@ -66,37 +65,43 @@ def reference_text(example: dict, fmt: str) -> str:
     return solution
 
 
-class MeshStep:
-    """The train step under a mesh: the state keeps its placement (explicit in/out shardings) and each
-    batch is placed with its rows over ("data", "fsdp"). One compiled step per batch layout (which
-    fields are set, which dimensions split over the devices); new length buckets only recompile."""
+class OnMesh:
+    """`fn(first, batch)` (the train step, a log-prob forward) under a mesh: each host `TrainBatch` is
+    placed with its rows over ("data", "fsdp") and `make(batch_shardings)` compiles `fn` for that
+    layout, once per layout (which fields are set, which dimensions split); new length buckets only
+    recompile. Without a mesh the batch goes to the default device and `make(None)` is compiled once."""
 
-    def __init__(self, make_step, state, mesh):
-        self.make_step, self.mesh = make_step, mesh
-        self.state_shardings = train_state_shardings(state)
+    def __init__(self, make, mesh):
+        self.make, self.mesh = make, mesh
         self.fns: dict = {}
 
-    def __call__(self, state, batch):
+    def __call__(self, first, batch):
+        if self.mesh is None:
+            if None not in self.fns:
+                self.fns[None] = self.make(None)
+            return self.fns[None](first, _device_batch(batch))
         shardings = batch_shardings(batch, self.mesh)
         key = (jax.tree.structure(batch), tuple(s.spec for s in jax.tree.leaves(shardings)))
         if key not in self.fns:
-            self.fns[key] = self.make_step(mesh=self.mesh, state_shardings=self.state_shardings,
-                                           batch_shardings=shardings)
-        return self.fns[key](state, sharding.put(batch, shardings))
+            self.fns[key] = self.make(shardings)
+        return self.fns[key](first, sharding.put(batch, shardings))
+
+
+_FALLBACK = "_checker_fallback"  # gathered with the rewards, not one of them
 
 
 class Loop:
     """The pieces one run needs, built once: model graph, samplers, compiled steps, writers."""
 
-    def __init__(self, config, workdir: str, setup: RunSetup):
-        self.c, self.workdir, self.s = config, workdir, setup
+    def __init__(self, config, workdir: str, setup: RunSetup, mesh=None):
+        self.c, self.workdir, self.s, self.mesh = config, workdir, setup, mesh
         c = config
         self.stop_ids = tuple(setup.processor.config.eos_token_ids) or (setup.processor.tokenizer.eos_token_id,)
         self.pad_id = setup.processor.pad_token_id
         n_new = c.rollout.max_new_tokens
         self.sampler = Sampler(setup.graphdef, SamplerConfig(
             max_new_tokens=n_new, num_samples=c.rollout.num_samples, top_k=c.rollout.top_k,
-            stop_token_ids=self.stop_ids, pad_token_id=self.pad_id))
+            stop_token_ids=self.stop_ids, pad_token_id=self.pad_id), mesh=mesh)
         loss = configs.loss_config(c, max_len=n_new)
         self.rl_cfg = StepConfig(batch_size=c.prompts_per_step * c.rollout.num_samples, num_micro=c.num_micro,
                                  num_mini=c.num_mini, ppo_epochs=c.ppo_epochs, loss=loss, remat=c.model.remat,
@@ -110,12 +115,15 @@ class Loop:
                                   remat=c.model.remat, chunk_size=c.loss.chunk_size, with_entropy=False)
         self.needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and
                                                   c.advantage.kl_reward_coef))
-        self.logprob_fn = make_logprob_fn(setup.graphdef, chunk_size=c.loss.chunk_size,
-                                          temperature=self.rl_cfg.temperature)
+        # Log-probs of a batch under some parameters (the reference's, the sampling policy's), read on
+        # the host: replicated over the mesh, so every process holds every row.
+        self.logprob_fn = OnMesh(lambda shardings: make_logprob_fn(
+            setup.graphdef, chunk_size=c.loss.chunk_size, temperature=self.rl_cfg.temperature,
+            batch_shardings=shardings, out_sharding=None if mesh is None else sharding.replicated(mesh)), mesh)
         self.evaluator = Evaluator(setup.graphdef, setup.processor, setup.eval_rewards,
                                    settings_from_names(c.eval.settings, c.eval.pass_k,
                                                        c.eval.max_new_tokens or n_new),
-                                   self.stop_ids, self.pad_id)
+                                   self.stop_ids, self.pad_id, mesh=mesh)
         self.key = jax.random.key(c.seed)
         self.thinking_info: dict = {}
         if setup.visual is not None and hasattr(setup.visual.checker, "impl") and c.dyme.thinking_weight:
@@ -128,8 +136,9 @@ class Loop:
         text when `refine`, else `reference_text` in the run's answer format."""
         c, tok = self.c, self.s.processor.tokenizer
         texts = None
-        if refine and self.s.visual is not None:
-            texts = list(self.s.visual.refiner.refine(examples).texts)
+        if refine and self.s.visual is not None:  # each process refines its share of the rows
+            mine = distributed.share(len(examples))
+            texts = distributed.gather_texts(list(self.s.visual.refiner.refine(examples[mine]).texts), len(examples))
         fmt = "flag" if c.dyme.answer_format == "flag" or c.data.template == "dyme_answer" else "boxed"
         if texts is None:
             texts = [reference_text(e, fmt) for e in examples]
@@ -149,7 +158,7 @@ class Loop:
         rows = len(tokens)
         tb, _ = self.train_batch(ro.inputs, tokens, mask, logprobs, self.c.rollout.num_samples, np.zeros(rows),
                                  np.zeros(rows), ro.row_images)
-        full = np.asarray(self.logprob_fn(params, _device_batch(tb)).logprobs)
+        full = np.asarray(self.logprob_fn(params, tb).logprobs)
         return rollout.response_slice(full.reshape(rows, -1), ro.inputs.input_ids.shape[1], tokens.shape[1]) * mask
 
     # -- one step of each stage ---------------------------------------------------------------
@@ -180,17 +189,24 @@ class Loop:
             return self.score(batch, out)
 
     def score(self, batch, out) -> rollout.Rollouts:
-        """Step 3's rewards for sampled responses: decode, judge, and DyME's thinking reward."""
+        """Step 3's rewards for sampled responses: decode, judge, and DyME's thinking reward. Each process
+        judges its share of the rows and the scores are gathered, so every process holds all of them."""
         c, s, n = self.c, self.s, self.c.rollout.num_samples
         texts = decode_responses(s.processor.tokenizer, out.tokens, out.mask)
         examples = [e for e in batch.examples for _ in range(n)]
-        rewards = s.rewards(texts, examples, lengths=out.lengths, truncated=~out.stopped)
-        if c.algorithm == "dyme" and c.dyme.thinking_weight and s.visual is not None:
+        mine = distributed.share(len(texts))
+        local = {k: np.asarray(v, np.float32) for k, v in s.rewards(
+            texts[mine], examples[mine], lengths=out.lengths[mine], truncated=~out.stopped[mine]).items()}
+        dyme_thinking = c.algorithm == "dyme" and c.dyme.thinking_weight and s.visual is not None
+        if dyme_thinking:
+            checked = s.visual.checker.check(texts[mine], examples[mine])
+            local["thinking"] = np.nan_to_num(np.asarray(checked.scores, np.float32))
+            local[_FALLBACK] = np.asarray(checked.fallback, np.float32)
+        rewards = distributed.gather_rows(local, len(texts))
+        if dyme_thinking:
             # DyME's total is format + accuracy + thinking (NaN, a checker that could not score, counts 0).
-            checked = s.visual.checker.check(texts, examples)
-            thinking = np.nan_to_num(checked.scores)
-            rewards["thinking"] = thinking
-            self.thinking_info = {"thinking/fallback_share": float(np.mean(checked.fallback)),
+            thinking = rewards["thinking"]
+            self.thinking_info = {"thinking/fallback_share": float(np.mean(rewards.pop(_FALLBACK))),
                                   # which keyword extractor scored (the lexical checker): spaCy, as DyME
                                   # runs it, or the offline lemminflect approximation
                                   "thinking/spacy": float(getattr(s.visual.checker, "backend", "") == "spacy")}
@@ -243,7 +259,7 @@ class Loop:
         if c.rollout.old_logprobs == "recompute":  # pi_old from the training forward, not the sampler
             with timer("reference"):
                 sampler_logprobs = tb.old_logprobs
-                tb = timer.block(recompute_old_logprobs(self.logprob_fn, state.params, _device_batch(tb)))
+                tb = tb._replace(old_logprobs=np.asarray(self.logprob_fn(state.params, tb).logprobs))
                 rl_tokens = tb.loss_mask * (tb.sft_weights[..., None] == 0)
                 extra["training/sampler_max_abs_ratio_minus_1"] = float(max_abs_ratio_minus_one(
                     tb.old_logprobs, sampler_logprobs, rl_tokens))
@@ -265,7 +281,7 @@ class Loop:
             kl_per_sequence=kl_seq, kl_reward=cred.kl_reward, timings=timer.seconds,
             rollout_tokens=int(np.asarray(ro.lengths).sum()), update_tokens=int(tb.loss_mask.sum()),
             num_devices=jax.device_count(), generation_step=step, gradient_step=int(state.step), epoch=batch.epoch)
-        metrics.update(reflection_metrics(pool_reflection(reflection.counts)))
+        metrics.update(reflection_metrics(reflection.counts))
         metrics.update(cred.stats)
         metrics.update(extra)
         metrics.update(self.thinking_info)
@@ -315,18 +331,19 @@ REFERENCE_DIR = "reference"
 
 def save_reference(setup: RunSetup, params, workdir: str):
     """RL's KL reference is the policy RL starts from: after an SFT stage, its result. It is written to
-    `workdir/reference` (a vrl_jax model directory) so that a resumed run measures KL against it too."""
+    `workdir/reference` (a vrl_jax model directory; every process writes its shards) so that a resumed
+    run measures KL against it too."""
     from vrl_jax.models.loading import save_orbax
     ref = jax.tree.map(jnp.copy, params)
-    if jax.process_index() == 0:
-        save_orbax(nnx.merge(setup.graphdef, ref), os.path.join(workdir, REFERENCE_DIR), source_dir=setup.model_dir)
+    save_orbax(nnx.merge(setup.graphdef, ref), os.path.join(workdir, REFERENCE_DIR), source_dir=setup.model_dir)
     return ref
 
 
-def load_reference(c, workdir: str):
+def load_reference(c, workdir: str, mesh=None):
     from vrl_jax.models.loading import load_model
     model = load_model(os.path.join(workdir, REFERENCE_DIR), dtype=jnp.dtype(c.model.dtype),
-                       param_dtype=jnp.dtype(c.model.param_dtype))
+                       param_dtype=jnp.dtype(c.model.param_dtype),
+                       shardings=None if mesh is None else sharding.param_sharding_fn(mesh))
     return nnx.split(model, nnx.Param)[1].to_pure_dict()
 
 
@@ -365,11 +382,15 @@ def train(config, workdir: str, allow_config_change: bool = False) -> TrainResul
     c = config
     configs.validate(c, jax.device_count())
     check_inputs(c, workdir)  # data files, model directory, a writable workdir: before anything slow
+    # How the processes joined (`distributed`) is not part of the experiment: it may differ per process.
+    recorded = {k: v for k, v in c.to_dict().items() if k != "distributed"}
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep,
-                        best_metric=c.checkpoint.best_metric or None, fingerprint=config_fingerprint(c.to_dict()),
-                        config=c.to_dict())
+                        best_metric=c.checkpoint.best_metric or None, fingerprint=config_fingerprint(recorded),
+                        config=recorded)
     ckpt.check_config(allow_config_change, previous=_read_config(workdir))
-    _write_config(workdir, c.to_dict())  # only once the checkpoints accept this config
+    if distributed.is_main():
+        _write_config(workdir, recorded)  # only once the checkpoints accept this config
+    distributed.barrier("vrl_jax:config")
     try:
         return _train(c, workdir, ckpt, allow_config_change)
     except Exception as e:
@@ -379,9 +400,9 @@ def train(config, workdir: str, allow_config_change: bool = False) -> TrainResul
 
 
 def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> TrainResult:
-    setup = prepare_run(c, workdir)
-    loop = Loop(c, workdir, setup)
     mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh)) if jax.device_count() > 1 else None
+    setup = prepare_run(c, workdir, mesh)
+    loop = Loop(c, workdir, setup, mesh)
     total_steps = c.sft.steps + rl_steps(c, setup.num_train)
 
     def new_state(stage: str, params=None):
@@ -391,11 +412,10 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
         opt_cfg = configs.optimizer_config(c, updates, lr)
         state, _, _ = create_train_state(model, opt_cfg, seed=c.seed, mesh=mesh)
         step_cfg = loop.sft_cfg if stage == "sft" else loop.rl_cfg
-        if mesh is None:  # step functions take host batches either way
-            fn = make_train_step(setup.graphdef, opt_cfg, step_cfg, donate=True)
-            return state, lambda st, batch: fn(st, _device_batch(batch))
-        return state, MeshStep(lambda **kw: make_train_step(setup.graphdef, opt_cfg, step_cfg, donate=True, **kw),
-                               state, mesh)
+        placed = None if mesh is None else dict(mesh=mesh, state_shardings=train_state_shardings(state))
+        return state, OnMesh(lambda shardings: make_train_step(
+            setup.graphdef, opt_cfg, step_cfg, donate=True,
+            **({} if placed is None else dict(placed, batch_shardings=shardings))), mesh)
 
     stage = "sft" if c.sft.steps else "rl"
     state, step_fn = new_state(stage)
@@ -418,7 +438,7 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
         if stage == "rl" and c.sft.steps:
             _, step_fn = new_state("rl")
             if loop.needs_ref:
-                setup.ref_params = load_reference(c, workdir)
+                setup.ref_params = load_reference(c, workdir, mesh)
         for name, st in (restored.data_state or {}).items():
             if iters.get(name) is not None and st is not None:
                 iters[name].set_state(st)
@@ -444,9 +464,9 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
         return last_eval
 
     def write_epoch(step: int, complete: bool):
-        # Pooled over processes: the epoch's accuracy is correct / samples of the whole run. "epoch" counts
-        # completed epochs as the report reads it (0 = before training), so RL epoch 0 is logged as 1.
-        writer.write(step, {**pool_epoch(acc).result(), "epoch": acc_epoch + 1, "epoch/complete": float(complete)},
+        # "epoch" counts completed epochs as the report reads it (0 = before training), so RL epoch 0 is
+        # logged as 1. Every process holds every rollout (see `vrl_jax.distributed`): nothing to pool.
+        writer.write(step, {**acc.result(), "epoch": acc_epoch + 1, "epoch/complete": float(complete)},
                      split="epoch", kind="epoch")
 
     with PreemptionGuard() as guard, Progress(total_steps, desc=c.name, initial=start) as bar:
@@ -513,7 +533,7 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
     if stopped:
         setup.close()
         return TrainResult(last_eval, stopped)
-    if c.checkpoint.export_hf and jax.process_index() == 0:
+    if c.checkpoint.export_hf:  # every process gathers the tensors it holds; process 0 writes
         from vrl_jax.models.loading import export_hf
         export_hf(nnx.merge(setup.graphdef, state.params), os.path.join(workdir, "export"), source_dir=setup.model_dir)
     setup.close()

@@ -97,9 +97,11 @@ def _copy_side_files(source: str | None, out_dir: str, config: ModelConfig, dtyp
 
 
 def save_orbax(model: QwenVL, out_dir: str, source_dir: str | None = None):
-    """Writes a vrl_jax model directory (config, side files, orbax parameters)."""
+    """Writes a vrl_jax model directory (config, side files, orbax parameters). In a multi-process run
+    every process calls it (orbax writes each process's shards); process 0 writes the side files."""
     out_dir = os.path.abspath(out_dir)
-    _copy_side_files(source_dir, out_dir, model.config)
+    if jax.process_index() == 0:
+        _copy_side_files(source_dir, out_dir, model.config)
     state = nnx.state(model, nnx.Param).to_pure_dict()
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(out_dir, PARAMS_DIR), state, force=True)
@@ -108,7 +110,7 @@ def save_orbax(model: QwenVL, out_dir: str, source_dir: str | None = None):
 def load_orbax(path: str, config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32,
                shardings: Shardings | None = None) -> QwenVL:
     graphdef, abstract = abstract_model(config, dtype, param_dtype)
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # (devices()[0] is process 0's)
 
     def target(path_tuple, leaf):
         name = ".".join(str(p) for p in path_tuple)
@@ -125,9 +127,15 @@ def load_orbax(path: str, config: ModelConfig, dtype=jnp.float32, param_dtype=jn
 
 def export_hf(model: QwenVL, out_dir: str, source_dir: str | None = None, max_shard_bytes: int = 5 << 30,
               torch_dtype: str | None = None):
-    """Writes an HF directory that `transformers` loads with `from_pretrained` (legacy key layout)."""
-    _copy_side_files(source_dir, out_dir, model.config, torch_dtype)
+    """Writes an HF directory that `transformers` loads with `from_pretrained` (legacy key layout).
+    In a multi-process run every process calls it: the tensors are gathered one by one (a collective)
+    and process 0 writes them."""
     tensors = hf_tensors(model)
+    if jax.process_index() != 0:
+        for _ in tensors:  # take part in each tensor's gather
+            pass
+        return
+    _copy_side_files(source_dir, out_dir, model.config, torch_dtype)
     if torch_dtype is not None:
         np_dtype = np.dtype(jnp.dtype(torch_dtype))
         tensors = ((k, v.astype(np_dtype)) for k, v in tensors)

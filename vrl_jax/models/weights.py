@@ -257,6 +257,15 @@ def load_hf_params(directory: str, config: ModelConfig, param_dtype=jnp.float32,
     return nnx.merge(graphdef, abstract)
 
 
+def to_host(x) -> np.ndarray:
+    """A parameter as a NumPy array on this host; one spread over several processes is gathered (every
+    process must call this for the same parameter at the same time)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def hf_tensors(model: QwenVL) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF key, array in HF layout) for every parameter, in the key layout transformers writes for
     the model type, one at a time."""
@@ -266,7 +275,7 @@ def hf_tensors(model: QwenVL) -> Iterator[tuple[str, np.ndarray]]:
     conv_shape = cfg.vision.patch_embed_hf_shape
     for path, var in params.items():
         template, layout = by_path[path]
-        arr = np.asarray(jax.device_get(var.value))
+        arr = to_host(var.value)
         if "{i}" not in template:
             yield template, to_hf_layout(arr, layout, conv_shape)
             continue

@@ -16,7 +16,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+
+from vrl_jax import sharding as shd
 
 from vrl_jax.models.qwen2 import KVCache
 from vrl_jax.models.qwen_vl import QwenVL, VisionInputs
@@ -130,13 +134,19 @@ class Sampler:
     `sampler(params, inputs, key, temperature=1.0, top_p=1.0)`: params is the model's `nnx.State`,
     inputs anything with input_ids, attention_mask, positions, next_position and vision fields (a
     `ModelInputs`). Calls with the same shapes reuse one compilation; `trace_count` counts compilations.
+
+    With a `mesh` the prompts' rows are split over its batch axes ("data", "fsdp"), the parameters stay
+    where the train state placed them, and the output is replicated, so every process of a multi-host
+    run reads every row (the arrays are small next to the decode's compute).
     """
 
-    def __init__(self, graphdef, cfg: SamplerConfig):
+    def __init__(self, graphdef, cfg: SamplerConfig, mesh=None):
         self.graphdef = graphdef
         self.cfg = cfg
+        self.mesh = mesh
         self.trace_count = 0
-        self._fn = jax.jit(self._generate)
+        self._fn = jax.jit(self._generate) if mesh is None else jax.jit(
+            self._generate, out_shardings=shd.replicated(mesh))
 
     @classmethod
     def for_model(cls, model: QwenVL, cfg: SamplerConfig) -> tuple["Sampler", nnx.State]:
@@ -152,8 +162,19 @@ class Sampler:
 
     def __call__(self, params, inputs, key, temperature: float = 1.0, top_p: float = 1.0) -> SampleOutput:
         v = inputs.vision
-        vision = None if v is None else VisionInputs(
-            *(None if x is None else jnp.asarray(x) for x in VisionInputs.from_batch(v)))
-        return self._fn(params, jnp.asarray(inputs.input_ids), jnp.asarray(inputs.attention_mask),
-                        jnp.asarray(inputs.positions), jnp.asarray(inputs.next_position), vision, key,
-                        jnp.float32(temperature), jnp.float32(top_p))
+        arrays = (inputs.input_ids, inputs.attention_mask, inputs.positions, inputs.next_position,
+                  None if v is None else VisionInputs.from_batch(v))
+        if self.mesh is None:
+            arrays = jax.tree.map(jnp.asarray, arrays)
+        else:
+            arrays = shd.put(arrays, prompt_shardings(arrays, self.mesh))
+        return self._fn(params, *arrays, key, jnp.float32(temperature), jnp.float32(top_p))
+
+
+def prompt_shardings(arrays, mesh):
+    """Shardings of the sampler's inputs (input_ids, attention_mask [B, L], positions [3, B, L],
+    next_position [B], vision): prompt rows over the batch axes; the packed image patches replicated."""
+    ids, mask, positions, next_position, vision = arrays
+    row = lambda x, dim: NamedSharding(mesh, shd.batch_spec(tuple(np.shape(x)), dim, mesh))  # noqa: E731
+    return (row(ids, 0), row(mask, 0), row(positions, 1), row(next_position, 0),
+            None if vision is None else jax.tree.map(lambda _: shd.replicated(mesh), vision))
