@@ -309,8 +309,10 @@ def test_hosts_mode_runs_every_rank_prefixes_their_output_and_stops_them_all_on_
         wait_for(lambda: log.read_text().count("started") == 2, "both ranks")
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=30) == 0
-    finally:
+    finally:  # leave no trainer behind when the launcher failed to stop them
         launcher.kill()
+        for pidfile in tmp_path.glob("vrl_jax.train.*.pid"):
+            subprocess.run(["kill", "-KILL", pidfile.read_text().strip()], capture_output=True)
     assert {"[0 me@a] started", "[1 b] started"} <= set(log.read_text().splitlines())
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}").read_text().splitlines() == ["a:12345 2 -m vrl_jax.train --workdir w",

@@ -74,24 +74,27 @@ case "$MODE" in
     [ ${#HOSTS[@]} -gt 0 ] || fail "give the hosts: --hosts H0,H1,... (H0 runs the coordinator)"
     positive "--port" "$PORT"
     COORD=${HOSTS[0]#*@}:$PORT  # user@host -> host
-    PIDS=()
+    PIDS=(); STOPPED=0
+    stop_all() {
+      STOPPED=$((STOPPED + 1))  # a count: every trap, even a second Ctrl-C, interrupts wait
+      echo "tools/gpu_launch.sh: SIGTERM to every trainer (each saves a checkpoint and exits)" >&2
+      for i in "${!HOSTS[@]}"; do ssh "${HOSTS[i]}" "kill -TERM \$(cat $(pidfile "$i"))" || true; done
+    }
+    [ "$DRY" = 1 ] || trap stop_all INT TERM
     for i in "${!HOSTS[@]}"; do
-      # exec keeps the shell's pid through to the trainer, so the pid file names the trainer for the stop below.
+      # exec keeps the shell's pid through to the trainer, so the pid file names the trainer for stop_all.
       REMOTE="cd $(quote "$DIR")&& echo \$\$ > $(pidfile "$i") && exec env PYTHON=$(quote "$PYTHON")"
       REMOTE+="tools/gpu_launch.sh env --coordinator $COORD --num-nodes ${#HOSTS[@]} --node-rank $i -- $(quote "${REST[@]}")"
       if [ "$DRY" = 1 ]; then quote ssh "${HOSTS[i]}" "$REMOTE"; echo; continue; fi
       ( ssh "${HOSTS[i]}" "$REMOTE" 2>&1 | while IFS= read -r line; do printf '[%s %s] %s\n' "$i" "${HOSTS[i]}" "$line"; done ) &
       PIDS+=($!)
     done
-    [ "$DRY" = 1 ] && exit 0
-    stop_all() {
-      echo "tools/gpu_launch.sh: SIGTERM to every trainer (each saves a checkpoint and exits)" >&2
-      for i in "${!HOSTS[@]}"; do ssh "${HOSTS[i]}" "kill -TERM \$(cat $(pidfile "$i"))" || true; done
-    }
-    trap stop_all INT TERM
     RC=0
-    for p in "${PIDS[@]}"; do  # a trap interrupts wait: wait again until that launcher has ended
-      while :; do wait "$p" && S=0 || S=$?; [ "$S" -gt 128 ] && kill -0 "$p" 2>/dev/null || break; done
+    for p in "${PIDS[@]}"; do
+      while :; do  # the trap interrupts wait (status > 128): wait again for that launcher's own status
+        TRAPPED=$STOPPED; wait "$p" && S=0 || S=$?
+        [ "$STOPPED" != "$TRAPPED" ] || break
+      done
       [ "$S" = 0 ] || RC=$S
     done
     exit "$RC" ;;
