@@ -230,6 +230,8 @@ def test_fetch_syncs_a_gs_workdir_without_ssh_and_tars_a_local_one_from_worker_0
     assert rc == 0 and flag(cmds[0], "--worker") == "0" and flag(cmds[1], "--worker") == "0"
     assert remote_command(cmds[0]) == "cd ~/vrl_jax && tar --exclude=checkpoints -czf fetch.tar.gz workdirs/geo "
     assert cmds[-1] == ["tar", "-C", ".", "-xzf", "fetch.tar.gz"]
+    rc, cmds, _ = dry_run("fetch", "vm1", "workdirs/geo", "--to", "back")
+    assert rc == 0 and cmds[-2:] == [["mkdir", "-p", "back"], ["tar", "-C", "back", "-xzf", "fetch.tar.gz"]]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -240,7 +242,8 @@ def test_fetch_syncs_a_gs_workdir_without_ssh_and_tars_a_local_one_from_worker_0
     (("ssh", "vm1", "--worker=all"), "one worker"), (("train", "vm1", "--worker", "two", "--", "x"), "--worker"),
     (("logs", "vm1", "--lines", "many"), "--lines"), (("logs", "vm1", "--to", "d", "--follow"), "give one"),
     (("fetch", "vm1", "w", "--worker=all"), "one worker"), (("create", "vm1", "--zone"), "--zone needs a value"),
-    (("create", "--zone", "z"), "NAME"), (("launch", "vm1"), "unknown command launch")])
+    (("create", "--zone", "z"), "NAME"), (("launch", "vm1"), "unknown command launch"),
+    (("train", "vm1", "stray"), "unexpected argument stray")])
 def test_tpu_vm_mistakes_exit_2_with_a_message(args, message):
     rc, cmds, err = dry_run(*args)
     assert rc == 2 and message in err and cmds == []
@@ -378,3 +381,16 @@ def test_gpu_launch_mistakes_exit_2_with_a_message(args, message):
                          ids=os.path.basename)
 def test_every_script_parses(script):
     assert subprocess.run(["bash", "-n", script]).returncode == 0
+
+
+def test_the_two_node_example_in_docs_multihost_runs_as_documented():
+    """The doc's two `env` commands print the env-prefixed trainer command the doc says they amount to."""
+    doc = open(os.path.join(ROOT, "docs", "MULTIHOST.md")).read().replace("\\\n", " ")
+    launches = [line for line in doc.splitlines() if line.startswith("COORDINATOR=")]
+    plain = next(line for line in doc.splitlines() if line.startswith("JAX_COORDINATOR_ADDRESS="))
+    assert len(launches) == 2
+    outs = [subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                           env={**os.environ, "DRY_RUN": "1"}).stdout for line in launches]
+    envs = [_env_prefix(out) for out in outs]
+    assert [env["JAX_PROCESS_ID"] for env, _ in envs] == ["0", "1"]
+    assert envs[1] == _env_prefix("env " + plain)

@@ -29,6 +29,8 @@ usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" >&2; exit 2; }  # the heade
 fail() { echo "tools/tpu_vm.sh $CMD: $1" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 CMD=$1; NAME=$2; shift 2
+case "$CMD" in create|status|wait|setup|train|stop|logs|ssh|fetch|delete) ;;
+  *) echo "tools/tpu_vm.sh: unknown command $CMD" >&2; usage ;; esac
 case "$NAME" in -*) fail "give the TPU's NAME before the options (got $NAME)" ;; esac
 ZONE=${ZONE:-us-central1-a}; TYPE=v5litepod-8; VERSION=""; PRICING=""; QUEUED=0; WORKER=""; REST=(); WORKDIR=""
 LINES=50; FOLLOW=0; TO=""; POLL_S=${POLL_S:-60}; STOP_WAIT_S=${STOP_WAIT_S:-60}
@@ -53,6 +55,7 @@ while [ $# -gt 0 ]; do
     *) [ -z "$WORKDIR" ] || fail "unexpected argument $1"; WORKDIR=$1; shift ;;
   esac
 done
+[ -z "$WORKDIR" ] || [ "$CMD" = fetch ] || fail "unexpected argument $WORKDIR (the trainer's arguments go after --)"
 [[ "$WORKER" =~ ^(all|[0-9]+)?$ ]] || fail "--worker takes all or a worker number, not '$WORKER'"
 [[ "$LINES" =~ ^[0-9]+$ ]] || fail "--lines takes a number, not '$LINES'"
 [[ "$POLL_S" =~ ^[0-9]+$ && "$STOP_WAIT_S" =~ ^[0-9]+$ ]] || fail "POLL_S and STOP_WAIT_S are whole seconds"
@@ -153,7 +156,7 @@ case "$CMD" in
       WORKER=${WORKER:-0}
       remote "cd ~/vrl_jax && tar --exclude=checkpoints -czf fetch.tar.gz $(quote "$WORKDIR")"
       run "${TPU[@]}" scp "$NAME:~/vrl_jax/fetch.tar.gz" fetch.tar.gz --zone "$ZONE" --worker="$WORKER"
-      run mkdir -p "${TO:-.}"
+      [ -z "$TO" ] || run mkdir -p "$TO"
       run tar -C "${TO:-.}" -xzf fetch.tar.gz
     fi ;;
   delete)
@@ -162,5 +165,4 @@ case "$CMD" in
     else
       run "${TPU[@]}" delete "$NAME" --zone "$ZONE" --quiet
     fi ;;
-  *) echo "tools/tpu_vm.sh: unknown command $CMD" >&2; usage ;;
 esac
