@@ -192,4 +192,6 @@ def test_a_bucket_workdir_without_its_client_libraries(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "google.cloud.storage", types.ModuleType("google.cloud.storage"))
     with pytest.raises(UserError, match=r"cannot reach gs:// from this machine: .*gcsfs.*pip install gcsfs"):
         ensure_writable_dir(RUN, "--workdir")
+    with pytest.raises(UserError, match=r"--workdir gs://bucket/run: cannot reach gs:// .*pip install gcsfs"):
+        report.check_inputs([RUN], None, None)
     assert os.listdir(tmp_path) == []

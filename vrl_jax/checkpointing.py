@@ -22,8 +22,9 @@ last N. Saving follows orbax's default decision policy: every `save_interval_ste
 first save of a fresh manager, orbax preemption points, and any `force=True` save.
 
 Damage: `restore_latest_intact` resumes from the newest step that restores and sets newer, damaged ones
-aside as `damaged_step_<N>`; `discard_unfinished` removes what a failed save leaves behind (both in
-`checkpoint_damage.py`).
+aside as `damaged_step_<N>`; `discard_unfinished` removes what a failed save leaves behind. What damaged
+and unfinished steps look like, on a disk and in a bucket, and how they are moved or removed:
+`checkpoint_damage.py`.
 
 Buckets: `directory` may be `gs://bucket/run/checkpoints`. orbax writes there itself (its files through
 etils.epath, its arrays through tensorstore's own GCS driver); this module's own reads, listings, renames

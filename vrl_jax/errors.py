@@ -140,6 +140,13 @@ def ensure_writable_dir(path: str, what: str) -> None:
         raise UserError(f"{what} {path}: cannot write there: {reason}. Choose a writable directory.") from e
 
 
+def bucket_client_missing(path: str, what: str, error: ImportError) -> UserError:
+    """The error for a bucket URI that etils.epath has no client library for here (its ImportError)."""
+    return UserError(f"{what} {path}: cannot reach {path.split('://')[0]}:// from this machine: {error}. Checkpoints "
+                     "and logs reach a bucket through etils.epath, which uses gcsfs (`pip install gcsfs`) or "
+                     "tensorflow for gs://.")
+
+
 def _ensure_writable_bucket(path: str, what: str) -> None:
     """The libraries a bucket needs, then a probe object written and deleted (one name per process: every
     host of a multi-host run probes at once)."""
@@ -156,10 +163,8 @@ def _ensure_writable_bucket(path: str, what: str) -> None:
     try:
         probe.write_text("")
         probe.unlink()
-    except ImportError as e:  # epath has no client for this scheme here
-        raise UserError(f"{what} {path}: cannot reach {path.split('://')[0]}:// from this machine: {e}. Checkpoints "
-                        "and logs reach a bucket through etils.epath, which uses gcsfs (`pip install gcsfs`) or "
-                        "tensorflow for gs://.") from e
+    except ImportError as e:
+        raise bucket_client_missing(path, what, e) from e
     except Exception as e:  # noqa: BLE001 - a missing bucket, credentials or permission: no common type across clients
         raise UserError(f"{what} {path}: cannot write there: {type(e).__name__}: {e}. Check the bucket's name and "
                         "that this machine's credentials may write to it.") from e

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
-from vrl_jax.errors import UserError, run_cli
+from vrl_jax.errors import UserError, bucket_client_missing, run_cli
 from vrl_jax.evaluation.writers import METRICS_FILE, read_metrics
 from vrl_jax.storage import is_remote
 
@@ -363,6 +363,11 @@ PROG = "python -m vrl_jax.report"
 def check_inputs(workdirs: Sequence[str], group: str | None, out: str | None) -> None:
     """Every --workdir is a run directory, --group a regular expression that names each and --out no
     file, before any plot is drawn; raises `UserError` naming the argument."""
+    for flag, path in [("--workdir", wd) for wd in workdirs] + ([("--out", out)] if out is not None else []):
+        try:
+            epath.Path(path).exists()
+        except ImportError as exc:  # a bucket whose client library (gcsfs for gs://) is not installed
+            raise bucket_client_missing(path, flag, exc) from exc
     if out is not None and epath.Path(out).exists() and not epath.Path(out).is_dir():
         raise UserError(f"--out {out} is a file; name the folder to write report.md and the figures to.")
     for wd in workdirs:
