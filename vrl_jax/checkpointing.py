@@ -1,4 +1,4 @@
-"""Checkpoints of a training run (orbax) and preemption handling.
+"""Checkpoints of a training run (orbax).
 
 A checkpoint is one orbax step directory `<directory>/<step>/` with three items:
   "state"  the train state pytree (jax arrays, possibly sharded), restored straight into an abstract
@@ -21,15 +21,16 @@ BestN(keep_best))` keeps a checkpoint that either policy keeps, i.e. "the last N
 last N. Saving follows orbax's default decision policy: every `save_interval_steps`-th step, the
 first save of a fresh manager, orbax preemption points, and any `force=True` save.
 
-Damage: a step whose files were cut short or lost after it was written (a truncated tensor file, a
-missing `_METADATA` or data-state file) is not restorable. `restore_latest_intact` then resumes from
-the newest intact step and sets the damaged ones aside as `damaged_step_<N>` (kept, never deleted;
-orbax ignores them), saying which and why. `discard_unfinished` removes the half-written
-`<step>.orbax-checkpoint-tmp` directory a failed save (a full disk) leaves behind.
+Damage: `restore_latest_intact` resumes from the newest step that restores and sets newer, damaged ones
+aside as `damaged_step_<N>`; `discard_unfinished` removes what a failed save leaves behind. What damaged
+and unfinished steps look like, on a disk and in a bucket, and how they are moved or removed:
+`checkpoint_damage.py`.
 
-Preemption: `PreemptionGuard` turns SIGTERM / SIGINT into a flag; the trainer polls it once per step
-(`guard.should_stop(step, checkpointer)`, which also asks orbax/JAX about multi-host TPU preemption
-notices), then saves with `force=True`, `wait()`s and exits.
+Buckets: `directory` may be `gs://bucket/run/checkpoints`. orbax writes there itself (its files through
+etils.epath, its arrays through tensorstore's own GCS driver); this module's own reads, listings, renames
+and deletions go through etils.epath as well.
+
+Preemption (SIGTERM, TPU maintenance) is `preemption.PreemptionGuard`, re-exported here.
 """
 
 from __future__ import annotations
@@ -39,9 +40,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
-import signal
-import threading
 from typing import Any, NamedTuple
 
 import jax
@@ -50,21 +48,20 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from vrl_jax.errors import ORBAX_TMP_SUFFIX, UserError
+from vrl_jax import checkpoint_damage
+from vrl_jax.checkpoint_damage import Damaged, DamagedCheckpointError
+from vrl_jax.errors import UserError
+from vrl_jax.preemption import PreemptionGuard  # noqa: F401 - re-exported
+from vrl_jax.storage import is_remote
 
 FINGERPRINT_KEY = "config_fingerprint"  # key in the step's orbax custom_metadata
 CONFIG_KEY = "config"  # the config itself, for saying which keys changed
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's per-step metadata (custom_metadata lives there)
-DAMAGED_PREFIX = "damaged_step_"
 _ITEMS = ("state", "data", "extra")
 
 
 class ConfigMismatchError(UserError, ValueError):
     """The checkpoint was written under a different config fingerprint."""
-
-
-class DamagedCheckpointError(UserError):
-    """A step directory that cannot be restored (files cut short or missing)."""
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -82,14 +79,6 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _json_copy(value: Any) -> Any:
     """What the value looks like after a JSON round trip (tuples become lists), for comparing."""
     return json.loads(json.dumps(value, sort_keys=True, default=repr))
-
-
-class Damaged(NamedTuple):
-    """A step that could not be restored: why, and where it was set aside (None if it was not moved)."""
-
-    step: int
-    reason: str
-    set_aside_as: str | None = None
 
 
 class Restored(NamedTuple):
@@ -239,7 +228,7 @@ class Checkpointer:
         if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
             raise ValueError(f"Checkpointer: save_interval_steps must be a positive int; got {save_interval_steps!r}")
         path = epath.Path(directory)
-        if "://" not in str(directory):
+        if not is_remote(path):
             path = path.expanduser().resolve()  # orbax wants absolute local paths
         self.directory = path
         self.best_metric = best_metric
@@ -394,27 +383,18 @@ class Checkpointer:
 
     def set_aside(self, step: int) -> epath.Path:
         """Renames step `step` to `damaged_step_<step>` (orbax no longer lists it; nothing is deleted)."""
-        target, n = self.directory / f"{DAMAGED_PREFIX}{step}", 1
-        while target.exists():
-            target, n = self.directory / f"{DAMAGED_PREFIX}{step}.{n}", n + 1
-        self.step_path(step).rename(target)
+        target = checkpoint_damage.set_aside(self.directory, step)
         self._manager.reload()
         return target
 
     def discard_unfinished(self) -> list[str]:
         """After a failed save (a full disk, a read-only file system): lets the background save end, then
-        deletes the half-written `<step>.orbax-checkpoint-tmp` directories, so only complete checkpoints
-        remain. Returns the names removed."""
+        deletes the half-written steps, so only complete checkpoints remain. Returns the names removed."""
         try:
             self._manager.wait_until_finished()
         except Exception:  # noqa: BLE001 - the failure itself is reported by whoever called save()
             pass
-        removed = []
-        for p in self.directory.iterdir() if self.directory.exists() else ():
-            if ORBAX_TMP_SUFFIX in p.name:
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
-        return removed
+        return checkpoint_damage.discard_unfinished(self.directory)
 
     def _saved_config(self, step: int) -> tuple[str | None, dict | None]:
         """(fingerprint, config) stored with `step`, read from orbax's step metadata file alone (reading
@@ -428,12 +408,8 @@ class Checkpointer:
 
     def _check_complete(self, step: int) -> None:
         """Files a restore needs that orbax would only miss deep inside (or not at all: a lost `_METADATA`)."""
-        path = self.step_path(step)
-        needed = [path / STEP_METADATA_FILE, path / "state" / "_METADATA", path / "data" / _process_file(),
-                  path / "extra" / "metadata"]
-        missing = [str(p.relative_to(path)) for p in needed if not p.exists()]
-        if missing:
-            raise DamagedCheckpointError(f"{path} lacks {', '.join(missing)}")
+        checkpoint_damage.check_complete(self.step_path(step), [STEP_METADATA_FILE, "state/_METADATA",
+                                                                f"data/{_process_file()}", "extra/metadata"])
 
     def _check_fingerprint(self, step: int, saved_fp: str | None, saved_config: dict | None,
                            allow_config_change: bool) -> None:
@@ -457,75 +433,6 @@ class Checkpointer:
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-class PreemptionGuard:
-    """Turns SIGTERM / SIGINT into a flag the trainer polls once per step.
-
-    The handlers only record the signal: saving from inside a handler would run orbax and JAX at an
-    arbitrary bytecode of the main thread. A second SIGINT while a stop is already pending raises
-    KeyboardInterrupt, so a stuck run can still be interrupted from the keyboard. Handlers are
-    installed on construction (main thread only) and the previous ones restored by `close()` /
-    leaving the `with` block.
-
-        with PreemptionGuard() as guard, Checkpointer(dir) as ckpt:
-            for step in ...:
-                ...
-                if guard.should_stop(step, ckpt):
-                    ckpt.save(step, state, it.get_state(), extra, force=True); ckpt.wait()
-                    raise SystemExit(f"{guard.reason} at step {step}: saved {ckpt.step_path(step)}")
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionGuard must be created in the main thread (Python delivers signals there)")
-        self._signum: int | None = None
-        self._elsewhere: str | None = None  # why should_stop said stop when no signal came here
-        self._previous = {s: signal.signal(s, self._handle) for s in signals}
-
-    def _handle(self, signum, frame):
-        if self._signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self._signum = signum
-
-    @property
-    def requested(self) -> bool:
-        """A stop signal arrived on this process."""
-        return self._signum is not None
-
-    @property
-    def reason(self) -> str | None:
-        """"SIGTERM" / "SIGINT" for a local signal, else why `should_stop` stopped, else None."""
-        return self._elsewhere if self._signum is None else signal.Signals(self._signum).name
-
-    def should_stop(self, step: int, checkpointer: Checkpointer | None = None) -> bool:
-        """Whether to save and exit now. Multi-process: every process must take the same branch
-        (the save is collective), so the local flags are OR-ed over processes (one tiny host
-        all-gather per call), and orbax's preemption sync point is consulted."""
-        stop = self.requested
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            if bool(np.any(multihost_utils.process_allgather(np.int32(stop)))) and not stop:
-                stop, self._elsewhere = True, "stop signal on another process"
-        if checkpointer is not None and checkpointer.reached_preemption(step):
-            if not stop:
-                self._elsewhere = "JAX preemption sync point"
-            stop = True
-        return stop
-
-    def close(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
-
-    def __enter__(self) -> PreemptionGuard:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,6 +18,8 @@ import textwrap
 import warnings
 from typing import Callable, Sequence
 
+from vrl_jax.storage import is_remote
+
 DEBUG_ENV = "VRL_JAX_DEBUG"
 EXIT_USER_ERROR = 2
 
@@ -121,7 +123,12 @@ def hide_logged_user_errors(loggers: Sequence[str] = ("absl", "asyncio", "")) ->
 
 def ensure_writable_dir(path: str, what: str) -> None:
     """Creates `path` if needed and checks that a file can be written in it, so that a read-only or
-    full location is reported before a run spends minutes on setup. `what` names the flag or key."""
+    full location is reported before a run spends minutes on setup. `what` names the flag or key.
+    A bucket (`gs://bucket/run`) has no directories to create: a small object is written there and deleted,
+    which finds a missing bucket, credentials or permission, and a missing client library, just as early."""
+    if is_remote(path):
+        _ensure_writable_bucket(path, what)
+        return
     import tempfile
     try:
         os.makedirs(path, exist_ok=True)
@@ -131,6 +138,36 @@ def ensure_writable_dir(path: str, what: str) -> None:
         known = _USER_ERRNOS.get(e.errno)
         reason = known or ("it is not a directory" if e.errno in (errno.ENOTDIR, errno.EEXIST) else e.strerror)
         raise UserError(f"{what} {path}: cannot write there: {reason}. Choose a writable directory.") from e
+
+
+def bucket_client_missing(path: str, what: str, error: ImportError) -> UserError:
+    """The error for a bucket URI that etils.epath has no client library for here (its ImportError)."""
+    return UserError(f"{what} {path}: cannot reach {path.split('://')[0]}:// from this machine: {error}. Checkpoints "
+                     "and logs reach a bucket through etils.epath, which uses gcsfs (`pip install gcsfs`) or "
+                     "tensorflow for gs://.")
+
+
+def _ensure_writable_bucket(path: str, what: str) -> None:
+    """The libraries a bucket needs, then a probe object written and deleted (one name per process: every
+    host of a multi-host run probes at once)."""
+    import uuid
+
+    from etils import epath
+    if path.startswith("gs://"):
+        try:
+            import google.cloud.storage  # noqa: F401 - orbax asks it about the bucket whenever it lists steps
+        except ImportError as e:
+            raise UserError(f"{what} {path}: checkpoints in a gs:// bucket need google-cloud-storage (orbax lists "
+                            "their steps with it): `pip install google-cloud-storage gcsfs`.") from e
+    probe = epath.Path(path) / f".write-test-{uuid.uuid4().hex}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except ImportError as e:
+        raise bucket_client_missing(path, what, e) from e
+    except Exception as e:  # noqa: BLE001 - a missing bucket, credentials or permission: no common type across clients
+        raise UserError(f"{what} {path}: cannot write there: {type(e).__name__}: {e}. Check the bucket's name and "
+                        "that this machine's credentials may write to it.") from e
 
 
 def _chain(exc: BaseException):

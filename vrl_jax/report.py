@@ -11,6 +11,9 @@ by the row's `epoch` field (completed epochs; 0 = before training), else by `ste
 and the max over epochs >= 1 are taken; the table shows their mean ± std (ddof 1) over the group's
 runs, in %, plus epoch 0 ("vanilla") where logged and the last epoch. Other curves are per generation
 step from the `train` split, drawn as the mean over runs with a ±std band.
+
+Workdirs and `--out` may be local or in a bucket (`gs://bucket/run`): files are read and written through
+`etils.epath`, as the trainer writes them.
 """
 from __future__ import annotations
 
@@ -18,15 +21,17 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
-from vrl_jax.errors import UserError, run_cli
+from vrl_jax.errors import UserError, bucket_client_missing, run_cli
 from vrl_jax.evaluation.writers import METRICS_FILE, read_metrics
+from vrl_jax.storage import is_remote
 
 _SEED_SUFFIX = re.compile(r"(?:[-_.](?:seed|s)|seed)[-_]?\d+$", re.IGNORECASE)
 
@@ -50,12 +55,12 @@ DYNAMICS_KEYS = ("response/response_lengths", "reflection_analysis/reflection_ra
 
 @dataclasses.dataclass
 class Run:
-    workdir: Path
+    workdir: epath.Path
     group: str
     rows: list
 
 
-def _config(workdir: Path) -> dict:
+def _config(workdir: epath.Path) -> dict:
     path = workdir / "config.json"
     if not path.exists():
         return {}
@@ -66,7 +71,7 @@ def _config(workdir: Path) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def group_name(workdir: Path, regex: str | None = None) -> str:
+def group_name(workdir: epath.Path, regex: str | None = None) -> str:
     """The group of a run (see the module docstring)."""
     if regex is not None:
         m = re.search(regex, str(workdir))
@@ -76,13 +81,15 @@ def group_name(workdir: Path, regex: str | None = None) -> str:
     name = _config(workdir).get("name")
     if isinstance(name, str) and name:
         return name
-    return _SEED_SUFFIX.sub("", workdir.resolve().name) or workdir.resolve().name
+    # A local path is resolved first, so "." and a symlink name the directory they stand for.
+    name = workdir.name if is_remote(workdir) else os.path.basename(os.path.realpath(workdir))
+    return _SEED_SUFFIX.sub("", name) or name
 
 
-def load_runs(workdirs: Sequence[str | Path], group: str | None = None) -> list[Run]:
+def load_runs(workdirs: Sequence[str | os.PathLike], group: str | None = None) -> list[Run]:
     runs = []
     for wd in workdirs:
-        wd = Path(wd)
+        wd = epath.Path(wd)
         if not (wd / METRICS_FILE).exists():
             raise FileNotFoundError(f"{wd}: no {METRICS_FILE} here; pass the workdir of a run (the folder "
                                     "holding metrics.jsonl)")
@@ -248,9 +255,9 @@ def smoothing_window(points: int) -> int:
     return 1 if points <= 12 else 2 * max(points // 20, 1) + 1
 
 
-def plot_panels(path: Path, title: str, groups: dict[str, list[Run]], keys: Sequence[str], *,
+def plot_panels(path: epath.Path, title: str, groups: dict[str, list[Run]], keys: Sequence[str], *,
                 split: str | None, x: str, xlabel: str, scale: float = 1.0, ylabel: str = "",
-                titles: dict | None = None) -> Path:
+                titles: dict | None = None) -> epath.Path:
     """One panel per key, one colour per group: the mean over its runs, shaded ±std. A long, noisy series
     (a training curve of more than 12 steps) is drawn as its raw points plus a moving average
     (`smoothing_window`), so a trend shows through per-step noise without hiding it."""
@@ -294,20 +301,21 @@ def plot_panels(path: Path, title: str, groups: dict[str, list[Run]], keys: Sequ
     fig.suptitle(title, fontsize=11)
     if handles:
         fig.legend(handles, labels, loc="outside upper right", fontsize=8, ncols=min(4, len(labels)))
-    fig.savefig(path, dpi=110)
+    with path.open("wb") as f:  # a file object: matplotlib cannot open a gs:// path itself
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return path
 
 
-def make_report(workdirs: Sequence[str | Path], out: str | Path | None = None, group: str | None = None,
-                plots: bool = True) -> Path:
+def make_report(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
+                group: str | None = None, plots: bool = True) -> epath.Path:
     """Writes `report.md` and (unless `plots=False`) the PNGs into `out` (default `<first workdir>/report`);
     returns the path of report.md."""
     if not workdirs:
         raise ValueError("no workdirs given")
     runs = load_runs(workdirs, group)
     groups = by_group(runs)
-    out = Path(out) if out is not None else Path(workdirs[0]) / "report"
+    out = epath.Path(out) if out is not None else epath.Path(workdirs[0]) / "report"
     out.mkdir(parents=True, exist_ok=True)
     figures = []
     acc = accuracy_keys(runs)
@@ -355,10 +363,15 @@ PROG = "python -m vrl_jax.report"
 def check_inputs(workdirs: Sequence[str], group: str | None, out: str | None) -> None:
     """Every --workdir is a run directory, --group a regular expression that names each and --out no
     file, before any plot is drawn; raises `UserError` naming the argument."""
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
+    for flag, path in [("--workdir", wd) for wd in workdirs] + ([("--out", out)] if out is not None else []):
+        try:
+            epath.Path(path).exists()
+        except ImportError as exc:  # a bucket whose client library (gcsfs for gs://) is not installed
+            raise bucket_client_missing(path, flag, exc) from exc
+    if out is not None and epath.Path(out).exists() and not epath.Path(out).is_dir():
         raise UserError(f"--out {out} is a file; name the folder to write report.md and the figures to.")
     for wd in workdirs:
-        if not Path(wd).is_dir():
+        if not epath.Path(wd).is_dir():
             raise UserError(f"--workdir {wd}: no such directory; pass the workdir of a training run (the "
                             f"folder holding {METRICS_FILE}, config.json and checkpoints/).")
     if group is not None:

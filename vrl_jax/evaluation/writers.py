@@ -15,24 +15,35 @@ are deleted, and TensorBoard is told to purge events from resume_step + 1 on. Th
 checkpoint only after writing that step's metrics, or the rerun step appears twice. A fresh run
 (`resume_step=None`) in a workdir that already has logs moves them aside (`*.prev`) instead of
 appending to another run's history.
+
+Workdirs in a bucket (`gs://bucket/run`): every file goes through `etils.epath` (`vrl_jax/storage.py`).
+Objects cannot be appended to, so there the JSONL files are kept in memory and each upload rewrites the
+whole object: on `flush()` (the trainer flushes before every checkpoint, so a resume finds every row up
+to its step), on `close()`, and on a write at least `REMOTE_UPLOAD_SECONDS` after the previous upload (so
+a crash loses at most that much). TensorBoard events go through epath too (`_EpathRecordWriter`), and
+W&B keeps its local files in its default directory (`./wandb`, or `WANDB_DIR`), not in the bucket.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
 import time
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
+
+from vrl_jax.storage import is_remote, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TEXTS_FILE = "texts.jsonl"
 SAMPLES_DIR = "samples"
 SAMPLE_FIELDS = ("prompt", "image_id", "response", "reward", "correct")
 _SAMPLE_RE = re.compile(r"^(?P<split>.+)_(?P<step>\d+)\.jsonl$")
+REMOTE_UPLOAD_SECONDS = 60.0  # a bucket's JSONL files are rewritten at most this often between flushes
 
 
 def _jsonable(value: Any) -> Any:
@@ -54,7 +65,7 @@ def _jsonable(value: Any) -> Any:
     return item
 
 
-def _truncate_jsonl(path: Path, resume_step: int) -> int:
+def _truncate_jsonl(path: epath.Path, resume_step: int) -> int:
     """Keep lines whose step <= resume_step; returns how many were dropped."""
     if not path.exists():
         return 0
@@ -70,10 +81,89 @@ def _truncate_jsonl(path: Path, resume_step: int) -> int:
                 kept.append(line if line.endswith("\n") else line + "\n")
             else:
                 dropped += 1
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)  # atomic: a crash here leaves either the old or the new file
+    write_text_atomic(path, "".join(kept))  # a crash here leaves either the old or the new file
     return dropped
+
+
+class _AppendedFile:
+    """A local JSONL file, appended line by line and flushed after each, so a killed job keeps every line."""
+
+    def __init__(self, path: epath.Path):
+        self._f = path.open("a", encoding="utf-8")
+
+    def write(self, line: str) -> None:
+        self._f.write(line)
+        self._f.flush()
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _RewrittenObject:
+    """A JSONL object in a bucket, which cannot be appended to: its lines (those already there, then the new
+    ones) are kept in memory and the whole object is uploaded again by `flush()` (and by a write when
+    `REMOTE_UPLOAD_SECONDS` have passed since the last upload). Each upload is atomic."""
+
+    def __init__(self, path: epath.Path):
+        self._path = path
+        self._text = io.StringIO()
+        self._text.write(path.read_text(encoding="utf-8") if path.exists() else "")  # new lines go after these
+        self._dirty, self._uploaded = False, time.monotonic()
+
+    def write(self, line: str) -> None:
+        self._text.write(line)
+        self._dirty = True
+        if time.monotonic() - self._uploaded >= REMOTE_UPLOAD_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._dirty:
+            self._path.write_text(self._text.getvalue(), encoding="utf-8")
+            self._dirty, self._uploaded = False, time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathRecordWriter:
+    """tensorboardX's record-writer interface (`write`, `flush`, `close`) over etils.epath, for an event
+    file in a bucket: the events are kept in memory and the whole file is uploaded on each flush
+    (tensorboardX flushes every 120 s and on `flush()` / `close()`), as tensorboardX's own gs:// writer does,
+    but through the path layer orbax and the JSONL files use (gcsfs or tensorflow, not google-cloud-storage)."""
+
+    def __init__(self, path: str):
+        self._path, self._buffer, self._uploaded = epath.Path(path), io.BytesIO(), -1
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+
+    def flush(self) -> None:
+        if self._buffer.tell() != self._uploaded:
+            self._path.write_bytes(self._buffer.getvalue())
+            self._uploaded = self._buffer.tell()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathRecordWriterFactory:
+    def open(self, path: str) -> _EpathRecordWriter:
+        return _EpathRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # a bucket has no directories to create
+
+
+def _tensorboard_writer(logdir: epath.Path, purge_step: int | None):
+    from tensorboardX import SummaryWriter
+    if is_remote(logdir):
+        # tensorboardX picks a writer by the scheme before "://"; its gs:// writer needs google-cloud-storage.
+        from tensorboardX import record_writer
+        record_writer.register_writer_factory(str(logdir).split("://", 1)[0], _EpathRecordWriterFactory())
+    return SummaryWriter(logdir=str(logdir), purge_step=purge_step)
 
 
 class MetricWriter:
@@ -91,7 +181,7 @@ class MetricWriter:
     def __init__(self, workdir: str | os.PathLike, *, process_index: int = 0, resume_step: int | None = None,
                  tensorboard: bool = True, wandb: bool = False, wandb_project: str | None = None,
                  run_name: str | None = None, config: Mapping[str, Any] | None = None):
-        self.workdir = Path(workdir)
+        self.workdir = epath.Path(workdir)
         self.active = process_index == 0
         self._tb = None
         self._wandb = None
@@ -109,12 +199,11 @@ class MetricWriter:
                 ) from exc
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._prepare(resume_step)
-        self._files = {name: (self.workdir / name).open("a", encoding="utf-8")
-                       for name in (METRICS_FILE, TEXTS_FILE)}
+        jsonl = _RewrittenObject if is_remote(self.workdir) else _AppendedFile
+        self._files = {name: jsonl(self.workdir / name) for name in (METRICS_FILE, TEXTS_FILE)}
         if tensorboard:
-            from tensorboardX import SummaryWriter
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(logdir=str(self.workdir / "tensorboard"), purge_step=purge)
+            self._tb = _tensorboard_writer(self.workdir / "tensorboard",
+                                           None if resume_step is None else resume_step + 1)
         if wandb:
             self._wandb = self._init_wandb(wandb_module, resume_step, wandb_project, run_name, config)
 
@@ -123,8 +212,8 @@ class MetricWriter:
         if resume_step is None:
             for name in (METRICS_FILE, TEXTS_FILE):
                 path = self.workdir / name
-                if path.exists() and path.stat().st_size:
-                    os.replace(path, path.with_name(name + ".prev"))
+                if path.exists() and path.stat().length:
+                    path.replace(path.with_name(name + ".prev"))
             return
         for name in (METRICS_FILE, TEXTS_FILE):
             _truncate_jsonl(self.workdir / name, resume_step)
@@ -139,7 +228,8 @@ class MetricWriter:
         id_file = self.workdir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if resume_step is not None and id_file.exists() else None
         run = wandb_module.init(project=project, name=run_name, config=dict(config or {}),
-                                dir=str(self.workdir), id=run_id, resume="allow" if run_id else None)
+                                dir=None if is_remote(self.workdir) else str(self.workdir), id=run_id,
+                                resume="allow" if run_id else None)
         id_file.write_text(run.id)
         return run
 
@@ -156,9 +246,7 @@ class MetricWriter:
         for reserved in ("step", "split", "kind", "time"):
             values.pop(reserved, None)
         row = {"step": int(step), "split": split, "kind": kind, "time": round(time.time(), 3), **values}
-        f = self._files[METRICS_FILE]
-        f.write(json.dumps(row) + "\n")
-        f.flush()  # a killed job keeps everything up to its last step
+        self._files[METRICS_FILE].write(json.dumps(row) + "\n")
         tags = {(k if split == "train" else f"{split}/{k}"): v for k, v in values.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
@@ -171,16 +259,14 @@ class MetricWriter:
         """A piece of text (e.g. `reflection_outputs/Reflection-Correct`) to texts.jsonl, TensorBoard, W&B."""
         if not self.active:
             return
-        f = self._files[TEXTS_FILE]
-        f.write(json.dumps({"step": int(step), "split": split, "tag": tag, "text": text}) + "\n")
-        f.flush()
+        self._files[TEXTS_FILE].write(json.dumps({"step": int(step), "split": split, "tag": tag, "text": text}) + "\n")
         if self._tb is not None:
             self._tb.add_text(tag, text, global_step=int(step))
         if self._wandb is not None:
             import wandb as wandb_module
             self._wandb.log({tag: wandb_module.Table(columns=["text"], data=[[text]])}, step=int(step))
 
-    def write_samples(self, split: str, step: int, samples: Sequence[Mapping[str, Any]]) -> Path | None:
+    def write_samples(self, split: str, step: int, samples: Sequence[Mapping[str, Any]]) -> epath.Path | None:
         """Sample completions of one evaluation to `samples/<split>_<step>.jsonl` (overwritten).
 
         Each sample needs `prompt`, `image_id`, `response`, `reward`, `correct`; extra fields are kept.
@@ -196,11 +282,8 @@ class MetricWriter:
                 raise KeyError(f"sample {i} lacks {missing}; each needs {list(SAMPLE_FIELDS)}")
         path = self.workdir / SAMPLES_DIR / f"{split}_{int(step)}.jsonl"
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".jsonl.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for sample in samples:
-                f.write(json.dumps(_jsonable(dict(sample)), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps(_jsonable(dict(sample)), ensure_ascii=False) + "\n"
+                                        for sample in samples))
         return path
 
     def flush(self) -> None:
@@ -233,7 +316,7 @@ class MetricWriter:
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """Rows of `<workdir>/metrics.jsonl`; for a repeated (step, split, kind) the last row wins, with
     the earlier row's other keys kept (a step may be logged in several writes)."""
-    path = Path(workdir) / METRICS_FILE
+    path = epath.Path(workdir) / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{workdir}: no {METRICS_FILE} (not a vrl_jax workdir, or nothing logged yet)")
     rows: dict[tuple, dict] = {}
