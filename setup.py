@@ -47,6 +47,8 @@ setup(
         "test": TEST,
         "tfds": ["tensorflow-datasets>=4.9.10"],
         "wandb": ["wandb"],
+        # gs:// workdirs: epath reaches buckets through gcsfs; orbax asks google-cloud-storage about the bucket.
+        "gcs": ["gcsfs", "google-cloud-storage"],
         # DyME's thinking reward as its released run computes it; then `python -m spacy download
         # en_core_web_sm`. Without it the reward uses the offline lemminflect approximation.
         "spacy": ["spacy>=3.7,<3.9"],

@@ -19,6 +19,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from vrl_jax import configs, distributed, sharding
@@ -35,7 +36,8 @@ from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
 from vrl_jax.rl.train_state import create_train_state, train_state_shardings
 from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step
-from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run, rl_steps
+from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run, rl_steps, setup_dir
+from vrl_jax.storage import write_text_atomic
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 from vrl_jax.timing import CompileWatch, PhaseTimer
 
@@ -339,10 +341,12 @@ def save_reference(setup: RunSetup, params, workdir: str):
     return ref
 
 
-def load_reference(c, workdir: str, mesh=None):
-    from vrl_jax.models.loading import load_model
-    model = load_model(os.path.join(workdir, REFERENCE_DIR), dtype=jnp.dtype(c.model.dtype),
-                       param_dtype=jnp.dtype(c.model.param_dtype),
+def load_reference(c, setup: RunSetup, workdir: str, mesh=None):
+    """The reference `save_reference` wrote (the run's own model config; each process reads its shards)."""
+    from vrl_jax.models.config import ModelConfig
+    from vrl_jax.models.loading import load_orbax
+    model = load_orbax(os.path.join(workdir, REFERENCE_DIR), ModelConfig.from_pretrained(setup.model_dir),
+                       dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype),
                        shardings=None if mesh is None else sharding.param_sharding_fn(mesh))
     return nnx.split(model, nnx.Param)[1].to_pure_dict()
 
@@ -357,16 +361,12 @@ class TrainResult:
 
 def _write_config(workdir: str, config: dict) -> None:
     """`workdir/config.json`, replaced atomically: a full disk leaves the previous one, not half a file."""
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(epath.Path(workdir) / "config.json", json.dumps(config, indent=2, default=str))
 
 
 def _read_config(workdir: str) -> dict | None:
     try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            return json.load(f)
+        return json.loads((epath.Path(workdir) / "config.json").read_text())
     except (OSError, ValueError):
         return None
 
@@ -438,7 +438,7 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
         if stage == "rl" and c.sft.steps:
             _, step_fn = new_state("rl")
             if loop.needs_ref:
-                setup.ref_params = load_reference(c, workdir, mesh)
+                setup.ref_params = load_reference(c, setup, workdir, mesh)
         for name, st in (restored.data_state or {}).items():
             if iters.get(name) is not None and st is not None:
                 iters[name].set_state(st)
@@ -478,8 +478,8 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
             done = step + 1
             log_now = done % c.log.every_steps == 0 or done == total_steps
             profiling = done in tuple(c.log.profile_steps)
-            if profiling:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            if profiling:  # (the profiler writes local files: a bucket run traces into its local setup dir)
+                jax.profiler.start_trace(os.path.join(setup_dir(workdir), "profile"))
             if stage == "sft" and step >= c.sft.steps:
                 stage = "rl"
                 state, step_fn = new_state("rl", state.params)

@@ -18,6 +18,7 @@ from flax import nnx
 
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.loading import export_hf
+from vrl_jax.models.tiny import init_random
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 TILE = 28  # 2 x 2 patches per tile: a 112-pixel image takes ~50 placeholders, as many as the tiny Qwen's prompts allow
@@ -82,7 +83,7 @@ def build_tiny_llava(out_dir: str, texts: Iterable[str], *, seed: int = 0, image
                                                   (IMAGE_TOKEN, VIDEO_TOKEN)}}
     vocab = -(-len(tokenizer) // 64) * 64  # a multiple of 64 keeps matmuls aligned
     config = ModelConfig.from_dict(tiny_llava_config(vocab, special, **sizes))
-    export_hf(LlavaOnevision(config, param_dtype=jnp.float32, rngs=nnx.Rngs(seed)), out_dir)
+    export_hf(init_random(lambda: LlavaOnevision(config, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))), out_dir)
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
         json.dump({"image_processor_type": "LlavaOnevisionImageProcessor", "size": {"height": TILE, "width": TILE},
                    "image_grid_pinpoints": PINPOINTS, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],

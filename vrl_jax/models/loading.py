@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Callable
 
 import jax
@@ -19,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vrl_jax.errors import UserError
+from vrl_jax.storage import is_remote
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.qwen_vl import QwenVL
 from vrl_jax.models.safetensors_io import CheckpointError, SafetensorsFile, checkpoint_files, save_sharded
@@ -84,22 +84,29 @@ def load_model(path: str, dtype=jnp.float32, param_dtype=jnp.float32, shardings:
 
 
 def _copy_side_files(source: str | None, out_dir: str, config: ModelConfig, dtype: str | None = None):
-    os.makedirs(out_dir, exist_ok=True)
+    """config.json and the tokenizer/processor files, into a local directory or a bucket (epath)."""
+    from etils import epath
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     raw = dict(config.raw)
     if dtype is not None:  # transformers loads in the dtype the config records
         raw["dtype"] = dtype
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(raw, f, indent=2)
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
     if source and os.path.isdir(source):
         for name in SIDE_FILES:
             if os.path.exists(os.path.join(source, name)):
-                shutil.copy(os.path.join(source, name), os.path.join(out_dir, name))
+                (out / name).write_bytes(epath.Path(source, name).read_bytes())
+
+
+def _absolute(path: str) -> str:
+    """orbax wants absolute paths; a bucket URI is one already (abspath would make it `<cwd>/gs:/...`)."""
+    return path if is_remote(path) else os.path.abspath(path)
 
 
 def save_orbax(model: QwenVL, out_dir: str, source_dir: str | None = None):
     """Writes a vrl_jax model directory (config, side files, orbax parameters). In a multi-process run
     every process calls it (orbax writes each process's shards); process 0 writes the side files."""
-    out_dir = os.path.abspath(out_dir)
+    out_dir = _absolute(out_dir)
     if jax.process_index() == 0:
         _copy_side_files(source_dir, out_dir, model.config)
     state = nnx.state(model, nnx.Param).to_pure_dict()
@@ -120,7 +127,7 @@ def load_orbax(path: str, config: ModelConfig, dtype=jnp.float32, param_dtype=jn
     pure = abstract.to_pure_dict()
     targets = jax.tree_util.tree_map_with_path(lambda p, x: target(tuple(k.key for k in p), x), pure)
     with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), targets)
+        restored = ckpt.restore(_absolute(os.path.join(path, PARAMS_DIR)), targets)
     nnx.replace_by_pure_dict(abstract, restored)
     return nnx.merge(graphdef, abstract)
 
@@ -139,4 +146,12 @@ def export_hf(model: QwenVL, out_dir: str, source_dir: str | None = None, max_sh
     if torch_dtype is not None:
         np_dtype = np.dtype(jnp.dtype(torch_dtype))
         tensors = ((k, v.astype(np_dtype)) for k, v in tensors)
-    save_sharded(tensors, out_dir, max_shard_bytes)
+    if not is_remote(out_dir):
+        save_sharded(tensors, out_dir, max_shard_bytes)
+        return
+    import tempfile
+    from etils import epath
+    with tempfile.TemporaryDirectory() as local:  # safetensors writes local files; then each is uploaded
+        save_sharded(tensors, local, max_shard_bytes)
+        for name in os.listdir(local):
+            (epath.Path(out_dir) / name).write_bytes(epath.Path(local, name).read_bytes())

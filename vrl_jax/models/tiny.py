@@ -14,6 +14,7 @@ import json
 import os
 from typing import Callable, Iterable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -112,6 +113,13 @@ TINY_FAMILIES = {"qwen2_5_vl": "vrl_jax.models.tiny:build_tiny_qwen2_5_vl",
                  "llava_onevision": "vrl_jax.models.llava_tiny:build_tiny_llava"}
 
 
+def init_random(make: Callable[[], nnx.Module]) -> nnx.Module:
+    """`make()`'s randomly initialised module, its initialisers compiled as one program (built eagerly,
+    every initialiser op compiles on its own: seconds for a tiny model, paid by every fresh run)."""
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.split(make())[1])())
+
+
 def build_tiny_model(out_dir: str, texts: Iterable[str], *, family: str = "qwen2_5_vl", **kwargs) -> str:
     """Writes the tiny random model of `family` (a key of TINY_FAMILIES) to `out_dir`; returns it."""
     import importlib
@@ -136,8 +144,7 @@ def build_tiny_qwen(out_dir: str, texts: Iterable[str], *, seed: int = 0, image_
     vocab = -(-len(tokenizer) // 64) * 64  # a multiple of 64 keeps matmuls aligned
     raw = tiny_hf_config(vocab, special, family=family, **sizes)
     config = ModelConfig.from_dict(raw)
-    model = QwenVL(config, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    export_hf(model, out_dir)
+    export_hf(init_random(lambda: QwenVL(config, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))), out_dir)
     side = image_size - image_size % (tiny.patch_size * 2)
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
         json.dump({"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": side * side,

@@ -1,0 +1,194 @@
+"""The README's training command on several processes, launched as a user launches it on a GPU cluster
+without SLURM: the same command in every process, with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID set (jax.distributed over localhost, CPU devices, gloo collectives).
+
+Against 1 process x 4 devices, on the smoke default with images: 2 processes x 2 devices run SFT steps,
+GRPO steps, evaluations, checkpoints and the HF export, stopped by SIGTERM to one process during GRPO
+and resumed; 4 processes x 1 device run REINFORCE++ (whitened over the whole batch) with DAPO's
+dynamic sampling (extra rounds decided on the whole batch). The metrics rows are equal within 1e-5
+(relative; collectives across processes may sum in another order), and the exported parameters
+within 1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOLATILE = ("time/", "speed/", "compile/", "timestamp", "time")
+
+# A user's experiment file: the smoke default with global batches of 4 prompts (one per device of the
+# 4-device mesh). The tiny random policy never answers correctly, so every group's reward is the same:
+# an entropy bonus and a KL term (a KL reward for REINFORCE++) make each update move the policy anyway,
+# and the reference forward runs.
+EXPERIMENT = '''
+import importlib.util, os
+_spec = importlib.util.spec_from_file_location("default", os.path.join({root!r}, "experiments", "default.py"))
+_default = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_default)
+
+
+def get_config(arg=None):
+    c = _default.get_config("smoke")
+    c.prompts_per_step = 4
+    c.num_micro = 1
+    c.eval.batch_size = 4
+    c.loss.entropy_coef = 0.01
+    c.loss.kl_coef = 0.01
+    if arg == "reinforce_pp":
+        c.algorithm = "reinforce_pp"
+        c.advantage.estimator = "reinforce_pp"
+        c.advantage.kl_reward_coef = 0.05
+        c.loss.kl_coef = 0.0
+        c.sft.steps = 0
+        c.dapo.dynamic_sampling = True
+        c.dapo.filter_on = "total"
+        c.dapo.fill = "zero_advantage"  # every group ties: the fillers still train (the entropy bonus)
+        c.eval.at_start = False
+        c.eval.splits = ()
+    return c
+'''
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    path = tmp_path_factory.mktemp("experiment") / "multihost.py"
+    path.write_text(EXPERIMENT.format(root=ROOT))
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start(processes: int, devices: int, workdir: str, config: str, cache: str, *overrides: str):
+    """The README command in `processes` processes joined through the three environment variables."""
+    port = free_port()
+    procs = []
+    for i in range(processes):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+               "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        if processes > 1:
+            env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
+                       JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "vrl_jax.train", f"--config={config}", f"--workdir={workdir}", "--noreport",
+             *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish(procs, timeout: float = 600) -> list[str]:
+    outputs = []
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a process did not finish in {timeout} s")
+        outputs.append(out)
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{out[-4000:]}"
+    return outputs
+
+
+def run(processes: int, devices: int, workdir: str, config: str, cache: str, *overrides: str) -> list[str]:
+    return finish(start(processes, devices, workdir, config, cache, *overrides))
+
+
+def rows(workdir: str, split: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)}
+                for r in map(json.loads, f) if r.get("split") == split]
+
+
+def assert_same_rows(got_dir: str, want_dir: str, split: str) -> None:
+    got, want = rows(got_dir, split), rows(want_dir, split)
+    assert [r["step"] for r in got] == [r["step"] for r in want], split
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys(), (split, b["step"], set(a) ^ set(b))
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert abs(a[key] - value) <= 1e-5 * max(1.0, abs(value)), (split, b["step"], key, a[key], value)
+            else:
+                assert a[key] == value, (split, b["step"], key)
+
+
+def assert_same_export(got_dir: str, want_dir: str) -> None:
+    from safetensors.numpy import load_file
+    got = load_file(os.path.join(got_dir, "export", "model.safetensors"))
+    want = load_file(os.path.join(want_dir, "export", "model.safetensors"))
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-6, err_msg=key)
+
+
+GRPO = ("--config.rl_steps=4", "--config.checkpoint.every_steps=2", "--config.eval.splits=('val',)")
+
+
+@pytest.fixture(scope="module")
+def one_process(experiment, session_jax_cache, tmp_path_factory):
+    """1 process x 4 devices: the reference run."""
+    wd = str(tmp_path_factory.mktemp("p1x4"))
+    run(1, 4, wd, experiment, session_jax_cache, *GRPO)
+    return wd
+
+
+def test_the_reference_run_learns_something(one_process):
+    """The comparisons below mean something: rewards differ within groups, so updates move the policy."""
+    train = rows(one_process, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]  # 2 SFT + 4 GRPO steps
+    rl = [r for r in train if r["stage"] == 1.0]
+    assert all(r["loss/loss"] != 0.0 for r in rl) and any(r["training/kl"] > 0.0 for r in rl)
+    assert [r["step"] for r in rows(one_process, "eval")] == [0, 2, 6]
+
+
+def test_two_processes_stopped_by_sigterm_to_one_then_resumed_equal_one(one_process, experiment, session_jax_cache,
+                                                                        tmp_path):
+    """2 x 2: SIGTERM reaches process 1 only, during GRPO; both stop after the same step and save; the
+    same command resumes (the KL reference read back by both); every metrics row (train, eval, epoch)
+    and the export equal the 1-process run's."""
+    wd = str(tmp_path / "p2x2")
+    procs = start(2, 2, wd, experiment, session_jax_cache, *GRPO)
+    metrics = os.path.join(wd, "metrics.jsonl")
+    while not (os.path.exists(metrics) and any(r["step"] >= 3 for r in rows(wd, "train"))):
+        assert all(p.poll() is None for p in procs), "a process ended before the first GRPO step"
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # the first GRPO step is logged: the stop lands in step 4 or 5
+    outputs = finish(procs)
+    assert "stopped by signal (SIGTERM)" in outputs[1], outputs[1][-3000:]
+    assert "stopped by signal (stop signal on another process)" in outputs[0], outputs[0][-3000:]
+    stopped_at = max(r["step"] for r in rows(wd, "train"))
+    assert 3 <= stopped_at < 6
+    outputs = run(2, 2, wd, experiment, session_jax_cache, *GRPO)
+    assert all(f"resumed {wd} at step {stopped_at}" in out for out in outputs)
+    for split in ("train", "eval", "epoch"):
+        assert_same_rows(wd, one_process, split)
+    assert_same_export(wd, one_process)
+
+
+def test_reinforce_pp_with_dynamic_sampling_on_four_processes_equals_one(experiment, session_jax_cache, tmp_path):
+    """4 x 1: REINFORCE++ whitens over the whole batch and DAPO decides its extra rounds on the whole
+    batch's rewards: the same rounds, fillers and updates as 1 x 4."""
+    config = experiment + ":reinforce_pp"
+    one, four = str(tmp_path / "rpp1x4"), str(tmp_path / "rpp4x1")
+    run(1, 4, one, config, session_jax_cache, "--config.rl_steps=3")
+    run(4, 1, four, config, session_jax_cache, "--config.rl_steps=3")
+    train = rows(one, "train")
+    assert all(r["dapo/sampling_rounds"] > 1 for r in train)  # every group ties: the extra rounds run
+    assert any(r["rews/kl_reward"] != 0.0 for r in train)
+    assert_same_rows(four, one, "train")
+    assert_same_export(four, one)
