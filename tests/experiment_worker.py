@@ -50,7 +50,7 @@ def stopped_at(config, workdir: str, step: int) -> None:
 def run(spec: str, root: str, workdir: str, stop_at: int = 0) -> dict:
     """The stand-in of `spec` in `workdir`; with `stop_at`, stopped after that step first, then resumed."""
     from vrl_jax import standin
-    from vrl_jax.report import make_report
+    from vrl_jax.evaluation.report import make_report
     from vrl_jax.rl import algorithms
     from vrl_jax.trainer import train
     t0, cpu0 = time.perf_counter(), time.process_time()

@@ -69,6 +69,8 @@ COVERAGE = {
     "python -m vrl_jax.report --workdir DIR [DIR ...]": "tests/test_cli_commands.py::test_readme_report",
     "tools/ablation.sh": "tests/test_cli_commands.py::test_ablation_dry_run",
     "tools/tpu_vm.sh": "tests/test_cli_commands.py::test_readme_tpu_vm_dry_runs",
+    "tools/gpu_launch.sh": "tests/test_tools.py::test_the_two_node_example_in_docs_multihost_runs_as_documented",
+    'pip install -e ".[gcs]"': "tests/test_cli_commands.py::test_readme_gcs_extra",
     'pip install -e ".[test]"': "tests/test_cli_commands.py::test_ci_runs_the_readme_main_and_test_commands",
     "python benchmarks/sampler.py": "tests/test_cli_commands.py::test_readme_benchmarks",
     "python benchmarks/train_step.py": "tests/test_cli_commands.py::test_readme_benchmarks",
@@ -422,7 +424,7 @@ def test_evaluate_missing_or_wrong_inputs(model_dir, synthgeo_dir, tmp_path, cap
 
 
 def test_report_bad_arguments(tmp_path, capsys):
-    from vrl_jax import report
+    from vrl_jax.evaluation import report
     _write_run(tmp_path / "run", 0)
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("")
@@ -480,3 +482,18 @@ def test_every_cli_runs_through_run_cli(module, tmp_path):
     if module != "vrl_jax.data.synthgeo":  # argparse's own errors have no traceback to show
         debug = run(["python", "-m", module, *argv, "--debug"], tmp_path, timeout=300)
         assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_readme_gcs_extra(tmp_path):
+    """`.[gcs]` installs what a gs:// workdir needs, and a run without it is told to install it."""
+    import importlib.util
+
+    from vrl_jax.errors import UserError, ensure_writable_dir
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    extras = next(k.value for node in ast.walk(tree) if isinstance(node, ast.Call) for k in node.keywords
+                  if k.arg == "extras_require")
+    gcs = next(ast.literal_eval(v) for k, v in zip(extras.keys, extras.values) if ast.literal_eval(k) == "gcs")
+    assert set(gcs) == {"gcsfs", "google-cloud-storage"}
+    if importlib.util.find_spec("gcsfs") is None:  # this machine: the message names the extra
+        with pytest.raises(UserError, match=re.escape('pip install -e ".[gcs]"')):
+            ensure_writable_dir("gs://bucket/run", "--workdir")

@@ -463,7 +463,7 @@ def test_evaluator_gives_the_reward_set_lengths_and_truncation():
     import types
 
     from vrl_jax.data.pipeline import Batch
-    from vrl_jax.evaluate import Evaluator, settings_from_names
+    from vrl_jax.evaluation.evaluator import Evaluator, settings_from_names
     from vrl_jax.rewards import RewardSet
     from vrl_jax.sampling.sampler import SampleOutput
 

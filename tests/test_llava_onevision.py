@@ -338,7 +338,7 @@ def test_greedy_is_token_identical_to_transformers_generate(sampling):
 def test_rollout_logprobs_and_one_train_step(sampling):
     """Sampled rows laid out for training (each prompt's images packed once per micro-batch, every sample's
     placeholders mapped onto them) give the sampler's log-probs back, and one RL step runs and updates."""
-    from vrl_jax.rl import rollout
+    from vrl_jax.rl import batching
     from vrl_jax.rl.logprobs import sequence_stats
     from vrl_jax.rl.losses import PolicyLossConfig
     from vrl_jax.rl.train_state import OptimizerConfig, create_train_state
@@ -348,10 +348,10 @@ def test_rollout_logprobs_and_one_train_step(sampling):
     sampler, params = Sampler.for_model(model, SamplerConfig(max_new_tokens=10, num_samples=N_SAMPLES,
                                                              stop_token_ids=(NEVER,)))
     out = jax.device_get(sampler(params, inputs, jax.random.key(0), temperature=TEMPERATURE))
-    seqs = rollout.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
+    seqs = batching.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
     graphdef, state = nnx.split(model, nnx.Param)
     for num_micro in (1, 2):  # both prompts in one micro-batch; one prompt's two samples per micro-batch
-        vision = rollout.pack_micro_batches(inputs.row_images, seqs.prompt_index, num_micro, proc,
+        vision = batching.pack_micro_batches(inputs.row_images, seqs.prompt_index, num_micro, proc,
                                             proc.patch_buckets)
         assert vision.feature_index.shape[0] == num_micro and vision.feature_weight.shape == vision.feature_index.shape
         per = len(seqs.prompt_index) // num_micro
@@ -365,7 +365,7 @@ def test_rollout_logprobs_and_one_train_step(sampling):
                                    chunk_size=256, temperature=TEMPERATURE)
             mask = seqs.loss_mask[rows] > 0
             assert np.abs(np.asarray(stats.logprobs)[mask] - seqs.old_logprobs[rows][mask]).max() < 1e-4
-    batch = rollout.to_train_batch(seqs, np.array([1.0, -1.0, 0.5, -0.5]), np.zeros(4), 2, vision)
+    batch = batching.to_train_batch(seqs, np.array([1.0, -1.0, 0.5, -0.5]), np.zeros(4), 2, vision)
     opt = OptimizerConfig(learning_rate=1e-3, total_steps=2, train_vit=True, train_connector=True)
     state, _, graphdef = create_train_state(model, opt)
     before = jax.tree.map(np.array, state.params)

@@ -21,7 +21,7 @@ from etils import epath
 from test_evaluation import _tb_scalars
 from test_report import _write_run
 
-from vrl_jax import report
+from vrl_jax.evaluation import report
 from vrl_jax.checkpointing import Checkpointer, Restored
 from vrl_jax.errors import UserError, ensure_writable_dir
 from vrl_jax.evaluation import writers
@@ -187,11 +187,11 @@ def test_a_bucket_workdir_is_probed_not_created(gcs, monkeypatch):
 def test_a_bucket_workdir_without_its_client_libraries(tmp_path, monkeypatch):
     """Here neither gcsfs nor google-cloud-storage is installed: the user is told what to install."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"need google-cloud-storage .*pip install google-cloud-storage gcsfs"):
+    with pytest.raises(UserError, match=r"need google-cloud-storage .*pip install -e \"\.\[gcs\]\""):
         ensure_writable_dir(RUN, "--workdir")
     monkeypatch.setitem(sys.modules, "google.cloud.storage", types.ModuleType("google.cloud.storage"))
-    with pytest.raises(UserError, match=r"cannot reach gs:// from this machine: .*gcsfs.*pip install gcsfs"):
+    with pytest.raises(UserError, match=r"cannot reach gs:// from this machine: .*gcsfs.*pip install -e \"\.\[gcs\]\""):
         ensure_writable_dir(RUN, "--workdir")
-    with pytest.raises(UserError, match=r"--workdir gs://bucket/run: cannot reach gs:// .*pip install gcsfs"):
+    with pytest.raises(UserError, match=r"--workdir gs://bucket/run: cannot reach gs:// .*pip install -e \"\.\[gcs\]\""):
         report.check_inputs([RUN], None, None)
     assert os.listdir(tmp_path) == []

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vrl_jax import report
+from vrl_jax.evaluation import report
 from vrl_jax.evaluation.passk import MAYE_SETTINGS, TRAIN_ACCURACY_KEY
 from vrl_jax.evaluation.writers import MetricWriter
 
@@ -177,7 +177,7 @@ def test_accuracy_axis_is_decided_by_eval_rows(runs, tmp_path):
 def test_long_training_curves_are_smoothed_over_their_raw_points():
     """A noisy rising series: the moving average keeps the trend (its ends near the true line) and
     removes most of the noise; short series are left alone."""
-    from vrl_jax.report import smooth, smoothing_window
+    from vrl_jax.evaluation.report import smooth, smoothing_window
     rs = np.random.RandomState(0)
     steps = np.arange(120)
     truth = 0.10 + 0.001 * steps

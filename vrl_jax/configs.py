@@ -371,22 +371,13 @@ def _generator_config(c):
 
 
 def _data_parallel(c, num_devices: int) -> int:
-    sizes = {k: c.mesh[k] for k in ("data", "fsdp", "tensor")}
-    fixed = 1
-    for k, v in sizes.items():
-        if v == 0 or v < -1:
-            _fail(f"mesh.{k}", f"must be a positive size or -1, got {v}")
-        fixed *= v if v > 0 else 1
-    free = [k for k, v in sizes.items() if v == -1]
-    if len(free) > 1:
-        _fail("mesh", f"only one axis may be -1, got {free}")
-    if num_devices % fixed:
-        _fail("mesh", f"axis sizes {sizes} do not divide the {num_devices} devices")
-    if free:
-        sizes[free[0]] = num_devices // fixed
-    elif fixed != num_devices:
-        _fail("mesh", f"axis sizes {sizes} multiply to {fixed}, but there are {num_devices} devices")
-    return sizes["data"] * sizes["fsdp"]
+    """data x fsdp of the mesh `c.mesh` resolves to over `num_devices` (the trainer's own resolver)."""
+    from vrl_jax.sharding import MeshConfig, mesh_shape
+    try:
+        data, fsdp, _ = mesh_shape(MeshConfig(**c.mesh), num_devices)
+    except (TypeError, ValueError) as e:
+        _fail("mesh", str(e).replace("MeshConfig.", "mesh.").replace("MeshConfig", "mesh"))
+    return data * fsdp
 
 
 def optimizer_config(c, total_updates: int, learning_rate: float | None = None) -> OptimizerConfig:

@@ -143,8 +143,8 @@ def ensure_writable_dir(path: str, what: str) -> None:
 def bucket_client_missing(path: str, what: str, error: ImportError) -> UserError:
     """The error for a bucket URI that etils.epath has no client library for here (its ImportError)."""
     return UserError(f"{what} {path}: cannot reach {path.split('://')[0]}:// from this machine: {error}. Checkpoints "
-                     "and logs reach a bucket through etils.epath, which uses gcsfs (`pip install gcsfs`) or "
-                     "tensorflow for gs://.")
+                     "and logs reach a bucket through etils.epath, which uses gcsfs or tensorflow for gs://, and orbax "
+                     "asks google-cloud-storage about the bucket: `pip install -e \".[gcs]\"` installs both.")
 
 
 def _ensure_writable_bucket(path: str, what: str) -> None:
@@ -158,7 +158,7 @@ def _ensure_writable_bucket(path: str, what: str) -> None:
             import google.cloud.storage  # noqa: F401 - orbax asks it about the bucket whenever it lists steps
         except ImportError as e:
             raise UserError(f"{what} {path}: checkpoints in a gs:// bucket need google-cloud-storage (orbax lists "
-                            "their steps with it): `pip install google-cloud-storage gcsfs`.") from e
+                            "their steps with it): `pip install -e \".[gcs]\"` (google-cloud-storage and gcsfs).") from e
     probe = epath.Path(path) / f".write-test-{uuid.uuid4().hex}"
     try:
         probe.write_text("")

@@ -1,124 +1,22 @@
-"""MAYE's evaluation scheme: accuracy on a split under three generation settings.
+"""Evaluate a model directory on a data file, MAYE's way (the scheme: `vrl_jax/evaluation/evaluator.py`).
 
   python -m vrl_jax.evaluate --model DIR --data FILE [--format maye] [--settings low,medium,high] [--k 8]
 
-Settings (MAYE `eval()`): pass@1 at temperature 0.01 (top-p 0.001), pass@1 at 0.6, and pass@k at 1.0.
-For the last, MAYE counts a problem solved when any of its k samples is (reported as `pass@k`,
-MAYE's name); the unbiased estimator over the same samples is reported beside it as
-`unbiased_pass@k`, with pass@1 from the same k samples. The trainer calls `evaluate_split`.
+Settings: low = pass@1 at temperature 0.01, medium = pass@1 at 0.6, high = pass@k at 1.0.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-from typing import Sequence
-
 import jax
-import numpy as np
 
-from vrl_jax import distributed
-from vrl_jax.evaluation.passk import MAYE_HIGH, MAYE_LOW, MAYE_MEDIUM, GenerationSetting, mean_pass_at_k
 from vrl_jax.errors import UserError, run_cli
-from vrl_jax.evaluation.progress import Progress
-from vrl_jax.sampling.sampler import Sampler, SamplerConfig
+from vrl_jax.evaluation.evaluator import SETTINGS, Evaluator, settings_from_names
 
-SETTINGS = {"low": MAYE_LOW, "medium": MAYE_MEDIUM, "high": MAYE_HIGH}
 PROG = "python -m vrl_jax.evaluate"
-
-
-def settings_from_names(names: Sequence[str], k: int, max_new_tokens: int) -> list[GenerationSetting]:
-    out = []
-    for name in names:
-        s = SETTINGS[name]
-        out.append(dataclasses.replace(s, k=k if s.k > 1 else 1, max_tokens=max_new_tokens))
-    return out
-
-
-def decode_responses(tokenizer, tokens, mask) -> list[str]:
-    tokens, mask = np.asarray(tokens), np.asarray(mask)
-    return tokenizer.batch_decode([t[m > 0].tolist() for t, m in zip(tokens, mask)], skip_special_tokens=True)
-
-
-def user_text(messages) -> str:
-    """The last turn's text as the model reads it, `<image>` where an image stands (a template may put
-    text on both sides of an image, e.g. DyME's instruction before a question with an image tag)."""
-    return "".join(item.get("text", "") if item.get("type") == "text" else "<image>"
-                   for item in messages[-1]["content"])
-
-
-class Evaluator:
-    """Runs the settings over a split's batches. One compiled sampler per distinct k (the temperature
-    and top-p are traced), so the three settings compile twice per prompt-length bucket. With a `mesh`
-    the samplers split each batch's prompts over the devices of every process, and each process
-    judges its share of the samples: every process ends with the metrics of the whole split."""
-
-    def __init__(self, graphdef, processor, reward_set, settings: Sequence[GenerationSetting], stop_ids, pad_id,
-                 mesh=None):
-        self.processor = processor
-        self.reward_set = reward_set
-        self.settings = list(settings)
-        self.samplers = {}
-        for s in self.settings:
-            if s.k not in self.samplers:
-                self.samplers[s.k] = Sampler(graphdef, SamplerConfig(
-                    max_new_tokens=s.max_tokens, num_samples=s.k, stop_token_ids=tuple(stop_ids), pad_token_id=pad_id),
-                    mesh=mesh)
-
-    def _accuracy(self, texts, examples, out) -> np.ndarray:
-        """float [rows]: this process judges its share of the rows; the shares are gathered."""
-        if not self.reward_set:
-            return np.zeros(len(texts))
-        mine = distributed.share(len(texts))
-        local = self.reward_set(texts[mine], examples[mine], lengths=out.lengths[mine],
-                                truncated=~out.stopped[mine])["accuracy"]
-        return distributed.gather_rows({"accuracy": np.asarray(local, np.float32)}, len(texts))["accuracy"]
-
-    def evaluate_split(self, params, batches, key, split: str, keep_samples: int = 0, num_batches: int = 0):
-        """batches: iterable of pipeline `Batch`es (`num_batches` of them, for the progress bar's ETA).
-        Returns (metrics {key: float}, sample dicts)."""
-        correct = {s.name: [] for s in self.settings}
-        samples = []
-        bar = Progress(num_batches * len(self.settings), desc=f"eval {split}", keys={"acc": "accuracy"},
-                       log_every=max(1, num_batches * len(self.settings) // 4),
-                       enabled=jax.process_index() == 0)
-        hits_so_far = [0, 0]
-        for i, batch in enumerate(batches):
-            valid = np.asarray(batch.valid)
-            for j, s in enumerate(self.settings):
-                out = jax.device_get(self.samplers[s.k](params, batch.inputs, jax.random.fold_in(key, i * 16 + j),
-                                                        temperature=s.temperature, top_p=s.top_p))
-                texts = decode_responses(self.processor.tokenizer, out.tokens, out.mask)
-                examples = [e for e in batch.examples for _ in range(s.k)]
-                # The run's whole reward set scores the samples, so length-aware components
-                # (maye_penalty, soft_overlong) get the same context as in training.
-                acc = self._accuracy(texts, examples, out)
-                per_problem = np.asarray(acc).reshape(-1, s.k) > 0.5
-                correct[s.name].append(per_problem[valid])
-                hits_so_far[0] += int(per_problem[valid].any(1).sum())
-                hits_so_far[1] += int(valid.sum())
-                bar.update(1, {"accuracy": hits_so_far[0] / max(hits_so_far[1], 1)})
-                if j == 0 and len(samples) < keep_samples:
-                    for e, text, ok, v in zip(batch.examples, texts[::s.k], per_problem[:, 0], valid):
-                        if v and len(samples) < keep_samples:
-                            samples.append({"id": e["id"], "prompt": user_text(e["prompt_messages"]),
-                                            "image_id": e["id"], "response": text, "answer": e["answer"],
-                                            "reward": float(ok), "correct": bool(ok), "setting": s.label})
-        bar.close()
-        metrics = {}
-        for s in self.settings:
-            hits = np.concatenate(correct[s.name]) if correct[s.name] else np.zeros((0, s.k), bool)
-            metrics[s.metric_key(split)] = float(hits.any(1).mean()) if len(hits) else 0.0
-            if s.k > 1 and len(hits):
-                n = np.full(len(hits), s.k)
-                metrics[f"eval/{split}/unbiased_pass@{s.k} T={s.temperature}"] = mean_pass_at_k(n, hits.sum(1), s.k)
-                metrics[f"eval/{split}/pass@1 from {s.k} samples T={s.temperature}"] = mean_pass_at_k(
-                    n, hits.sum(1), 1)
-            metrics[f"eval/{split}/num_problems"] = float(len(hits))
-        return metrics, samples
 
 
 def main(argv=None) -> int:

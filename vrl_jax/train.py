@@ -231,7 +231,7 @@ def main(argv: list[str]) -> int:
     for key, value in sorted(result.metrics.items()):
         print(f"{key}: {value:.4f}")
     if command.report and jax.process_index() == 0:
-        from vrl_jax.report import make_report
+        from vrl_jax.evaluation.report import make_report
         print(f"report: {make_report([workdir])}")
     return 0
 

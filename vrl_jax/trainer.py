@@ -25,13 +25,13 @@ from flax import nnx
 from vrl_jax import configs, distributed, sharding
 from vrl_jax.checkpointing import Checkpointer, PreemptionGuard, config_fingerprint
 from vrl_jax.errors import as_user_error
-from vrl_jax.evaluate import Evaluator, decode_responses, settings_from_names
+from vrl_jax.evaluation.evaluator import Evaluator, decode_responses, settings_from_names
 from vrl_jax.evaluation.metrics import EpochAccumulator, step_metrics
 from vrl_jax.evaluation.progress import Progress
 from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
 from vrl_jax.evaluation.writers import MetricWriter
 from vrl_jax.rewards.visual.base import hint_then_answer
-from vrl_jax.rl import algorithms, rollout
+from vrl_jax.rl import algorithms, batching
 from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
 from vrl_jax.rl.train_state import create_train_state, train_state_shardings
@@ -149,19 +149,19 @@ class Loop:
     def train_batch(self, prompts, tokens, mask, logprobs, num_samples, advantages, sft_weights, row_images,
                     ref_logprobs=None):
         c = self.c
-        seqs = rollout.build_sequences(prompts, tokens, mask, logprobs, num_samples, self.pad_id)
-        group = rollout.shared_prompt_group(len(seqs.input_ids), c.num_micro, num_samples)
-        vision = rollout.pack_micro_batches(row_images, seqs.prompt_index, c.num_micro, self.s.processor,
+        seqs = batching.build_sequences(prompts, tokens, mask, logprobs, num_samples, self.pad_id)
+        group = batching.shared_prompt_group(len(seqs.input_ids), c.num_micro, num_samples)
+        vision = batching.pack_micro_batches(row_images, seqs.prompt_index, c.num_micro, self.s.processor,
                                             self.s.processor.patch_buckets, group)
-        return rollout.to_train_batch(seqs, advantages, sft_weights, c.num_micro, vision, ref_logprobs, group), seqs
+        return batching.to_train_batch(seqs, advantages, sft_weights, c.num_micro, vision, ref_logprobs, group), seqs
 
-    def response_logprobs(self, params, ro: rollout.Rollouts, tokens, mask, logprobs):
+    def response_logprobs(self, params, ro: batching.Rollouts, tokens, mask, logprobs):
         """float [R, N]: log-probs of the sampled response tokens under `params` (0 off the mask)."""
         rows = len(tokens)
         tb, _ = self.train_batch(ro.inputs, tokens, mask, logprobs, self.c.rollout.num_samples, np.zeros(rows),
                                  np.zeros(rows), ro.row_images)
         full = np.asarray(self.logprob_fn(params, tb).logprobs)
-        return rollout.response_slice(full.reshape(rows, -1), ro.inputs.input_ids.shape[1], tokens.shape[1]) * mask
+        return batching.response_slice(full.reshape(rows, -1), ro.inputs.input_ids.shape[1], tokens.shape[1]) * mask
 
     # -- one step of each stage ---------------------------------------------------------------
 
@@ -169,9 +169,9 @@ class Loop:
         targets = self.sft_targets(batch.examples)
         rows = len(targets)
         longest = max(len(t) for t, ok in zip(targets, batch.valid) if ok) if np.any(batch.valid) else 1
-        n_new = rollout.target_width(longest, self.c.sft.max_target_tokens)
+        n_new = batching.target_width(longest, self.c.sft.max_target_tokens)
         truncated = sum(len(t) > n_new for t, ok in zip(targets, batch.valid) if ok)
-        tokens, mask, lp = rollout.replace_responses(np.zeros((rows, n_new), np.int32),
+        tokens, mask, lp = batching.replace_responses(np.zeros((rows, n_new), np.int32),
                                                      np.zeros((rows, n_new), np.int32),
                                                      np.zeros((rows, n_new), np.float32), range(rows), targets)
         weights = np.asarray(batch.valid, np.float32)
@@ -181,7 +181,7 @@ class Loop:
         out["sft/truncated_targets"] = float(truncated)  # longer than sft.max_target_tokens
         return state, {**out, **batch_shapes(tb)}
 
-    def rollout_round(self, params, batch, key) -> rollout.Rollouts:
+    def rollout_round(self, params, batch, key) -> batching.Rollouts:
         """Steps 2 and 3 for one batch of prompts: sample n responses each, decode, score."""
         c = self.c
         with self.timer("sample"):
@@ -190,7 +190,7 @@ class Loop:
         with self.timer("score"):
             return self.score(batch, out)
 
-    def score(self, batch, out) -> rollout.Rollouts:
+    def score(self, batch, out) -> batching.Rollouts:
         """Step 3's rewards for sampled responses: decode, judge, and DyME's thinking reward. Each process
         judges its share of the rows and the scores are gathered, so every process holds all of them."""
         c, s, n = self.c, self.s, self.c.rollout.num_samples
@@ -213,11 +213,11 @@ class Loop:
                                   # runs it, or the offline lemminflect approximation
                                   "thinking/spacy": float(getattr(s.visual.checker, "backend", "") == "spacy")}
             rewards["total"] = np.asarray(rewards["total"], np.float32) + c.dyme.thinking_weight * thinking
-        return rollout.Rollouts(batch.inputs, list(batch.examples), np.asarray(batch.valid), out.tokens, out.mask,
+        return batching.Rollouts(batch.inputs, list(batch.examples), np.asarray(batch.valid), out.tokens, out.mask,
                                 out.logprobs, out.lengths, out.stopped, texts,
                                 {k: np.asarray(v, np.float32) for k, v in rewards.items()})
 
-    def collect(self, params, next_batch, first_batch, step: int) -> tuple[rollout.Rollouts, int]:
+    def collect(self, params, next_batch, first_batch, step: int) -> tuple[batching.Rollouts, int]:
         """Rollouts for one step. With DAPO's dynamic sampling, groups whose `dapo.filter_on` reward is the
         same for every sample are dropped and more prompts are drawn until the batch is full (at most
         `dapo.max_rounds` rounds); if it is still short, dropped groups fill it back, as invalid rows
@@ -237,7 +237,7 @@ class Loop:
                 break
             batch = self.rollout_round(params, next_batch(), jax.random.fold_in(key, rounds))
         choice = algorithms.choose_groups(kept, dropped, c.prompts_per_step)
-        ro = rollout.select_groups(choice.chosen, n, self.pad_id)
+        ro = batching.select_groups(choice.chosen, n, self.pad_id)
         if c.dapo.fill == "masked":
             ro = ro._replace(valid=ro.valid & ~choice.filler)
         return ro, rounds
@@ -294,7 +294,7 @@ class Loop:
         sample = ro.texts[reflection.example] if reflection.example is not None else None
         return state, metrics, correct[valid], sample
 
-    def credit_batch(self, ro: rollout.Rollouts, mask, valid, ref):
+    def credit_batch(self, ro: batching.Rollouts, mask, valid, ref):
         """Step 3's credit and the update's batch: advantages (or DyME's modes, with memorized rows'
         references in place of their responses), laid out as micro-batches. Returns (batch, credit, metrics)."""
         c, n = self.c, self.c.rollout.num_samples
@@ -310,15 +310,15 @@ class Loop:
             rows = np.flatnonzero(cred.sft_rows)
             examples = [e for e in ro.examples for _ in range(n)]
             targets = self.sft_targets([examples[r] for r in rows], refine=c.dyme.refine)
-            tokens, mask, logprobs, truncated = rollout.insert_targets(tokens, mask, logprobs, rows, targets,
+            tokens, mask, logprobs, truncated = batching.insert_targets(tokens, mask, logprobs, rows, targets,
                                                                        c.dyme.max_target_tokens)
             extra["dyme/truncated_targets"] = float(truncated)  # longer than dyme.max_target_tokens
             sft_weights[rows] = 1.0
         advantages = cred.advantages
         if advantages.ndim == 2:  # token level over the response -> over the whole row
-            advantages = rollout.response_to_row(advantages, ro.inputs.input_ids.shape[1])
+            advantages = batching.response_to_row(advantages, ro.inputs.input_ids.shape[1])
         advantages = advantages * (valid[:, None] if advantages.ndim == 2 else valid)
-        ref_rows = None if ref is None else rollout.response_to_row(ref, ro.inputs.input_ids.shape[1])
+        ref_rows = None if ref is None else batching.response_to_row(ref, ro.inputs.input_ids.shape[1])
         tb, _ = self.train_batch(ro.inputs, tokens, mask, logprobs, n, advantages, sft_weights * valid,
                                  ro.row_images, ref_logprobs=ref_rows)
         return tb, cred, extra

@@ -14,7 +14,7 @@ from vrl_jax.models.image_processing import ImageProcessor, pack_images
 from vrl_jax.models.processor import ModelInputs
 from vrl_jax.models.qwen_vl import VisionInputs
 from vrl_jax.models.weights import load_hf_params
-from vrl_jax.rl import rollout
+from vrl_jax.rl import batching
 from vrl_jax.rl.logprobs import sequence_stats
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 
@@ -55,7 +55,7 @@ def forward_logprobs(config, graphdef, params, seqs, row_images):
 
 def test_sampled_rows_line_up_with_the_training_forward(sampled):
     config, graphdef, params, inputs, out = sampled
-    seqs = rollout.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
+    seqs = batching.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
     length = inputs.input_ids.shape[1]
     assert seqs.input_ids.shape == (4, length + N_NEW)
     np.testing.assert_array_equal(seqs.prompt_index, [0, 0, 1, 1])
@@ -69,15 +69,15 @@ def test_sampled_rows_line_up_with_the_training_forward(sampled):
     fresh = forward_logprobs(config, graphdef, params, seqs, inputs.row_images)
     assert np.abs(fresh[mask] - seqs.old_logprobs[mask]).max() <= 1e-4
     # response_slice / response_to_row are inverse layouts.
-    back = rollout.response_slice(rollout.response_to_row(np.asarray(out.logprobs), length), length, N_NEW)
+    back = batching.response_slice(batching.response_to_row(np.asarray(out.logprobs), length), length, N_NEW)
     np.testing.assert_array_equal(back, np.asarray(out.logprobs))
 
 
 def test_replaced_rows_train_on_the_reference_tokens(sampled):
     config, graphdef, params, inputs, out = sampled
     reference = [7, 8, 9, 1023]
-    tokens, mask, logprobs = rollout.replace_responses(out.tokens, out.mask, out.logprobs, [2], [reference])
-    seqs = rollout.build_sequences(inputs, tokens, mask, logprobs, N_SAMPLES, pad_id=0)
+    tokens, mask, logprobs = batching.replace_responses(out.tokens, out.mask, out.logprobs, [2], [reference])
+    seqs = batching.build_sequences(inputs, tokens, mask, logprobs, N_SAMPLES, pad_id=0)
     row = seqs.loss_mask[2] > 0
     np.testing.assert_array_equal(seqs.targets[2][row], reference)
     assert (seqs.old_logprobs[2] == 0).all()
@@ -91,9 +91,9 @@ def test_long_targets_widen_the_rows_instead_of_losing_their_end(sampled):
     (capped), keeps the sampled rows' training forward unchanged, and counts what still does not fit."""
     config, graphdef, params, inputs, out = sampled
     long_target = list(range(100, 113)) + [1023]  # 14 tokens > N_NEW = 10
-    got = rollout.insert_targets(out.tokens, out.mask, out.logprobs, [2], [long_target], max_width=64)
+    got = batching.insert_targets(out.tokens, out.mask, out.logprobs, [2], [long_target], max_width=64)
     assert got.tokens.shape == got.mask.shape == got.logprobs.shape == (4, 32) and got.truncated == 0
-    seqs = rollout.build_sequences(inputs, got.tokens, got.mask, got.logprobs, N_SAMPLES, pad_id=0)
+    seqs = batching.build_sequences(inputs, got.tokens, got.mask, got.logprobs, N_SAMPLES, pad_id=0)
     np.testing.assert_array_equal(seqs.targets[2][seqs.loss_mask[2] > 0], long_target)  # end token kept
     mask = seqs.loss_mask > 0
     sampled_rows = np.array([0, 1, 3])
@@ -103,26 +103,26 @@ def test_long_targets_widen_the_rows_instead_of_losing_their_end(sampled):
     on_policy[2] = False
     assert np.abs(fresh[on_policy] - seqs.old_logprobs[on_policy]).max() <= 1e-4  # the padding changes nothing
     # The cap still binds: cut at the cap and counted; short targets keep the sampled width.
-    capped = rollout.insert_targets(out.tokens, out.mask, out.logprobs, [0, 2], [long_target, [5, 1023]],
+    capped = batching.insert_targets(out.tokens, out.mask, out.logprobs, [0, 2], [long_target, [5, 1023]],
                                     max_width=12)
     assert capped.tokens.shape == (4, 12) and capped.truncated == 1
     np.testing.assert_array_equal(capped.tokens[0], long_target[:12])
-    short = rollout.insert_targets(out.tokens, out.mask, out.logprobs, [2], [[5, 6, 1023]], max_width=64)
+    short = batching.insert_targets(out.tokens, out.mask, out.logprobs, [2], [[5, 6, 1023]], max_width=64)
     assert short.tokens.shape == (4, N_NEW) and short.truncated == 0
     np.testing.assert_array_equal(short.mask[2], [1, 1, 1] + [0] * (N_NEW - 3))
-    assert rollout.truncated_targets([[1] * 5, [1] * 11, [1] * 10], 10) == 1
+    assert batching.truncated_targets([[1] * 5, [1] * 11, [1] * 10], 10) == 1
 
 
 def test_groups_from_rounds_of_different_lengths_are_left_padded(sampled):
     config, graphdef, params, inputs, out = sampled
     texts = ["t"] * 4
     rewards = {"total": np.arange(4, dtype=np.float32)}
-    first = rollout.Rollouts(inputs, [{"id": 0}, {"id": 1}], np.array([True, True]), out.tokens, out.mask,
+    first = batching.Rollouts(inputs, [{"id": 0}, {"id": 1}], np.array([True, True]), out.tokens, out.mask,
                              out.logprobs, out.lengths, out.stopped, texts, rewards)
     shorter = first._replace(inputs=inputs._replace(input_ids=inputs.input_ids[:, 3:],
                                                     attention_mask=inputs.attention_mask[:, 3:],
                                                     positions=inputs.positions[:, :, 3:]))
-    picked = rollout.select_groups([(shorter, 1), (first, 0)], N_SAMPLES, pad_id=0)
+    picked = batching.select_groups([(shorter, 1), (first, 0)], N_SAMPLES, pad_id=0)
     assert picked.inputs.input_ids.shape == inputs.input_ids.shape
     np.testing.assert_array_equal(picked.inputs.input_ids[0, 3:], inputs.input_ids[1, 3:])
     assert (picked.inputs.attention_mask[0, :3] == 0).all()
@@ -131,9 +131,9 @@ def test_groups_from_rounds_of_different_lengths_are_left_padded(sampled):
 
 
 def test_target_width_is_the_next_power_of_two_capped():
-    assert [rollout.target_width(n, 224) for n in (1, 32, 33, 74, 104, 128, 129, 300)] == [
+    assert [batching.target_width(n, 224) for n in (1, 32, 33, 74, 104, 128, 129, 300)] == [
         32, 32, 64, 128, 128, 128, 224, 224]
-    assert rollout.target_width(5, 16) == 16  # the cap wins over the smallest width
+    assert batching.target_width(5, 16) == 16  # the cap wins over the smallest width
 
 
 class _Packer:
@@ -151,8 +151,8 @@ def test_a_groups_image_is_encoded_once_and_feeds_every_sample(sampled, num_micr
     """`pack_micro_batches` packs each prompt's image once per micro-batch (not once per sample): the
     training forward's log-probs and gradient equal those with every row's image packed and encoded."""
     config, graphdef, params, inputs, out = sampled
-    seqs = rollout.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
-    vision = rollout.pack_micro_batches(inputs.row_images, seqs.prompt_index, num_micro, _Packer(config), [256, 512])
+    seqs = batching.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
+    vision = batching.pack_micro_batches(inputs.row_images, seqs.prompt_index, num_micro, _Packer(config), [256, 512])
     per = len(seqs.prompt_index) // num_micro
     for m in range(num_micro):  # each micro-batch encodes its prompts' images once, not once per row
         prompts = set(seqs.prompt_index[m * per:(m + 1) * per])
@@ -202,15 +202,15 @@ def test_a_groups_prompt_computed_once_gives_the_same_logprobs_and_gradient(samp
     them equal the row-by-row forward's (float32: log-probs within 1e-5, gradients within 1e-5 of each
     tensor's largest entry)."""
     config, graphdef, params, inputs, out = sampled
-    seqs = rollout.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
+    seqs = batching.build_sequences(inputs, out.tokens, out.mask, out.logprobs, N_SAMPLES, pad_id=0)
     rows = len(seqs.input_ids)
-    group = rollout.shared_prompt_group(rows, num_micro, N_SAMPLES)
+    group = batching.shared_prompt_group(rows, num_micro, N_SAMPLES)
     assert group == N_SAMPLES
     batches = {}
     for g in (1, group):
-        vision = rollout.pack_micro_batches(inputs.row_images, seqs.prompt_index, num_micro, _Packer(config),
+        vision = batching.pack_micro_batches(inputs.row_images, seqs.prompt_index, num_micro, _Packer(config),
                                             [256, 512], g)
-        batches[g] = rollout.to_train_batch(seqs, np.zeros(rows), np.zeros(rows), num_micro, vision, group=g)
+        batches[g] = batching.to_train_batch(seqs, np.zeros(rows), np.zeros(rows), num_micro, vision, group=g)
     shared = batches[group]
     assert shared.prompt_mask.shape == (num_micro, rows // num_micro // group, inputs.input_ids.shape[1])
     per = rows // num_micro
