@@ -342,7 +342,10 @@ def test_readme_benchmarks():
 # ---- install_requires --------------------------------------------------------------------------
 
 # Imported only where an optional feature needs it, and declared in the extra that brings it.
-OPTIONAL_IMPORTS = {"torch": "test", "tensorflow_datasets": "tfds", "wandb": "wandb", "spacy": "spacy"}
+# module vrl_jax imports only when a feature asks for it -> (the extra that installs it, its distribution)
+OPTIONAL_IMPORTS = {"torch": ("test", "torch"), "tensorflow_datasets": ("tfds", "tensorflow-datasets"),
+                    "wandb": ("wandb", "wandb"), "spacy": ("spacy", "spacy"),
+                    "google": ("gcs", "google-cloud-storage")}  # google.cloud.storage, for gs:// workdirs
 
 
 def _setup_requirements() -> tuple[set[str], dict[str, set[str]]]:
@@ -378,7 +381,8 @@ def test_install_requires_names_every_package_vrl_jax_imports():
     for module in third_party:
         names = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
         if module in OPTIONAL_IMPORTS:
-            assert names & extras[OPTIONAL_IMPORTS[module]], f"{module}: not in the {OPTIONAL_IMPORTS[module]} extra"
+            extra, dist = OPTIONAL_IMPORTS[module]
+            assert dist in extras[extra], f"{module}: {dist} is not in the {extra} extra"
         elif not names & required:
             missing.append(f"{module} ({', '.join(sorted(names))})")
     assert not missing, f"imported by vrl_jax but not in install_requires: {missing}"

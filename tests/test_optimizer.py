@@ -9,7 +9,8 @@ from flax import traverse_util
 from tests.rl_batches import model_config
 from tests.tiny_models import hf_config
 from vrl_jax.models.weights import abstract_model, match
-from vrl_jax.rl.train_state import DECAY_MASKS, OptimizerConfig, lr_schedule, make_optimizer, weight_decay_mask
+from vrl_jax.rl.train_state import (DECAY_MASKS, OptimizerConfig, lr_schedule, make_optimizer, trainable_params,
+                                    weight_decay_mask)
 
 
 def _hf_lrs(make_scheduler, total: int, base: float = 2.0) -> list[float]:
@@ -89,10 +90,9 @@ def test_decay_mask_reaches_the_optimizer():
                         ("hf_trainer", {"q_w"})):
         cfg = OptimizerConfig(learning_rate=0.5, weight_decay=0.1, schedule="constant", decay_mask=mask,
                               clip_grad_norm=None)
-        opt = make_optimizer(cfg, params)
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        updates, _ = opt.update(zeros, opt.init(params), params)
-        flat = traverse_util.flatten_dict(updates, sep=".")
+        opt, trainable = make_optimizer(cfg), trainable_params(params, cfg)
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        flat, _ = opt.update(zeros, opt.init(trainable), trainable)
         changed = {k.rsplit(".", 1)[-1] for k, u in flat.items() if np.any(np.asarray(u) != 0)}
         assert changed == moved, mask
         np.testing.assert_allclose(flat["language.layers.q_w"], -0.5 * 0.1, rtol=1e-6)

@@ -5,11 +5,10 @@
 
 The optimizer is AdamW with linear warmup then a cosine (MAYE), linear (HF Trainer / TRL, DyME) or
 constant schedule, global-norm gradient clipping and decoupled weight decay on all parameters
-(MAYE) or not on biases and norms (HF Trainer's rule). MAYE's `train_vit` / `train_connector` /
-`train_llm` flags freeze parts of the model with `optax.multi_transform`: frozen leaves go through
-`optax.set_to_zero()`, which has no state, so they carry no Adam moments, and clipping sees only
-trainable gradients (it sits inside the trainable branch). The train step never computes gradients
-for frozen leaves at all.
+(MAYE) or not on biases and norms (HF Trainer's rule). It is built once, from the config alone, and
+acts on the trainable parameters only: a flat dict {dotted path: array} of the leaves MAYE's
+`train_vit` / `train_connector` / `train_llm` flags leave trainable (`trainable_params`). Frozen
+leaves carry no Adam moments, get no gradient, and clipping sees only trainable gradients.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ from flax import nnx
 from flax import traverse_util
 
 from vrl_jax import sharding as shd
-
-TRAINABLE, FROZEN = "trainable", "frozen"
 
 # Which flag owns a parameter path (MAYE: vit = patch embedding + blocks, connector = the merger, Qwen3-VL's
 # DeepStack mergers and LLaVA-OneVision's projector).
@@ -155,19 +152,14 @@ def _unflat(flat: dict[str, Any]) -> Any:
     return traverse_util.unflatten_dict(flat, sep=".")
 
 
-def param_labels(params: Any, cfg: OptimizerConfig) -> Any:
-    """TRAINABLE or FROZEN for every leaf of a pure param dict, from the train_* flags."""
-    def label(path: str) -> str:
+def trainable_mask(params: Any, cfg: OptimizerConfig) -> Any:
+    """Booleans, the structure of `params`: True where the parameter trains (by the train_* flags)."""
+    def trains(path: str) -> bool:
         for pattern, flag in _PARTS:
             if re.search(pattern, path):
-                return TRAINABLE if getattr(cfg, flag) else FROZEN
+                return bool(getattr(cfg, flag))
         raise ValueError(f"parameter {path!r} belongs to none of vit / connector / llm")
-    return _unflat({k: label(k) for k in _flat(params)})
-
-
-def trainable_mask(params: Any, cfg: OptimizerConfig) -> Any:
-    """Booleans, the structure of `params`: True where the parameter trains."""
-    return jax.tree.map(lambda lab: lab == TRAINABLE, param_labels(params, cfg))
+    return _unflat({k: trains(k) for k in _flat(params)})
 
 
 def decay_mask_all(paths: list[str]) -> dict[str, bool]:
@@ -220,15 +212,21 @@ def weight_decay_mask(params: Any, cfg: OptimizerConfig) -> Any:
     return _unflat(decays)
 
 
-def make_optimizer(cfg: OptimizerConfig, params: Any) -> optax.GradientTransformation:
-    """The optax transformation for a pure param dict (labels are computed from its paths)."""
+def trainable_params(params: Any, cfg: OptimizerConfig) -> dict[str, Any]:
+    """The trainable leaves of a pure param dict as a flat dict {dotted path: array}: what the
+    optimizer updates and holds moments for."""
+    mask = _flat(trainable_mask(params, cfg))
+    return {k: v for k, v in _flat(params).items() if mask[k]}
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """The optax transformation over `trainable_params` (the weight-decay mask is read off its paths)."""
     decay_mask = None
     if cfg.decay_mask != "all" or cfg.no_decay_regex is not None:
-        decay_mask = weight_decay_mask(params, cfg)
+        decay_mask = lambda flat: _flat(weight_decay_mask(_unflat(dict(flat)), cfg))  # noqa: E731
     adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=decay_mask)
-    train = adamw if cfg.clip_grad_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw)
-    return optax.multi_transform({TRAINABLE: train, FROZEN: optax.set_to_zero()}, param_labels(params, cfg))
+    return adamw if cfg.clip_grad_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw)
 
 
 def pure_params(model: nnx.Module) -> Any:
@@ -250,29 +248,32 @@ def create_train_state(model: nnx.Module, cfg: OptimizerConfig, seed: int = 0, m
     """
     graphdef, _ = nnx.split(model, nnx.Param)
     params = pure_params(model)
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg)
     rng = jax.random.key_data(jax.random.key(seed))
     scalars = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), rng)
     if mesh is None:
-        return TrainState(params, optimizer.init(params), *scalars), optimizer, graphdef
+        return TrainState(params, optimizer.init(trainable_params(params, cfg)), *scalars), optimizer, graphdef
     p_shard = shd.param_shardings(params, mesh, rules)
     params = shd.put(params, p_shard)
-    opt_shape = jax.eval_shape(optimizer.init, params)
-    # Moments have their parameter's shape; match them to their parameter by path suffix.
+    trainable = trainable_params(params, cfg)
+    opt_shape = jax.eval_shape(optimizer.init, trainable)
+    # Moments have their parameter's shape; match them to their parameter by path.
     opt_shard = opt_state_shardings(opt_shape, p_shard, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(params)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(trainable)
     rep = shd.replicated(mesh)
     return TrainState(params, opt_state, *shd.put(scalars, (rep, rep, rep))), optimizer, graphdef
 
 
 def opt_state_shardings(opt_state: Any, param_shardings: Any, mesh: jax.sharding.Mesh) -> Any:
     """Shardings for an optax state: a leaf whose path ends with a parameter's path (Adam's mu/nu
-    are copies of the param tree) takes that parameter's sharding; everything else is replicated."""
+    are copies of the trainable params, keyed by dotted path) takes that parameter's sharding;
+    everything else is replicated."""
     by_path = {tuple(k.split(".")): s for k, s in _flat(param_shardings).items()}
     rep = shd.replicated(mesh)
 
     def one(key_path, leaf):
-        names = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path)
+        names = tuple(part for k in key_path
+                      for part in str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))).split("."))
         for n in range(len(names)):
             if names[n:] in by_path:
                 sharding = by_path[names[n:]]

@@ -43,7 +43,7 @@ from vrl_jax import sharding as shd
 from vrl_jax.models.qwen_vl import VisionInputs
 from vrl_jax.rl.logprobs import sequence_stats, training_compiler_options
 from vrl_jax.rl.losses import PolicyLossConfig, max_abs_ratio_minus_one, policy_objective
-from vrl_jax.rl.train_state import OptimizerConfig, TrainState, lr_schedule, make_optimizer, trainable_mask
+from vrl_jax.rl.train_state import OptimizerConfig, TrainState, lr_schedule, make_optimizer, trainable_params
 
 
 class TrainBatch(NamedTuple):
@@ -251,35 +251,32 @@ def _micro_loss(graphdef: nnx.GraphDef, cfg: StepConfig, trainable: dict, frozen
 
 
 def _accumulate(graphdef, cfg, trainable, frozen, mini: TrainBatch, grad_shardings):
-    """Sums gradients and SumCounts (max of the gaps) over the leading micro-batch axis of `mini` with `lax.scan`."""
+    """Sums gradients and SumCounts (max of the gaps) over the leading micro-batch axis of `mini` with
+    `lax.scan`: the gradient sum is the carry, each micro-batch's loss parts are outputs summed after."""
     grad_fn = jax.value_and_grad(lambda tr, mc: _micro_loss(graphdef, cfg, tr, frozen, mc), has_aux=True)
-    first = jax.tree.map(lambda x: x[0], mini)
-    _, (loss_shape, metric_shape, _) = jax.eval_shape(lambda tr, mc: _micro_loss(graphdef, cfg, tr, frozen, mc),
-                                                      trainable, first)
-    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)  # noqa: E731
 
     def constrain(grads):
         if grad_shardings is None:
             return grads
         return {k: jax.lax.with_sharding_constraint(g, grad_shardings[k]) for k, g in grads.items()}
 
-    def body(carry, micro):
-        grads, loss, metrics, gap = carry
-        (_, (l, m, g_max)), g = grad_fn(trainable, micro)
-        g = constrain(jax.tree.map(lambda x: x.astype(jnp.float32), g))
-        return (_tree_add(grads, g), loss.plus(l), {k: metrics[k].plus(m[k]) for k in metrics},
-                jnp.maximum(gap, g_max)), None
+    def body(grads, micro):
+        (_, parts), g = grad_fn(trainable, micro)
+        return _tree_add(grads, constrain(jax.tree.map(lambda x: x.astype(jnp.float32), g))), parts
 
-    init = (constrain(zeros(trainable)), zeros(loss_shape), zeros(metric_shape), jnp.zeros((), jnp.float32))
-    (grads, loss, metrics, gap), _ = jax.lax.scan(body, init, mini)
-    return grads, loss, metrics, gap
+    zeros = constrain(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable))
+    grads, (loss, metrics, gap) = jax.lax.scan(body, zeros, mini)
+    return grads, _sum0(loss), _sum0(metrics), gap.max(0)
+
+
+def _sum0(tree):
+    return jax.tree.map(lambda x: x.sum(0), tree)
 
 
 def _split_params(params: Any, opt_cfg: OptimizerConfig) -> tuple[dict, dict, dict]:
     """(flat params, trainable flat dict, frozen flat dict) by the optimizer's train_* flags."""
-    mask = _flat(trainable_mask(params, opt_cfg))
-    flat = _flat(params)
-    return flat, {k: v for k, v in flat.items() if mask[k]}, {k: v for k, v in flat.items() if not mask[k]}
+    flat, trainable = _flat(params), trainable_params(params, opt_cfg)
+    return flat, trainable, {k: v for k, v in flat.items() if k not in trainable}
 
 
 def _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings):
@@ -330,7 +327,7 @@ def train_step(state: TrainState, batch: TrainBatch, *, graphdef: nnx.GraphDef, 
     matching the params (pins gradient accumulators to the parameters' layout).
     Returns the new state and a dict of float32 scalar metrics.
     """
-    optimizer = make_optimizer(opt_cfg, state.params)
+    optimizer = make_optimizer(opt_cfg)
     schedule = lr_schedule(opt_cfg)
     flat, trainable, frozen = _split_params(state.params, opt_cfg)
     grad_shardings = None
@@ -340,7 +337,7 @@ def train_step(state: TrainState, batch: TrainBatch, *, graphdef: nnx.GraphDef, 
     next_rng = jax.random.split(jax.random.wrap_key_data(state.rng))[0]
 
     def update(carry, u):
-        trainable, opt_state, applied, skipped, pooled, norm_sum, _, _, first_gap = carry
+        trainable, opt_state, applied, skipped = carry
         epoch, j = u // cfg.num_mini, u % cfg.num_mini
         if k == m:  # one mini-batch: the whole batch, no copy (micro-batch order only reorders a sum)
             mini = batch
@@ -351,39 +348,28 @@ def train_step(state: TrainState, batch: TrainBatch, *, graphdef: nnx.GraphDef, 
             mini = jax.tree.map(lambda x: jnp.take(x, index, axis=0), batch)
         grads, loss, metrics, gap = _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings)
         grad_norm = optax.global_norm(grads)
-        full_grads = _unflat({**grads, **jax.tree.map(jnp.zeros_like, frozen)})
-        full_params = _unflat({**trainable, **frozen})
-        updates, new_opt_state = optimizer.update(full_grads, opt_state, full_params)
-        updates = _flat(updates)
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = {n: (p + updates[n]).astype(p.dtype) for n, p in trainable.items()}
         ok = jnp.isfinite(loss.total) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        pooled = jax.tree.map(jnp.add, pooled, {"loss": loss, **metrics})
         lr = jnp.asarray(schedule(applied), jnp.float32)
         carry = (keep(new_trainable, trainable), keep(new_opt_state, opt_state), applied + ok.astype(jnp.int32),
-                 skipped + (~ok).astype(jnp.int32), pooled, norm_sum + grad_norm, grad_norm, lr,
-                 jnp.where(u == 0, gap, first_gap))
-        return carry, None
+                 skipped + (~ok).astype(jnp.int32))
+        return carry, ({"loss": loss, **metrics}, grad_norm, lr, gap)  # per update, reduced below
 
-    first = jax.tree.map(lambda x: x[:k], batch)
-    _, loss_shape, metric_shape, _ = jax.eval_shape(
-        lambda tr, mb: _accumulate(graphdef, cfg, tr, frozen, mb, None), trainable, first)
-    pooled0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), {"loss": loss_shape, **metric_shape})
-    applied0 = state.step - state.skipped
-    zero = jnp.zeros((), jnp.float32)
-    carry0 = (trainable, state.opt_state, applied0, jnp.zeros((), jnp.int32), pooled0, zero, zero, zero, zero)
-    (trainable, opt_state, applied, skipped, pooled, norm_sum, last_norm, lr, first_gap), _ = jax.lax.scan(
+    carry0 = (trainable, state.opt_state, state.step - state.skipped, jnp.zeros((), jnp.int32))
+    (trainable, opt_state, applied, skipped), (parts, norms, lrs, gaps) = jax.lax.scan(
         update, carry0, jnp.arange(cfg.num_updates))
+    pooled = _sum0(parts)
 
     params = _unflat({**flat, **trainable})
     new_state = TrainState(params, opt_state, state.step + cfg.num_updates, state.skipped + skipped,
                            jax.random.key_data(next_rng))
     metrics = {name: sc.value() for name, sc in pooled.items()}
     # MAYE logs the last update's pre-clip norm and, after its scheduler steps, the next update's rate.
-    metrics.update(grad_norm=norm_sum / cfg.num_updates, grad_norm_last=last_norm,
-                   learning_rate=jnp.asarray(lr, jnp.float32),
+    metrics.update(grad_norm=norms.mean(), grad_norm_last=norms[-1], learning_rate=lrs[-1],
                    next_learning_rate=jnp.asarray(schedule(applied), jnp.float32),
-                   max_abs_ratio_minus_1_first_update=first_gap, tokens=batch.loss_mask.astype(jnp.float32).sum(),
+                   max_abs_ratio_minus_1_first_update=gaps[0], tokens=batch.loss_mask.astype(jnp.float32).sum(),
                    updates=jnp.float32(cfg.num_updates), skipped_updates=skipped.astype(jnp.float32))
     return new_state, metrics
 
