@@ -3,8 +3,7 @@ start; compiled programs shared through the persistent compilation cache the tes
 one CPU device.
 
 Protocol: one JSON request per stdin line, `{"spec": "experiments/geo.py:tiny", "root": STANDIN_DIR,
-"workdir": DIR}` (plus `"stop_at": STEP` to stop the run after that step as SIGTERM would, then resume
-it); the reply is one stdout line `RESULT_PREFIX + json` with `ok`, `seconds`, `probe` (what the credit
+"workdir": DIR}`; the reply is one stdout line `RESULT_PREFIX + json` with `ok`, `seconds`, `probe` (what the credit
 assignment was called with, per RL step) and, on failure, `error` (the traceback). Everything else on
 stdout is the run's own log.
 """
@@ -12,7 +11,6 @@ stdout is the run's own log.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import traceback
@@ -33,33 +31,14 @@ def probed_credit(probe: dict):
     return credit, wrapped
 
 
-def stopped_at(config, workdir: str, step: int) -> None:
-    """Runs until `step` as if SIGTERM had come during it (the trainer saves and stops)."""
-    from vrl_jax.checkpointing import PreemptionGuard
-    from vrl_jax.trainer import train
-    should_stop = PreemptionGuard.should_stop
-    PreemptionGuard.should_stop = lambda self, done, checkpointer=None: done == step
-    try:
-        train(config, workdir)
-    except SystemExit:
-        pass
-    finally:
-        PreemptionGuard.should_stop = should_stop
-
-
-def run(spec: str, root: str, workdir: str, stop_at: int = 0) -> dict:
-    """The stand-in of `spec` in `workdir`; with `stop_at`, stopped after that step first, then resumed."""
+def run(spec: str, root: str, workdir: str) -> dict:
+    """The stand-in of `spec` in `workdir`."""
     from vrl_jax import standin
     from vrl_jax.evaluation.report import make_report
     from vrl_jax.rl import algorithms
     from vrl_jax.trainer import train
     t0, cpu0 = time.perf_counter(), time.process_time()
     config = standin.standin_config(standin.load_experiment(spec), root)
-    stopped_after = None
-    if stop_at:
-        stopped_at(config, workdir, stop_at)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            stopped_after = max(r["step"] for r in map(json.loads, f) if r["split"] == "train")
     probe = {"credit": [], "advantage_ndim": []}
     original, algorithms.credit = probed_credit(probe)
     try:
@@ -68,7 +47,7 @@ def run(spec: str, root: str, workdir: str, stop_at: int = 0) -> dict:
         algorithms.credit = original
     make_report([workdir], plots=False)  # the tables from the recipe's metrics; plots: test_report.py
     return {"ok": True, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
-            "final": final, "probe": probe, "stopped_after": stopped_after}
+            "final": final, "probe": probe}
 
 
 def main() -> int:

@@ -204,14 +204,27 @@ def test_readme_synthgeo(synthgeo_dir):
 
 # ---- convert -----------------------------------------------------------------------------------
 
-def test_readme_convert(model_dir, tmp_path, cache_env):
+def test_readme_convert(model_dir, tmp_path, monkeypatch, capsys):
     """The four conversions on a tiny checkpoint: to-orbax, to-hf, to-hf --dtype bfloat16 (over the first
-    export, with --overwrite), and check with and without --model/--dtype."""
+    export, with --overwrite), and check with and without --model/--dtype. Each runs what `python -m
+    vrl_jax.convert` runs (`run_cli(main)`, in this process: one JAX start for all of them; the module's
+    entry point itself runs in `test_every_cli_explains_a_missing_input`)."""
+    from types import SimpleNamespace
+
     from tests.test_convert import read_all
+    from vrl_jax import convert as cli
+    from vrl_jax.errors import run_cli
     from vrl_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
+    monkeypatch.chdir(tmp_path)
 
     def convert(command):
-        return ok(run(shlex.split(command.replace(HF_PLACEHOLDER, model_dir)), tmp_path, cache_env))
+        words = shlex.split(command.replace(HF_PLACEHOLDER, model_dir))
+        assert words[:3] == ["python", "-m", "vrl_jax.convert"], words
+        capsys.readouterr()
+        code = run_cli(cli.main, cli.PROG, words[3:])
+        out = capsys.readouterr()
+        assert code == 0, f"{words}\n{out.out[-3000:]}\n{out.err[-3000:]}"
+        return SimpleNamespace(stdout=out.out)
 
     to_orbax, = readme("python -m vrl_jax.convert to-orbax")
     convert(to_orbax)

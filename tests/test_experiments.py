@@ -366,24 +366,6 @@ def test_reference_answers_score_as_correct(variant, standin_root):
     assert (ok["total"] > bad["total"]).all()
 
 
-def needs_reference(c) -> bool:
-    return bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef))
-
-
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if recipe(v).sft.steps and recipe(v).rl_steps and
-                                     needs_reference(recipe(v))])
-def test_rl_after_sft_resumes_against_the_same_reference(variant, worker, standin_root, tmp_path):
-    """SFT, then RL with a KL reference (the SFT result), stopped after the first RL step and resumed: the
-    run equals the uninterrupted one, so the resumed run measures KL against the same reference."""
-    if variant not in RUNS:
-        run_variant(worker, standin_root, variant, str(tmp_path / "full"))
-    full = RUNS[variant][0]
-    workdir = str(tmp_path / "resumed")
-    reply = run_variant(worker, standin_root, variant, workdir, stop_at=standin.SFT_STEPS + 1)
-    assert reply["stopped_after"] == standin.SFT_STEPS + 1
-    assert_same_rows(workdir, full)
-
-
 def test_standin_command_runs_the_recipe_through_the_train_cli(worker, standin_root, cache_dir, tmp_path, capsys):
     """`python -m vrl_jax.standin` prints a `python -m vrl_jax.train` command of `--config.*` overrides; run as a
     user would, it does exactly what the worker's in-process run of the same stand-in did."""

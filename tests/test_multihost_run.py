@@ -48,11 +48,13 @@ def get_config(arg=None):
         c.algorithm = "reinforce_pp"
         c.advantage.estimator = "reinforce_pp"
         c.advantage.kl_reward_coef = 0.05
-        c.loss.kl_coef = 0.0
+        c.loss.kl_coef = 0.001
+        c.rollout.old_logprobs = "recompute"  # pi_old from a training forward over the mesh
         c.sft.steps = 0
         c.dapo.dynamic_sampling = True
         c.dapo.filter_on = "total"
         c.dapo.fill = "zero_advantage"  # every group ties: the fillers still train (the entropy bonus)
+        c.dapo.max_rounds = 2
         c.eval.at_start = False
         c.eval.splits = ()
     return c
@@ -136,7 +138,8 @@ def assert_same_export(got_dir: str, want_dir: str) -> None:
         np.testing.assert_allclose(got[key], want[key], atol=1e-6, err_msg=key)
 
 
-GRPO = ("--config.rl_steps=4", "--config.checkpoint.every_steps=2", "--config.eval.splits=('val',)")
+GRPO = ("--config.rl_steps=4", "--config.checkpoint.every_steps=2", "--config.eval.splits=('val',)",
+        "--config.eval.settings=('low','high')")
 
 
 @pytest.fixture(scope="module")
@@ -182,13 +185,18 @@ def test_two_processes_stopped_by_sigterm_to_one_then_resumed_equal_one(one_proc
 
 def test_reinforce_pp_with_dynamic_sampling_on_four_processes_equals_one(experiment, session_jax_cache, tmp_path):
     """4 x 1: REINFORCE++ whitens over the whole batch and DAPO decides its extra rounds on the whole
-    batch's rewards: the same rounds, fillers and updates as 1 x 4."""
+    batch's rewards: the same rounds, fillers and updates as 1 x 4. The zero-advantage fillers train
+    (the entropy bonus, the KL loss); pi_old, recomputed by a training forward, gives a first-update
+    ratio of 1."""
     config = experiment + ":reinforce_pp"
     one, four = str(tmp_path / "rpp1x4"), str(tmp_path / "rpp4x1")
-    run(1, 4, one, config, session_jax_cache, "--config.rl_steps=3")
-    run(4, 1, four, config, session_jax_cache, "--config.rl_steps=3")
+    run(1, 4, one, config, session_jax_cache, "--config.rl_steps=2")
+    run(4, 1, four, config, session_jax_cache, "--config.rl_steps=2")
     train = rows(one, "train")
-    assert all(r["dapo/sampling_rounds"] > 1 for r in train)  # every group ties: the extra rounds run
-    assert any(r["rews/kl_reward"] != 0.0 for r in train)
+    assert all(r["dapo/sampling_rounds"] == 2 for r in train)  # every group ties: both rounds run
+    assert all(r["update/tokens"] > 0 and "loss/kl_loss" in r for r in train)  # the fillers train
+    assert train[-1]["training/kl"] > 1e-9  # the first update moved the policy off the reference
+    assert all(r["training/max_abs_ratio_minus_1_first_update"] < 1e-5 for r in train)
+    assert all(np.isfinite(r["training/sampler_max_abs_ratio_minus_1"]) for r in train)
     assert_same_rows(four, one, "train")
     assert_same_export(four, one)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import numpy as np
 import pytest
 
 from tests.test_train_e2e import CACHE, ROOT, compilation_cache, rows, run_train  # noqa: F401
@@ -126,27 +125,22 @@ def test_dyme_run_scores_thinking_and_keeps_whole_targets(tmp_path):
     assert "DyME thinking reward: approx:lemminflect" in out.stdout or "spacy:" in out.stdout
     train = rows(wd)
     for r in train:
-        assert r["dyme/memorize_share"] == 1.0 and r["dyme/truncated_targets"] == 0.0
+        assert r["dyme/memorize_share"] == 1.0 and r["dyme/truncated_targets"] == 0.0 and r["loss/sft_loss"] > 0
         assert "rews/thinking_rewards" in r and r["thinking/spacy"] in (0.0, 1.0)
         assert r["update/tokens"] > 2 * 4  # the two memorized rows' targets, not 4 columns each
 
 
 def test_dapo_fillers_count_nowhere_unless_asked(tmp_path):
     """A random model gets every group all wrong, so DAPO's filter drops every group and fillers make up
-    the batch: masked (the default) they carry no loss token; as zero-advantage rows they do. The
-    recomputed pi_old is the training forward's, so the first update's ratio is 1."""
-    common = ["--config.sft.steps=0", "--config.rl_steps=1", "--config.dapo.dynamic_sampling=true",
-              "--config.dapo.max_rounds=2"]
-    masked, zero = str(tmp_path / "masked"), str(tmp_path / "zero")
-    out = run_train(masked, *common)
+    the batch: masked (the default) they carry no loss token. (As zero-advantage rows they train, with
+    pi_old recomputed: `tests/test_multihost_run.py`.)"""
+    masked = str(tmp_path / "masked")
+    out = run_train(masked, "--config.sft.steps=0", "--config.rl_steps=1", "--config.dapo.dynamic_sampling=true",
+                    "--config.dapo.max_rounds=2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    out = run_train(zero, *common, "--config.dapo.fill=zero_advantage", "--config.rollout.old_logprobs=recompute")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (m,), (z,) = rows(masked), rows(zero)
+    (m,) = rows(masked)
     assert m["dapo/sampling_rounds"] == 2 and m["dapo/filler_groups"] == 2
-    assert m["update/tokens"] == 0 and z["update/tokens"] > 0
-    assert z["training/max_abs_ratio_minus_1_first_update"] < 1e-5
-    assert np.isfinite(z["training/sampler_max_abs_ratio_minus_1"]) and "training/sampler_max_abs_ratio_minus_1" not in m
+    assert m["update/tokens"] == 0 and "training/sampler_max_abs_ratio_minus_1" not in m
 
 
 def test_sft_memorizes_what_dymes_refiner_memorizes():
