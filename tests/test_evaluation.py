@@ -330,12 +330,17 @@ def test_writer_jsonl_tensorboard_samples_texts(tmp_path):
     assert ("val/acc/Validation_Set_Epoch_Accuracy_pass_1_Temperature_0.01", 2, 0.25) in scalars
 
 
-def test_writer_resume_drops_later_steps(tmp_path):
-    with MetricWriter(tmp_path, tensorboard=False) as w:
+def write_five_steps(workdir) -> None:
+    """Steps 1-5 of a run's metrics, texts and samples (what a resume then cuts back)."""
+    with MetricWriter(workdir, tensorboard=False) as w:
         for step in range(1, 6):
             w.write(step, {"x": step})
             w.write_text(step, "t", str(step))
             w.write_samples("test", step, [])
+
+
+def test_writer_resume_drops_later_steps(tmp_path):
+    write_five_steps(tmp_path)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "x"')  # torn line from a crash mid-write
     with MetricWriter(tmp_path, resume_step=3, tensorboard=False) as w:

@@ -18,7 +18,7 @@ import fake_gcs
 import numpy as np
 import pytest
 from etils import epath
-from test_evaluation import _tb_scalars
+from test_evaluation import _tb_scalars, write_five_steps
 from test_report import _write_run
 
 from vrl_jax.evaluation import report
@@ -75,11 +75,7 @@ def test_metric_writer_writes_every_file_into_the_bucket(gcs, tmp_path, monkeypa
 
 
 def test_resume_in_the_bucket_drops_later_rows_and_samples(gcs):
-    with MetricWriter(RUN, tensorboard=False) as w:
-        for step in range(1, 6):
-            w.write(step, {"x": step})
-            w.write_text(step, "t", str(step))
-            w.write_samples("test", step, [])
+    write_five_steps(RUN)
     metrics = fake_gcs.FakeGCS._strip_protocol(f"{RUN}/metrics.jsonl")
     gcs.objects[metrics] += b'{"step": 6, "x"'  # a torn last line
     with MetricWriter(RUN, resume_step=3, tensorboard=False) as w:

@@ -16,13 +16,11 @@ run killed at any step and restarted resumes exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import nnx
 
 from vrl_jax import configs, distributed, sharding
@@ -39,8 +37,8 @@ from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
 from vrl_jax.rl.train_state import create_train_state, train_state_shardings
 from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step
+from vrl_jax.run_files import load_reference, read_config, save_reference, write_config
 from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run, rl_steps, setup_dir
-from vrl_jax.storage import write_text_atomic
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 from vrl_jax.timing import CompileWatch, PhaseTimer
 
@@ -331,47 +329,12 @@ class Loop:
 EPOCH_KEYS = ("rews/scores", "response/response_lengths", "training/entropy", "health/zero_variance_groups")
 
 
-REFERENCE_DIR = "reference"
-
-
-def save_reference(setup: RunSetup, params, workdir: str):
-    """RL's KL reference is the policy RL starts from: after an SFT stage, its result. It is written to
-    `workdir/reference` (a vrl_jax model directory; every process writes its shards) so that a resumed
-    run measures KL against it too."""
-    from vrl_jax.models.loading import save_orbax
-    ref = jax.tree.map(jnp.copy, params)
-    save_orbax(nnx.merge(setup.graphdef, ref), os.path.join(workdir, REFERENCE_DIR), source_dir=setup.model_dir)
-    return ref
-
-
-def load_reference(c, setup: RunSetup, workdir: str, mesh=None):
-    """The reference `save_reference` wrote (the run's own model config; each process reads its shards)."""
-    from vrl_jax.models.config import ModelConfig
-    from vrl_jax.models.loading import load_orbax
-    model = load_orbax(os.path.join(workdir, REFERENCE_DIR), ModelConfig.from_pretrained(setup.model_dir),
-                       dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype),
-                       shardings=None if mesh is None else sharding.param_sharding_fn(mesh))
-    return nnx.split(model, nnx.Param)[1].to_pure_dict()
-
-
 @dataclasses.dataclass
 class TrainResult:
     """The last evaluation's metrics, and why the run stopped early (a signal), or None if it finished."""
 
     metrics: dict
     stopped: str | None = None
-
-
-def _write_config(workdir: str, config: dict) -> None:
-    """`workdir/config.json`, replaced atomically: a full disk leaves the previous one, not half a file."""
-    write_text_atomic(epath.Path(workdir) / "config.json", json.dumps(config, indent=2, default=str))
-
-
-def _read_config(workdir: str) -> dict | None:
-    try:
-        return json.loads((epath.Path(workdir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def train(config, workdir: str, allow_config_change: bool = False) -> TrainResult:
@@ -390,9 +353,9 @@ def train(config, workdir: str, allow_config_change: bool = False) -> TrainResul
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep,
                         best_metric=c.checkpoint.best_metric or None, fingerprint=config_fingerprint(recorded),
                         config=recorded)
-    ckpt.check_config(allow_config_change, previous=_read_config(workdir))
+    ckpt.check_config(allow_config_change, previous=read_config(workdir))
     if distributed.is_main():
-        _write_config(workdir, recorded)  # only once the checkpoints accept this config
+        write_config(workdir, recorded)  # only once the checkpoints accept this config
     distributed.barrier("vrl_jax:config")
     try:
         return _train(c, workdir, ckpt, allow_config_change)
