@@ -327,6 +327,29 @@ def test_discard_unfinished_removes_half_written_steps_only(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["1", "damaged_step_7"]
 
 
+def test_discard_unfinished_outlasts_writes_that_finish_after_the_failure(tmp_path):
+    """A failed save is reported at its first failed write while tensorstore may still be writing other
+    chunks: a chunk file that lands after the first sweep (here from a thread, 0.3 s later) is swept too."""
+    import threading
+    import time
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, {"x": jnp.ones(2)}, None, {})
+        ck.wait()
+        late = tmp_path / "2.orbax-checkpoint-tmp" / "state" / "d"
+        late.mkdir(parents=True)
+
+        def write_late():
+            time.sleep(0.3)
+            late.mkdir(parents=True, exist_ok=True)
+            (late / "chunk").write_bytes(b"x" * 10)
+
+        writer = threading.Thread(target=write_late)
+        writer.start()
+        assert ck.discard_unfinished() == ["2.orbax-checkpoint-tmp"]
+        writer.join()
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+
+
 def test_clear_errors(tmp_path):
     with Checkpointer(tmp_path / "empty") as ck:
         with pytest.raises(FileNotFoundError, match="no checkpoint in .*empty"):

@@ -16,6 +16,7 @@ killed meanwhile leaves both names (the step is then found damaged again and set
 """
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 from etils import epath
@@ -54,15 +55,28 @@ def set_aside(directory: epath.Path, step: int) -> epath.Path:
     return target
 
 
-def discard_unfinished(directory: epath.Path) -> list[str]:
+def discard_unfinished(directory: epath.Path, settle_s: float = 1.0, give_up_s: float = 15.0) -> list[str]:
     """Deletes the steps in `directory` that orbax counts as unfinished (see the module docstring); returns
-    the names removed. One that cannot be removed (a read-only disk) is left and not named."""
-    removed = []
-    for tmp in ocp_path.step.all_temporary_paths(directory):
-        path = tmp.get()
-        try:
-            path.rmtree()
-        except OSError:
-            continue
-        removed.append(path.name)
-    return sorted(removed)
+    the names removed. One that cannot be removed (a read-only disk) is left and not named.
+
+    When a save fails, orbax reports the first failed write while tensorstore may still be writing other
+    chunks of the same step; such a write can make the deletion fail ("directory not empty") or put a
+    file back after it. So the directory is swept until it has stayed clean for `settle_s` seconds, for
+    at most `give_up_s`."""
+    removed: set[str] = set()
+    clean_since = start = time.monotonic()
+    while True:
+        left = False
+        for tmp in ocp_path.step.all_temporary_paths(directory):
+            path = tmp.get()
+            try:
+                path.rmtree()
+                removed.add(path.name)
+            except OSError:
+                left = True
+            clean_since = time.monotonic()
+        now = time.monotonic()
+        if now - clean_since >= settle_s or now - start >= give_up_s:
+            break
+        time.sleep(0.1 if left else 0.2)
+    return sorted(name for name in removed if not (directory / name).exists())
