@@ -10,9 +10,28 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# The files whose runs take longest, longest first. Under pytest-xdist (`-n 2 --dist loadfile`, the
+# README's test command) a worker takes whole files in collection order, so starting with these keeps
+# one long file from running alone at the end while the other worker idles.
+HEAVY_FIRST = ("test_multihost_run.py", "test_experiments.py", "test_train_e2e.py", "test_user_errors.py",
+               "test_recipe_fidelity.py", "test_step_timing.py", "test_multihost.py", "test_cli_commands.py",
+               "test_qwen3_vl.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 @pytest.fixture(scope="session")
 def session_jax_cache(tmp_path_factory) -> str:
     """One persistent compilation cache for every subprocess run of the session (`python -m vrl_jax.train`,
-    the README commands, the experiment worker): a program two modules both run compiles once. Compile
-    counts stay honest, since `CompileWatch` counts lowerings, which a persistent-cache hit still does."""
-    return str(tmp_path_factory.mktemp("jax_cache"))
+    the README commands, the experiment worker), shared by the pytest-xdist workers: a program two
+    modules both run compiles once. Compile counts stay honest, since `CompileWatch` counts lowerings,
+    which a persistent-cache hit still does."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the directory all workers' temporary directories live in
+    path = base / "jax_cache"
+    path.mkdir(exist_ok=True)
+    return str(path)

@@ -31,7 +31,7 @@ COVERAGE = {
     # ```bash blocks
     "pip install -e . && python -m vrl_jax.train --config experiments/default.py --workdir workdirs/default":
         "tests/test_cli_commands.py::test_ci_runs_the_readme_main_and_test_commands",
-    'pip install -e ".[test]" && python -m pytest -x tests':
+    'pip install -e ".[test]" && python -m pytest -x -n 2 --dist loadfile tests':
         "tests/test_cli_commands.py::test_ci_runs_the_readme_main_and_test_commands",
     "python -m vrl_jax.evaluate --model workdirs/default/export --data workdirs/default/data/maye_test_iid.jsonl "
     "--template plain --k 4": "tests/test_cli_commands.py::test_readme_evaluate",
