@@ -365,6 +365,15 @@ def test_rollout_logprobs_and_one_train_step(sampling):
                                    chunk_size=256, temperature=TEMPERATURE)
             mask = seqs.loss_mask[rows] > 0
             assert np.abs(np.asarray(stats.logprobs)[mask] - seqs.old_logprobs[rows][mask]).max() < 1e-4
+    # Packed per row shard (one buffer per device's two rows: [M=1, S=2, ...]): the same log-probs.
+    shards = batching.pack_micro_batches(inputs.row_images, seqs.prompt_index, 1, proc, proc.patch_buckets,
+                                         shards=2)
+    assert shards.pixel_values.shape[:2] == (1, 2) and shards.feature_weight.shape[:2] == (1, 2)
+    stats = sequence_stats(graphdef, state.to_pure_dict(), jnp.asarray(seqs.input_ids),
+                           jnp.asarray(seqs.positions), jnp.asarray(seqs.attention_mask), jnp.asarray(seqs.targets),
+                           jax.tree.map(lambda x: jnp.asarray(x[0]), shards), chunk_size=256, temperature=TEMPERATURE)
+    mask = seqs.loss_mask > 0
+    assert np.abs(np.asarray(stats.logprobs)[mask] - seqs.old_logprobs[mask]).max() < 1e-4
     batch = batching.to_train_batch(seqs, np.array([1.0, -1.0, 0.5, -0.5]), np.zeros(4), 2, vision)
     opt = OptimizerConfig(learning_rate=1e-3, total_steps=2, train_vit=True, train_connector=True)
     state, _, graphdef = create_train_state(model, opt)

@@ -193,6 +193,12 @@ def test_shared_prompt_forward_carries_deepstack(checkpoints, images):
     shared = sequence_stats(graphdef, params, ids, pos, mask, targets, group_vision, chunk_size=256,
                             prompt_mask=mask[::n, :length]).logprobs
     np.testing.assert_allclose(np.asarray(shared)[:, length - 1:], np.asarray(ref)[:, length - 1:], atol=1e-5)
+    # The groups' images packed per row shard (two devices, one group each: [S=2, P, ...]): DeepStack's
+    # units of each shard are offset into one table, and the log-probs stay the same.
+    per_shard = jax.tree.map(lambda a, b: jnp.stack([a, b]), vision([0]), vision([n]))
+    sharded = sequence_stats(graphdef, params, ids, pos, mask, targets, per_shard, chunk_size=256,
+                             prompt_mask=mask[::n, :length]).logprobs
+    np.testing.assert_allclose(np.asarray(sharded)[:, length - 1:], np.asarray(ref)[:, length - 1:], atol=1e-5)
 
 
 def _variant(model: QwenVL, **changes) -> QwenVL:

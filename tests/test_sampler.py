@@ -181,6 +181,57 @@ def test_sharded_batch_gives_the_same_tokens(setups):
     assert len(out.tokens.sharding.device_set) > 1
 
 
+def test_images_packed_per_row_shard_are_encoded_where_their_rows_are(setups):
+    """`encode(..., shards=S)`'s layout: one image buffer per device's rows ([S, P, ...]). On a 2-device
+    mesh the sampler gives the tokens of the one-buffer single-device run, and each device encodes only
+    its rows' images: the embedding's per-device FLOPs fall by more than half against the one-buffer
+    layout, which every device would encode whole."""
+    from flax import nnx
+
+    from vrl_jax import sharding as shd
+    from vrl_jax.models.processor import pack_row_blocks
+
+    _, model, b, inputs = setups["qwen2_5_vl"]
+    config = model.config
+
+    class Packer:  # the processor surface pack_row_blocks uses
+        pass
+
+    packer = Packer()
+    packer.config, packer.pack = config, lambda ims, buckets: pack_images(ims, buckets, config.vision.window_size)
+    per_shard = pack_row_blocks(packer, [[im] for im in b["images"]], np.arange(2), 2, [256])
+    assert per_shard.pixel_values.shape[:2] == (2, 256)
+    cfg = SamplerConfig(max_new_tokens=8, num_samples=2, stop_token_ids=(NEVER,))
+    single, params = Sampler.for_model(model, cfg)
+    ref = single(params, inputs, jax.random.key(4), temperature=0.8)
+    mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=1, tensor=1), jax.devices()[:2])
+    graphdef = nnx.graphdef(model)
+    sharded = Sampler(graphdef, cfg, mesh=mesh)
+    out = sharded(shd.put(params, jax.tree.map(lambda _: shd.replicated(mesh), params)),
+                  inputs._replace(vision=per_shard), jax.random.key(4), temperature=0.8)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    assert np.abs(np.asarray(out.logprobs) - np.asarray(ref.logprobs)).max() < 1e-5
+    with pytest.raises(ValueError, match="packed in 2 buffers, but the 2 rows split into 1 shards"):
+        Sampler(graphdef, cfg, mesh=shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1]))(
+            params, inputs._replace(vision=per_shard), jax.random.key(4))
+
+    def embed(params, ids, vision):
+        return nnx.merge(graphdef, params).embed_rows(ids, vision)[0]
+
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    ids = jax.device_put(b["input_ids"], rows)
+    replicated = jax.device_put(params, shd.replicated(mesh))
+    one = VisionInputs.from_batch(pack_images(b["images"], [512], config.vision.window_size))
+    flops, embeds = [], []
+    for vision, sharding in ((one, shd.replicated(mesh)), (per_shard, rows)):
+        vision = jax.device_put(vision, sharding)
+        fn = jax.jit(embed)
+        flops.append(fn.lower(replicated, ids, vision).compile().cost_analysis()["flops"])
+        embeds.append(np.asarray(fn(replicated, ids, vision)))
+    np.testing.assert_allclose(embeds[1], embeds[0], atol=1e-5)
+    assert flops[1] < 0.5 * flops[0], flops
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="stop_token_ids"):
         SamplerConfig(max_new_tokens=4)

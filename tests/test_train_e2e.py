@@ -159,6 +159,8 @@ def test_two_device_mesh_run_equals_the_single_device_run(uninterrupted, tmp_pat
     single = [r for r in rows(uninterrupted) if r["step"] in (4, 6)]
     for a, b in zip(sharded, single):
         for key, value in b.items():
+            if key.startswith("shapes/"):  # by design: one image buffer per device's rows, so smaller buckets
+                continue
             if isinstance(value, float):
                 assert abs(a[key] - value) <= 1e-5 * max(1.0, abs(value)), (a["step"], key, a[key], value)
 

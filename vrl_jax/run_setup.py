@@ -9,6 +9,7 @@ hold, where to get it, how to try the recipe on synthetic data in the same forma
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Callable
@@ -294,16 +295,21 @@ def prepare_run(c, workdir: str, mesh=None) -> RunSetup:
         ref_params = jax.tree.map(jnp.copy, params.to_pure_dict())
         if mesh is not None:
             ref_params = sharding.put(ref_params, sharding.param_shardings(ref_params, mesh))
-    encode = processor.encode_examples
+    # Batches the sampler reads have their images packed per row shard (each device encodes its own rows'
+    # images); SFT batches are re-packed per micro-batch by the trainer.
+    def encode(rows: int):
+        return functools.partial(processor.encode_examples, shards=sharding.row_shards(rows, mesh))
+
     # Configured batch sizes are global, and every process reads the whole global batch.
     common = dict(template=c.data.template, process_index=0, process_count=1, faults=faults)
-    rl_data = train_dataset(train, encode, batch_size=c.prompts_per_step, seed=c.seed, shuffle=c.data.shuffle,
-                            **common) \
+    rl_data = train_dataset(train, encode(c.prompts_per_step), batch_size=c.prompts_per_step, seed=c.seed,
+                            shuffle=c.data.shuffle, **common) \
         if c.rl_steps or c.rl_epochs else None
-    sft_data = train_dataset(train, encode, batch_size=c.sft.batch_size, seed=c.seed + 1, shuffle=c.data.shuffle,
-                             **common) \
+    sft_data = train_dataset(train, processor.encode_examples, batch_size=c.sft.batch_size, seed=c.seed + 1,
+                             shuffle=c.data.shuffle, **common) \
         if c.sft.steps else None
-    eval_data = {split: (lambda ex=ex: eval_dataset(ex, encode, batch_size=c.eval.batch_size, **common))
+    eval_data = {split: (lambda ex=ex: eval_dataset(ex, encode(c.eval.batch_size), batch_size=c.eval.batch_size,
+                                                    **common))
                  for split, ex in evals.items() if ex}
     eval_batches = {split: eval_num_batches(len(ex), c.eval.batch_size) for split, ex in evals.items() if ex}
     return RunSetup(model_dir, processor, model, graphdef, RewardSet(reward_spec(c)), RewardSet(eval_reward_spec(c)),

@@ -169,6 +169,16 @@ def batch_spec(shape: tuple[int, ...], batch_dim: int, mesh: Mesh) -> P:
     return P(*spec)
 
 
+def row_shards(rows: int, mesh: Mesh | None) -> int:
+    """Into how many contiguous blocks `batch_spec` splits `rows` rows: the data-parallel devices
+    ("data" x "fsdp") when they divide `rows`, else 1. Image patches are packed per block (one buffer
+    per block, `VisionInputs` with a leading shard axis), so each device encodes its own rows' images."""
+    if mesh is None:
+        return 1
+    d = batch_size_divisor(mesh)
+    return d if d > 1 and rows % d == 0 else 1
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -49,12 +49,13 @@ def _device_batch(batch):
 
 def batch_shapes(tb, prompts=None) -> dict[str, float]:
     """The bucketed shapes a step compiled for (a new combination compiles the sampler or the train step
-    once): the train batch's columns and packed patches, and the sampler's prompt columns and patches."""
+    once): the train batch's columns and patches per image buffer (one per micro-batch, or per device's
+    rows of it), and the sampler's prompt columns and patches per buffer."""
     out = {"shapes/train_columns": float(tb.input_ids.shape[-1]),
-           "shapes/train_patches": float(0 if tb.vision is None else tb.vision.pixel_values.shape[1])}
+           "shapes/train_patches": float(0 if tb.vision is None else tb.vision.pixel_values.shape[-2])}
     if prompts is not None:
         out["shapes/prompt_columns"] = float(prompts.input_ids.shape[1])
-        out["shapes/prompt_patches"] = float(0 if prompts.vision is None else prompts.vision.pixel_values.shape[0])
+        out["shapes/prompt_patches"] = float(0 if prompts.vision is None else prompts.vision.pixel_values.shape[-2])
     return out
 
 
@@ -151,9 +152,13 @@ class Loop:
                     ref_logprobs=None):
         c = self.c
         seqs = batching.build_sequences(prompts, tokens, mask, logprobs, num_samples, self.pad_id)
-        group = batching.shared_prompt_group(len(seqs.input_ids), c.num_micro, num_samples)
+        rows = len(seqs.input_ids)
+        group = batching.shared_prompt_group(rows, c.num_micro, num_samples)
+        # One image buffer per device's block of a micro-batch's rows, when the blocks hold whole groups.
+        shards = sharding.row_shards(rows // c.num_micro, self.mesh)
+        shards = shards if (rows // c.num_micro // shards) % group == 0 else 1
         vision = batching.pack_micro_batches(row_images, seqs.prompt_index, c.num_micro, self.s.processor,
-                                            self.s.processor.patch_buckets, group)
+                                            self.s.processor.patch_buckets, group, shards)
         return batching.to_train_batch(seqs, advantages, sft_weights, c.num_micro, vision, ref_logprobs, group), seqs
 
     def response_logprobs(self, params, ro: batching.Rollouts, tokens, mask, logprobs):

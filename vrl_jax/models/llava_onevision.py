@@ -164,7 +164,7 @@ class LlavaProcessor(VLProcessor):
 
     def pack_micro_batches(self, row_images: Sequence[Sequence], prompt_index: np.ndarray, num_micro: int,
                            buckets: Sequence[int], group: int = 1) -> VisionInputs:
-        """`batching.pack_micro_batches` for tiles: each prompt's images once per micro-batch, and every row's
+        """`processor.pack_row_blocks` for tiles: each prompt's images once per block of rows, and every row's
         (with `group` > 1: every group's first row's) placeholders mapped onto them. VisionInputs of
         [M, P, ...], feature_index/weight [M, U, TAPS]."""
         v = self.config.vision

@@ -15,9 +15,10 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from vrl_jax.models.config import ConfigError, ModelConfig
-from vrl_jax.models.image_processing import (ImageProcessor, ProcessedImage, VisionBatch, num_image_tokens,
-                                             pack_images)
+from vrl_jax.models.image_processing import (ImageProcessor, ProcessedImage, VisionBatch, choose_bucket,
+                                             num_image_tokens, pack_images)
 from vrl_jax.models.positions import rope_positions, token_types
+from vrl_jax.models.qwen_vl import VisionInputs
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -25,15 +26,45 @@ IMAGE_PAD = "<|image_pad|>"
 class ModelInputs(NamedTuple):
     """A batch of prompts: input_ids, attention_mask int32 [B, L] (left padded), positions int32 [3, B, L],
     next_position int32 [B] (where decoding continues), vision (packed patches, always present so that
-    text-only and image batches share one compiled shape), row_images (host only: each row's
+    text-only and image batches share one compiled shape; a `VisionBatch`, or `VisionInputs` [S, P, ...]
+    packed per row shard), row_images (host only: each row's
     ProcessedImages, for re-packing rows into training micro-batches)."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     positions: np.ndarray
     next_position: np.ndarray
-    vision: VisionBatch
+    vision: VisionBatch | VisionInputs
     row_images: tuple = ()
+
+
+def _patches(images) -> int:
+    return sum(int(np.prod(im.grid_thw)) for im in images)
+
+
+def pack_row_blocks(processor, row_images: Sequence[Sequence], prompt_index: np.ndarray, num_blocks: int,
+                    buckets: Sequence[int], group: int = 1) -> VisionInputs:
+    """Packs the images of `num_blocks` contiguous blocks of rows into one shared patch bucket, so the
+    buffers stack: VisionInputs [M, P, ...] with `feature_index` [M, U] (see `batching.pack_micro_batches`).
+    Row r answers prompt `prompt_index[r]`, whose images are `row_images[prompt_index[r]]`; a prompt's
+    images are packed once per block. `processor`: anything with the model `config` and `pack`."""
+    per = len(prompt_index) // num_blocks
+    merge = processor.config.vision.merge_size ** 2
+    micro = [list(prompt_index[m * per:(m + 1) * per:group]) for m in range(num_blocks)]
+    unique = [list(dict.fromkeys(prompts)) for prompts in micro]
+    bucket = choose_bucket(max(max(_patches(im for p in u for im in row_images[p]) for u in unique), 1), buckets)
+    units = choose_bucket(max(max(_patches(im for p in m for im in row_images[p]) for m in micro), 1),
+                          buckets) // merge
+    packed, index = [], np.zeros((num_blocks, units), np.int32)
+    for m, (prompts, u) in enumerate(zip(micro, unique)):
+        packed.append(processor.pack([im for p in u for im in row_images[p]], [bucket]))
+        start, offset = {}, 0
+        for p in u:  # each prompt's first merged unit in the packed buffer
+            start[p], offset = offset, offset + _patches(row_images[p]) // merge
+        flat = [start[p] + k for p in prompts for k in range(_patches(row_images[p]) // merge)]
+        index[m, :len(flat)] = flat
+    return VisionInputs(*(np.stack([getattr(p, f) for p in packed])
+                          for f in ("pixel_values", "hw_pos", "segment_ids", "window_ids")), feature_index=index)
 
 
 def left_pad(rows: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0):
@@ -148,22 +179,35 @@ class VLProcessor:
         expanded = parts[0] + "".join(self.image_placeholder * n + part for n, part in zip(counts, parts[1:]))
         return list(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
 
-    def encode(self, prompts: Sequence[list[dict]], images: Sequence[Sequence] | None = None) -> ModelInputs:
-        """prompts: chat messages per row; images: per row, PIL images or `ProcessedImage`s in prompt order."""
+    def encode(self, prompts: Sequence[list[dict]], images: Sequence[Sequence] | None = None,
+               shards: int = 1) -> ModelInputs:
+        """prompts: chat messages per row; images: per row, PIL images or `ProcessedImage`s in prompt order.
+        shards > 1: the rows' images packed per contiguous block of B / shards rows (the rows one
+        data-parallel device holds), `VisionInputs` [S, P, ...]; else one buffer for the batch."""
         images = images if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        if shards < 1 or len(prompts) % shards:
+            raise ValueError(f"{len(prompts)} prompts do not split into {shards} equal blocks")
         processed = [self.process_row(row) for row in images]
         rows = [self.tokenize_prompt(m, imgs) for m, imgs in zip(prompts, processed)]
         length = _bucket(max(len(r) for r in rows), self.length_buckets, "a prompt length")
         ids, mask = left_pad(rows, length, self.pad_token_id)
         flat = [im for row in processed for im in row]
         positions, next_position = self.positions(ids, mask, flat)
-        return ModelInputs(ids, mask, positions, next_position, self.pack(flat), tuple(map(tuple, processed)))
+        vision = self.pack(flat) if shards == 1 else self.pack_micro_batches(
+            processed, np.arange(len(rows)), shards, self.patch_buckets)
+        return ModelInputs(ids, mask, positions, next_position, vision, tuple(map(tuple, processed)))
 
-    def encode_examples(self, examples: Sequence[dict]) -> ModelInputs:
+    def encode_examples(self, examples: Sequence[dict], shards: int = 1) -> ModelInputs:
         """The data pipeline's `encode_fn`: per-example dicts with `prompt_messages` and `images`."""
-        return self.encode([e["prompt_messages"] for e in examples], [e["images"] for e in examples])
+        return self.encode([e["prompt_messages"] for e in examples], [e["images"] for e in examples], shards)
+
+    def pack_micro_batches(self, row_images: Sequence[Sequence], prompt_index: np.ndarray, num_blocks: int,
+                           buckets: Sequence[int], group: int = 1) -> VisionInputs:
+        """`pack_row_blocks` with this processor (a family whose placeholders are not its merged units in
+        order, LLaVA-OneVision, overrides it)."""
+        return pack_row_blocks(self, row_images, prompt_index, num_blocks, buckets, group)
 
     def pack(self, images: list[ProcessedImage], buckets: Sequence[int] | None = None) -> VisionBatch:
         """Packs a batch's images into the smallest patch bucket; an all-padding buffer when there are none."""

@@ -28,6 +28,10 @@ class VisionInputs(NamedTuple):
     then share one encoding of it; None = the buffer's units in placeholder order.
     feature_weight: float [U, K], with feature_index int [U, K]: each placeholder is a weighted sum of K
     units (LLaVA-OneVision's AnyRes layout, `anyres.feature_map`); None for Qwen-VL.
+
+    Packed per row shard, every field has a leading axis S ([S, P, patch_dim], ...): the batch's rows
+    fall in S contiguous blocks (the rows each data-parallel device holds) and block s reads buffer s
+    only (`QwenVL.embed_rows`).
     """
 
     pixel_values: jax.Array  # [P, patch_dim]
@@ -103,6 +107,23 @@ class QwenVL(nnx.Module):
             deepstack = DeepStack(deepstack, is_image.reshape(input_ids.shape), index.reshape(input_ids.shape))
         return x, deepstack
 
+    def embed_rows(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
+        """`embed_with_deepstack`, for vision packed per row shard too: with buffers [S, P, ...] the rows
+        [B, T] are S contiguous blocks, each embedded with its own buffer (a vmap over S that the batch
+        sharding splits over the devices, so no device encodes, or attends over, another's images)."""
+        if vision is None or vision.pixel_values.ndim == 2:
+            return self.embed_with_deepstack(input_ids, vision, remat)
+        s = vision.pixel_values.shape[0]
+        x, ds = jax.vmap(lambda ids, v: self.embed_with_deepstack(ids, v, remat))(
+            input_ids.reshape(s, -1, input_ids.shape[-1]), vision)
+        x = x.reshape(*input_ids.shape, x.shape[-1])
+        if ds is not None:  # one unit table [D, S * U, H]; each block's indices offset into its part
+            d, u = ds.features.shape[1], ds.features.shape[2]
+            index = ds.index + (jnp.arange(s) * u)[:, None, None]
+            ds = DeepStack(jnp.moveaxis(ds.features, 0, 1).reshape(d, s * u, -1),
+                           ds.is_image.reshape(input_ids.shape), index.reshape(input_ids.shape))
+        return x, ds
+
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
                       cache: KVCache | None = None, write_index=0, kv_valid=None, remat: bool = False):
         """Final-norm hidden states [B, T, H] and the updated cache.
@@ -111,7 +132,7 @@ class QwenVL(nnx.Module):
         With a cache, `kv_valid` [B, S] says which cache slots are real once this call's tokens are
         written at `write_index`; without one it is `attention_mask`.
         """
-        x, deepstack = self.embed_with_deepstack(input_ids, vision, remat=remat)
+        x, deepstack = self.embed_rows(input_ids, vision, remat=remat)
         if kv_valid is None:
             kv_valid = attention_mask.astype(bool)
         return self.language(x, positions, kv_valid, cache=cache, write_index=write_index, remat=remat,
@@ -130,7 +151,7 @@ class QwenVL(nnx.Module):
         g, length = prompt_mask.shape
         n = input_ids.shape[0] // g
         first = slice(None, None, n)
-        xp, deepstack = self.embed_with_deepstack(input_ids[first, :length], vision, remat=remat)
+        xp, deepstack = self.embed_rows(input_ids[first, :length], vision, remat=remat)
         xr = self.language.embed_tokens(input_ids[:, length:], self.dtype)
         hp, hr = self.language.shared_prompt(xp, positions[:, first, :length], prompt_mask.astype(bool), xr,
                                              positions[:, :, length:], attention_mask[:, length:].astype(bool),

@@ -8,11 +8,13 @@ prompt b), the order the sampler returns.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
+import jax
 import numpy as np
 
-from vrl_jax.models.image_processing import choose_bucket
+from vrl_jax.models.processor import pack_row_blocks
 from vrl_jax.models.qwen_vl import VisionInputs
 from vrl_jax.rl.train_step import TrainBatch
 
@@ -117,43 +119,31 @@ def insert_targets(tokens, mask, logprobs, rows: Sequence[int], targets: Sequenc
     return Replaced(*replace_responses(tokens, mask, logprobs, rows, targets), truncated_targets(targets, width))
 
 
-def _patches(images) -> int:
-    return sum(int(np.prod(im.grid_thw)) for im in images)
-
-
 def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray, num_micro: int, processor,
-                       buckets: Sequence[int], group: int = 1) -> VisionInputs:
+                       buckets: Sequence[int], group: int = 1, shards: int = 1) -> VisionInputs:
     """Packs each micro-batch's images into one shared patch bucket, so the micro-batches stack:
-    VisionInputs of [M, P, ...] with `feature_index` [M, U].
+    VisionInputs of [M, P, ...] with `feature_index` [M, U]; with `shards` > 1, one buffer per
+    contiguous block of a micro-batch's rows (the rows one data-parallel device holds): [M, S, P, ...],
+    so that each device encodes its own rows' images and no image attends to another device's.
 
-    Each prompt's images are packed once per micro-batch, however many of its rows (a GRPO group's
-    samples) the micro-batch holds, and `feature_index` points every row's placeholders at them: the
-    vision tower encodes a group's image once, not n times (its gradient sums over the rows, as n
-    encodings would). U is the bucketed placeholder count of all rows, so shapes stay bucketed.
-    group > 1 (`shared_prompt_group`): placeholders are those of each group's first row only, the
-    rows the train step embeds when it computes a group's prompt once (`TrainBatch.prompt_mask`).
+    Each prompt's images are packed once per buffer, however many of its rows (a GRPO group's samples)
+    the buffer serves, and `feature_index` points every row's placeholders at them: the vision tower
+    encodes a group's image once, not n times (its gradient sums over the rows, as n encodings would).
+    U is the bucketed placeholder count of all rows, so shapes stay bucketed. group > 1
+    (`shared_prompt_group`): placeholders are those of each group's first row only, the rows the train
+    step embeds when it computes a group's prompt once (`TrainBatch.prompt_mask`).
     """
-    own = getattr(processor, "pack_micro_batches", None)
-    if own is not None:  # a family whose placeholders are not its merged units in order (LLaVA-OneVision)
-        return own(row_images, prompt_index, num_micro, buckets, group)
+    pack = getattr(processor, "pack_micro_batches", None)
+    if pack is None:  # a bare object with the processor's `config` and `pack`, as tests build
+        pack = functools.partial(pack_row_blocks, processor)
     rows = len(prompt_index)
-    per = rows // num_micro
-    merge = processor.config.vision.merge_size ** 2
-    micro = [list(prompt_index[m * per:(m + 1) * per:group]) for m in range(num_micro)]
-    unique = [list(dict.fromkeys(prompts)) for prompts in micro]
-    bucket = choose_bucket(max(max(_patches(im for p in u for im in row_images[p]) for u in unique), 1), buckets)
-    units = choose_bucket(max(max(_patches(im for p in m for im in row_images[p]) for m in micro), 1),
-                          buckets) // merge
-    packed, index = [], np.zeros((num_micro, units), np.int32)
-    for m, (prompts, u) in enumerate(zip(micro, unique)):
-        packed.append(processor.pack([im for p in u for im in row_images[p]], [bucket]))
-        start, offset = {}, 0
-        for p in u:  # each prompt's first merged unit in the packed buffer
-            start[p], offset = offset, offset + _patches(row_images[p]) // merge
-        flat = [start[p] + k for p in prompts for k in range(_patches(row_images[p]) // merge)]
-        index[m, :len(flat)] = flat
-    return VisionInputs(*(np.stack([getattr(p, f) for p in packed])
-                          for f in ("pixel_values", "hw_pos", "segment_ids", "window_ids")), feature_index=index)
+    if rows % (num_micro * shards) or (rows // (num_micro * shards)) % group:
+        raise ValueError(f"{rows} rows do not split into {num_micro} micro-batches x {shards} shards of whole "
+                         f"groups of {group}")
+    vision = pack(row_images, prompt_index, num_micro * shards, buckets, group)
+    if shards == 1:
+        return vision
+    return jax.tree.map(lambda x: x.reshape(num_micro, shards, *x.shape[1:]), vision)
 
 
 def to_train_batch(seqs: Sequences, advantages, sft_weights, num_micro: int, vision: VisionInputs | None,

@@ -57,7 +57,8 @@ class TrainBatch(NamedTuple):
     sft_weights: float `[M, mb]`, DyME memorization rows' NLL weight (0 elsewhere);
     ref_logprobs: float `[M, mb, T]` reference-policy log-probs, or None when the KL term is off;
     vision: VisionInputs of `[M, P, patch_dim]`, `[M, P, 2]`, `[M, P]`, `[M, P]` (each micro-batch's
-      images packed in reading order), or None for text-only batches.
+      images packed in reading order), or of `[M, S, P, ...]` (packed per block of mb / S rows, the rows
+      one data-parallel device holds), or None for text-only batches.
     prompt_mask: int `[M, G, L]` or None. Set, it says that each micro-batch's mb rows are G groups of
       n = mb / G consecutive rows whose first L columns are the same prompt (a GRPO group), gives that
       prompt's mask, and has the forward compute each prompt once per group instead of n times
@@ -178,17 +179,22 @@ class StepConfig:
                 raise ValueError(f"TrainBatch.{name} must have shape {shape}; got "
                                  f"{None if x is None else tuple(x.shape)}")
         if batch.vision is not None:
-            p = batch.vision.pixel_values.shape[1] if batch.vision.pixel_values.ndim == 3 else None
+            pv = batch.vision.pixel_values
+            lead = tuple(pv.shape[:pv.ndim - 2]) if pv.ndim in (3, 4) else None  # (M,) or (M, S)
+            p = pv.shape[len(lead)] if lead else None
+            shape = f"[num_micro={m}{', S' if lead and len(lead) == 2 else ''}, P, ...]"
             for name, tail in (("pixel_values", None), ("hw_pos", (2,)), ("segment_ids", ()), ("window_ids", ())):
                 x = getattr(batch.vision, name)
-                ok = x.ndim >= 2 and x.shape[0] == m and x.shape[1] == p and (tail is None or x.shape[2:] == tail)
-                if not ok or p is None:
-                    raise ValueError(f"TrainBatch.vision.{name} must be [num_micro={m}, P, ...] with one P for all "
-                                     f"fields; got {tuple(x.shape)}")
+                ok = (lead is not None and lead[0] == m and tuple(x.shape[:len(lead) + 1]) == (*lead, p)
+                      and (tail is None or tuple(x.shape[len(lead) + 1:]) == tail))
+                if not ok:
+                    raise ValueError(f"TrainBatch.vision.{name} must be {shape} with one P for all fields; got "
+                                     f"{tuple(x.shape)}")
             index, weight = batch.vision.feature_index, batch.vision.feature_weight
-            if index is not None and (index.ndim != (2 if weight is None else 3) or index.shape[0] != m):
-                raise ValueError(f"TrainBatch.vision.feature_index must be [num_micro={m}, U]"
-                                 f"{'' if weight is None else ', K] (with feature_weight)'}; got {tuple(index.shape)}")
+            if index is not None and (index.ndim != len(lead) + (1 if weight is None else 2)
+                                      or tuple(index.shape[:len(lead)]) != lead):
+                raise ValueError(f"TrainBatch.vision.feature_index must be [{', '.join(map(str, lead))}, U"
+                                 f"{'' if weight is None else ', K'}]; got {tuple(index.shape)}")
             if weight is not None and (index is None or weight.shape != index.shape):
                 raise ValueError(f"TrainBatch.vision.feature_weight must have feature_index's shape "
                                  f"{None if index is None else tuple(index.shape)}; got {tuple(weight.shape)}")
@@ -204,8 +210,10 @@ class StepConfig:
 def batch_shardings(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
     """NamedShardings for a TrainBatch (arrays or ShapeDtypeStructs): rows over ("data", "fsdp").
 
-    Packed image patches are split over the same axes when P divides (the vision tower is per-patch
-    apart from attention, for which XLA gathers keys/values), else replicated.
+    Image buffers packed per row shard ([M, S, P, ...], `batching.pack_micro_batches`) go with their rows
+    (dimension 1 is S); one buffer per micro-batch ([M, P, ...]) has its patches split over the same axes
+    when P divides (the vision tower is per-patch apart from attention, for which XLA gathers keys and
+    values), else replicated.
     """
     out = {}
     for name, dim in _BATCH_DIM.items():

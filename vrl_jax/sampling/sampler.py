@@ -135,9 +135,10 @@ class Sampler:
     inputs anything with input_ids, attention_mask, positions, next_position and vision fields (a
     `ModelInputs`). Calls with the same shapes reuse one compilation; `trace_count` counts compilations.
 
-    With a `mesh` the prompts' rows are split over its batch axes ("data", "fsdp"), the parameters stay
-    where the train state placed them, and the output is replicated, so every process of a multi-host
-    run reads every row (the arrays are small next to the decode's compute).
+    With a `mesh` the prompts' rows are split over its batch axes ("data", "fsdp") and so are their
+    images when packed per row shard (`processor.encode(..., shards=S)`), the parameters stay where the
+    train state placed them, and the output is replicated, so every process of a multi-host run reads
+    every row (the arrays are small next to the decode's compute).
     """
 
     def __init__(self, graphdef, cfg: SamplerConfig, mesh=None):
@@ -173,8 +174,15 @@ class Sampler:
 
 def prompt_shardings(arrays, mesh):
     """Shardings of the sampler's inputs (input_ids, attention_mask [B, L], positions [3, B, L],
-    next_position [B], vision): prompt rows over the batch axes; the packed image patches replicated."""
+    next_position [B], vision): prompt rows over the batch axes; image buffers packed per row shard
+    (`VisionInputs` [S, P, ...], S = the row shards) with the rows they serve, one buffer for the whole
+    batch replicated."""
     ids, mask, positions, next_position, vision = arrays
     row = lambda x, dim: NamedSharding(mesh, shd.batch_spec(tuple(np.shape(x)), dim, mesh))  # noqa: E731
-    return (row(ids, 0), row(mask, 0), row(positions, 1), row(next_position, 0),
-            None if vision is None else jax.tree.map(lambda _: shd.replicated(mesh), vision))
+    if vision is not None:
+        per_shard = np.ndim(vision.pixel_values) == 3
+        if per_shard and len(vision.pixel_values) != shd.row_shards(len(ids), mesh):
+            raise ValueError(f"the prompts' images are packed in {len(vision.pixel_values)} buffers, but the "
+                             f"{len(ids)} rows split into {shd.row_shards(len(ids), mesh)} shards on this mesh")
+        vision = jax.tree.map(lambda x: row(x, 0) if per_shard else shd.replicated(mesh), vision)
+    return row(ids, 0), row(mask, 0), row(positions, 1), row(next_position, 0), vision
