@@ -54,7 +54,7 @@ def maye_recipe(c, dataset: str):
     c.num_mini = 32
     c.num_micro = 64  # 7 devices x backward batch 2 = 14 rows per micro-batch (grad accumulation 2)
     c.model.dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat = "full"
     c.data.source = "maye"
     c.data.template = "maye_cot"
     c.data.train = f"datasets/{dataset}/{dataset}_rl_v0.jsonl"
@@ -84,7 +84,7 @@ def get_config(arg: str | None = None):
         c.name = "maye_geo_tiny"
         c.model.path = ""
         c.model.dtype = "float32"
-        c.model.remat = False
+        c.model.remat = "none"
         c.data.source = "synthgeo"
         c.data.train = ""
         c.data.template = "plain"

@@ -98,3 +98,23 @@ def test_decay_mask_reaches_the_optimizer():
         np.testing.assert_allclose(flat["language.layers.q_w"], -0.5 * 0.1, rtol=1e-6)
         decays = traverse_util.flatten_dict(weight_decay_mask(params, cfg), sep=".")
         assert {k.rsplit(".", 1)[-1] for k, v in decays.items() if v} == moved
+
+
+def test_adam_with_moments_stored_in_float32_is_optax_adam():
+    """`scale_by_adam_stored_in(float32)` is `optax.scale_by_adam` (three updates, 1e-7): the bfloat16
+    variant differs only in how the moments are stored."""
+    import optax
+
+    from vrl_jax.rl.train_state import scale_by_adam_stored_in
+    rs = np.random.RandomState(0)
+    params = {"w": jnp.asarray(rs.randn(4, 3), jnp.float32), "b": jnp.asarray(rs.randn(3), jnp.float32)}
+    ours, theirs = scale_by_adam_stored_in(jnp.float32, 0.9, 0.95, 1e-5), optax.scale_by_adam(0.9, 0.95, 1e-5)
+    s1, s2 = ours.init(params), theirs.init(params)
+    for _ in range(3):
+        grads = jax.tree.map(lambda p: jnp.asarray(rs.randn(*p.shape), jnp.float32), params)
+        u1, s1 = ours.update(grads, s1)
+        u2, s2 = theirs.update(grads, s2)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(u1[k]), np.asarray(u2[k]), rtol=1e-6, atol=1e-7)
+    low = scale_by_adam_stored_in(jnp.bfloat16, 0.9, 0.95, 1e-5).init(params)
+    assert {x.dtype for x in jax.tree.leaves((low.mu, low.nu))} == {jnp.dtype(jnp.bfloat16)}

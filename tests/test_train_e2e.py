@@ -180,6 +180,8 @@ def test_sft_alone_runs(tmp_path):
     ("--config.algorithm=ppo", "config.algorithm"),
     ("--config.mesh.data=3", "config.mesh"),
     ("--config.rollout.num_samples=1", "config.rollout.num_samples"),
+    ("--config.model.remat=everything", "config.model.remat"),
+    ("--config.optim.moments_dtype=float16", "config.optim.moments_dtype"),
 ])
 def test_config_mistakes_fail_fast_naming_the_key(tmp_path, override, key):
     t0 = time.time()

@@ -488,3 +488,64 @@ def test_mesh_and_batch_errors_before_compiling(setup):
     with pytest.raises(ValueError, match="TrainBatch.vision.segment_ids"):
         step(state, good._replace(vision=good.vision._replace(segment_ids=good.vision.segment_ids[:2])))
     assert step.jitted._cache_size() == 0  # nothing was compiled
+
+
+# ---- Memory for compute: remat policies, bfloat16 compute, bfloat16 Adam moments ------------------
+
+
+@pytest.mark.parametrize("policy", ["dots", "offload"])
+def test_remat_policies_make_the_step_without_remat(setup, single_device_steps, policy):
+    """What each layer keeps for the backward pass trades memory for compute and changes nothing else:
+    with `dots` or `offload` (`layers.REMAT_POLICIES`) the 2-micro-batch step's update and metrics equal
+    the step without remat (float32, 1e-6). `full` is the 4-micro-batch step of `single_device_steps`."""
+    batch = train_batch(setup["rollouts"], setup["config"], 2, setup["old"], setup["ref"])
+    cfg = StepConfig(batch_size=ROWS, num_micro=2, loss=LOSS, chunk_size=CHUNK, remat=policy)
+    state, metrics = get_step(setup["graphdef"], OPT, cfg)(fresh_state(setup["graphdef"], setup["host"], OPT), batch)
+    want_state, want_metrics = single_device_steps[2]
+    assert_trees_close(to_host(state).params, want_state.params, atol=1e-6)
+    assert_trees_close(to_host(metrics), want_metrics, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"remat must be one of \('none', 'full', 'dots', 'offload'\)"):
+        StepConfig(batch_size=ROWS, num_micro=2, loss=LOSS, remat="everything")
+
+
+def test_bfloat16_compute_with_float32_master_weights_is_close_to_float32(setup, single_device_steps):
+    """model.dtype bfloat16 over float32 parameters (the optimizer updates float32 master weights; the
+    log-softmax runs in float32): the step's loss within 2% of the float32 step's, its parameters still
+    float32 and each moved by at most the float32 step's largest move (Adam's first step is ~lr)."""
+    from vrl_jax.models.weights import abstract_model
+    graphdef, abstract = abstract_model(setup["config"], dtype=jnp.bfloat16)
+    graphdef = nnx.split(nnx.merge(graphdef, abstract), nnx.Param)[0]  # the train state's (Param) graph
+    batch = train_batch(setup["rollouts"], setup["config"], 2, setup["old"], setup["ref"])
+    cfg = StepConfig(batch_size=ROWS, num_micro=2, loss=LOSS, chunk_size=CHUNK)
+    state, metrics = get_step(graphdef, OPT, cfg)(fresh_state(graphdef, setup["host"], OPT), batch)
+    want_state, want_metrics = single_device_steps[2]
+    loss, want = float(metrics["loss"]), float(want_metrics["loss"])
+    assert abs(loss - want) <= 0.02 * abs(want), (loss, want)
+    params = to_host(state).params
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+    largest = max(float(np.abs(b - a).max()) for a, b in zip(jax.tree.leaves(setup["host"]),
+                                                              jax.tree.leaves(want_state.params)))
+    for a, b in zip(jax.tree.leaves(setup["host"]), jax.tree.leaves(params)):
+        assert float(np.abs(b - a).max()) <= largest * 1.01
+
+
+def test_bfloat16_adam_moments_track_float32_moments(setup):
+    """optim.moments_dtype bfloat16: both moments stored in bfloat16 (half their memory), the update
+    computed in float32. Two steps: the second step's loss equals the float32-moment run's within
+    1e-4 (relative), and the parameters agree within 5e-5 (learning rate 1e-3)."""
+    low = dataclasses.replace(OPT, moments_dtype="bfloat16")
+    cfg = StepConfig(batch_size=ROWS, num_micro=2, loss=LOSS, chunk_size=CHUNK)
+    first = train_batch(setup["rollouts"], setup["config"], 2, setup["old"], setup["ref"])
+    second = train_batch(setup["second"], setup["config"], 2, setup["old2"], setup["ref2"])
+    runs = {}
+    for opt in (OPT, low):
+        state = fresh_state(setup["graphdef"], setup["host"], opt)
+        step = get_step(setup["graphdef"], opt, cfg)
+        state, _ = step(state, first)
+        state, metrics = step(state, second)
+        runs[opt.moments_dtype] = (to_host(state), to_host(metrics))
+    (s32, m32), (s16, m16) = runs["float32"], runs["bfloat16"]
+    moments = [x for x in jax.tree.leaves(s16.opt_state) if x.ndim > 0]
+    assert moments and all(x.dtype == jnp.bfloat16 for x in moments), {x.dtype for x in moments}
+    assert abs(float(m16["loss"]) - float(m32["loss"])) <= 1e-4 * abs(float(m32["loss"]))
+    assert_trees_close(s16.params, s32.params, atol=5e-5)

@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # HF or vrl_jax model directory; empty: build the tiny model in the workdir
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"  # none | full | dots | offload: what each layer keeps for the backward pass (models/layers.py)
     # family: the architecture of the tiny offline model (`models.tiny.TINY_FAMILIES`: qwen2_5_vl | qwen3_vl |
     # llava_onevision)
     c.model.tiny = ml_collections.ConfigDict(dict(family="qwen2_5_vl", hidden=128, layers=4, intermediate=384,
@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(learning_rate=5e-6, warmup_ratio=0.1, final_lr_ratio=0.0, b1=0.9,
                                              b2=0.95, eps=1e-5, weight_decay=0.01, clip_grad_norm=1.0,
                                              train_vit=False, train_connector=False, train_llm=True,
-                                             schedule="cosine", decay_mask="all"))
+                                             schedule="cosine", decay_mask="all", moments_dtype="float32"))
     c.loss = ml_collections.ConfigDict(dict(clip_low=0.2, clip_high=0.2, clip_c=0.0, ratio_level="token",
                                             agg_mode="token_mean", kl_coef=0.0, kl_estimator="k3", kl_clamp=10.0,
                                             kl_clamp_mode="mean", entropy_coef=0.0, chunk_size=8192))
@@ -262,10 +262,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _choice(c, "loss.kl_estimator", KL_ESTIMATORS)
     _choice(c, "model.dtype", ("float32", "bfloat16"))
     _choice(c, "model.param_dtype", ("float32", "bfloat16"))
+    _choice(c, "model.remat", ("none", "full", "dots", "offload"))
     _choice(c, "dyme.answer_format", ("boxed", "flag"))
     _choice(c, "loss.kl_clamp_mode", KL_CLAMP_MODES)
     _choice(c, "optim.schedule", tuple(SCHEDULES))
     _choice(c, "optim.decay_mask", tuple(DECAY_MASKS))
+    _choice(c, "optim.moments_dtype", ("float32", "bfloat16"))
     _choice(c, "rollout.old_logprobs", OLD_LOGPROBS)
     _choice(c, "dapo.filter_on", tuple(c.rewards.weights.keys()) + ("accuracy", "total"))
     _choice(c, "dapo.fill", DAPO_FILLS)
@@ -387,7 +389,7 @@ def optimizer_config(c, total_updates: int, learning_rate: float | None = None) 
         warmup_steps=int(round(o.warmup_ratio * total_updates)), total_steps=max(total_updates, 1),
         final_lr_ratio=o.final_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
         clip_grad_norm=o.clip_grad_norm or None, train_vit=o.train_vit, train_connector=o.train_connector,
-        train_llm=o.train_llm, schedule=o.schedule, decay_mask=o.decay_mask)
+        train_llm=o.train_llm, schedule=o.schedule, decay_mask=o.decay_mask, moments_dtype=o.moments_dtype)
 
 
 def loss_config(c, max_len: int | None = None) -> PolicyLossConfig:

@@ -14,6 +14,33 @@ import numpy as np
 # Large and finite: a fully masked row (left padding) then gives a uniform softmax instead of NaN.
 MASK_VALUE = -1e30
 
+# What a rematerialised layer keeps from its forward pass for the backward pass (`model.remat`):
+#   none     everything (no remat: the most memory, the least compute);
+#   full     nothing but the layer's input: the whole layer runs again in the backward pass;
+#   dots     the results of matmuls without batch dimensions (the projections): attention and
+#            elementwise work run again, the big matmuls do not;
+#   offload  as dots, but those results wait in pinned host memory instead of on the device.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+def remat_policy_name(remat: bool | str) -> str:
+    """A `model.remat` value (a policy name, or a bool: True = "full", False = "none") -> its name."""
+    name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)} (or a bool); got {remat!r}")
+    return name
+
+
+def checkpointed(body, remat: bool | str):
+    """`body` (one layer, a scan body) rematerialised under the policy `remat` names (see REMAT_POLICIES)."""
+    name = remat_policy_name(remat)
+    return body if name == "none" else jax.checkpoint(body, policy=REMAT_POLICIES[name])
+
 
 def rms_norm(x, weight, eps: float):
     """x: [..., D], weight: [D] -> [..., D] in x's dtype."""

@@ -142,11 +142,11 @@ def shared_prompt_block(w: dict, xp, xr, rope_p, rope_r, mask_p, mask_r, *, cfg:
     return _attend_and_mlp(w, xp, qp, kp, vp, mask_p, cfg=cfg), _attend_and_mlp(w, xr, qr, k, v, mask_r, cfg=cfg)
 
 
-def _scan_layers(body, carry, stacked: dict, remat: bool):
+def _scan_layers(body, carry, stacked: dict, remat: bool | str):
     """`lax.scan` of `body(carry, (layer weights, layer index))` over the stacked layers (each layer
-    rematerialised in the backward pass when `remat`); returns the final carry."""
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    rematerialised in the backward pass under the policy `remat` names, `layers.REMAT_POLICIES`);
+    returns the final carry."""
+    body = layers.checkpointed(body, remat)
     layers_count = next(iter(stacked.values())).shape[0]
     carry, _ = jax.lax.scan(body, carry, (stacked, jnp.arange(layers_count)))
     return carry
@@ -172,7 +172,7 @@ class Qwen2Decoder(nnx.Module):
         return self.embed.value.T if self.lm_head is None else self.lm_head.value
 
     def __call__(self, x, positions, kv_valid, cache: KVCache | None = None, write_index=0,
-                 remat: bool = False, deepstack=None):
+                 remat: bool | str = False, deepstack=None):
         """Runs the decoder stack.
 
         x: [B, T, H] input embeddings; positions: int [3, B, T] rotary positions (M-RoPE axes);
@@ -201,7 +201,7 @@ class Qwen2Decoder(nnx.Module):
         x, cache = _scan_layers(body, (x, cache), stacked, remat)
         return layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps), cache
 
-    def shared_prompt(self, xp, positions_p, valid_p, xr, positions_r, valid_r, remat: bool = False,
+    def shared_prompt(self, xp, positions_p, valid_p, xr, positions_r, valid_r, remat: bool | str = False,
                       deepstack=None):
         """The decoder stack over G prompts shared by n responses each (`shared_prompt_block`).
 

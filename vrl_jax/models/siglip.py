@@ -65,7 +65,7 @@ class SiglipTower(nnx.Module):
         self.post_norm_w, self.post_norm_b = _ones((cfg.width,), param_dtype), _zeros((cfg.width,), param_dtype)
         self.max_segment: int | None = None  # tiles are attended to as whole blocks; kept for the shared API
 
-    def __call__(self, pixel_values, hw_pos, dtype=jnp.float32, remat: bool = False):
+    def __call__(self, pixel_values, hw_pos, dtype=jnp.float32, remat: bool | str = False):
         """pixel_values: [P, C*p*p] whole tiles of g*g rows each; hw_pos: int [P, 2] (row, col in the tile).
         Returns the features of layer `cfg.depth` (pre post_layernorm), [P, width]."""
         cfg = self.config
@@ -78,8 +78,7 @@ class SiglipTower(nnx.Module):
         def body(h, w):
             return siglip_layer(w, h, cfg=cfg), None
 
-        if remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        body = layers.checkpointed(body, remat)
         if cfg.depth:
             x, _ = jax.lax.scan(body, x, stacked)
         return x.reshape(-1, cfg.width)

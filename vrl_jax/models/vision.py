@@ -150,7 +150,7 @@ class VisionTower(nnx.Module):
         # The most patches one image frame has (set from the processor's max_pixels): None = dense masks.
         self.max_segment: int | None = None
 
-    def __call__(self, pixel_values, hw_pos, segment_ids, window_ids, dtype=jnp.float32, remat: bool = False):
+    def __call__(self, pixel_values, hw_pos, segment_ids, window_ids, dtype=jnp.float32, remat: bool | str = False):
         """Encodes a packed patch buffer.
 
         pixel_values: [P, patch_dim]; hw_pos: int [P, 2]; segment_ids, window_ids: int [P] (-1 = padding).
@@ -159,7 +159,7 @@ class VisionTower(nnx.Module):
         """
         return self.encode(pixel_values, hw_pos, segment_ids, window_ids, dtype, remat)[0]
 
-    def encode(self, pixel_values, hw_pos, segment_ids, window_ids, dtype=jnp.float32, remat: bool = False):
+    def encode(self, pixel_values, hw_pos, segment_ids, window_ids, dtype=jnp.float32, remat: bool | str = False):
         """As `__call__`, and the DeepStack features: (merged [U, out_dim], deepstack [D, U, out_dim] or None)."""
         cfg = self.config
         x = pixel_values.astype(dtype) @ self.patch_embed.value.astype(dtype)
@@ -184,8 +184,7 @@ class VisionTower(nnx.Module):
             mask = jnp.where(is_full, frame_mask, window_mask)
             return vision_block(w, h, cos, sin, mask, cfg=cfg), None
 
-        if remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        body = layers.checkpointed(body, remat)
         # One scan per run of blocks between DeepStack taps (no taps: one scan over all blocks), so the
         # tapped hidden states are plain values rather than a [depth, P, C] stack of every block's output.
         taps = []

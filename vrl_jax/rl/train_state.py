@@ -51,6 +51,8 @@ class OptimizerConfig:
       `decay_mask_hf_trainer`).
     no_decay_regex: parameter paths matching it also get no weight decay (None = no extra rule).
     train_vit, train_connector, train_llm: MAYE's flags (paper: F / F / T).
+    moments_dtype: the dtype Adam's two moments are stored in: "float32", or "bfloat16" (half their
+      memory; the update itself is computed in float32, `scale_by_adam_stored_in`).
     """
 
     learning_rate: float = 5e-6
@@ -68,6 +70,7 @@ class OptimizerConfig:
     train_vit: bool = False
     train_connector: bool = False
     train_llm: bool = True
+    moments_dtype: str = "float32"
 
     def __post_init__(self):
         if not self.learning_rate >= 0:
@@ -79,7 +82,8 @@ class OptimizerConfig:
                              f"got {self.warmup_steps!r}")
         if not 0.0 <= self.final_lr_ratio <= 1.0:
             raise ValueError(f"OptimizerConfig.final_lr_ratio must be in [0, 1]; got {self.final_lr_ratio}")
-        for name, choices in (("schedule", tuple(SCHEDULES)), ("decay_mask", tuple(DECAY_MASKS))):
+        for name, choices in (("schedule", tuple(SCHEDULES)), ("decay_mask", tuple(DECAY_MASKS)),
+                              ("moments_dtype", ("float32", "bfloat16"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"OptimizerConfig.{name} must be one of {choices}; got {getattr(self, name)!r}")
         for name in ("b1", "b2"):
@@ -219,13 +223,41 @@ def trainable_params(params: Any, cfg: OptimizerConfig) -> dict[str, Any]:
     return {k: v for k, v in _flat(params).items() if mask[k]}
 
 
+def scale_by_adam_stored_in(dtype, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """`optax.scale_by_adam` with both moments stored in `dtype` (optax's `mu_dtype` covers the first
+    only); each update reads them into float32, computes there, and stores them back rounded."""
+    f32 = jnp.float32
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(p.shape, dtype)  # noqa: E731
+        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                                      jax.tree.map(zeros, params))
+
+    def update(grads, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        mu = jax.tree.map(lambda m, g: b1 * m.astype(f32) + (1 - b1) * g.astype(f32), state.mu, grads)
+        nu = jax.tree.map(lambda v, g: b2 * v.astype(f32) + (1 - b2) * jnp.square(g.astype(f32)), state.nu, grads)
+        c1, c2 = 1 - b1 ** count.astype(f32), 1 - b2 ** count.astype(f32)
+        out = jax.tree.map(lambda m, v, g: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), mu, nu, grads)
+        cast = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)  # noqa: E731
+        return out, optax.ScaleByAdamState(count, cast(mu), cast(nu))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """The optax transformation over `trainable_params` (the weight-decay mask is read off its paths)."""
     decay_mask = None
     if cfg.decay_mask != "all" or cfg.no_decay_regex is not None:
         decay_mask = lambda flat: _flat(weight_decay_mask(_unflat(dict(flat)), cfg))  # noqa: E731
-    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=decay_mask)
+    if cfg.moments_dtype == "float32":
+        adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            mask=decay_mask)
+    else:  # the chain optax.adamw builds, with the moments stored in bfloat16
+        adamw = optax.chain(scale_by_adam_stored_in(jnp.dtype(cfg.moments_dtype), cfg.b1, cfg.b2, cfg.eps),
+                            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+                            optax.scale_by_learning_rate(lr_schedule(cfg)))
     return adamw if cfg.clip_grad_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw)
 
 

@@ -40,6 +40,7 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vrl_jax import sharding as shd
+from vrl_jax.models.layers import remat_policy_name
 from vrl_jax.models.qwen_vl import VisionInputs
 from vrl_jax.rl.logprobs import sequence_stats, training_compiler_options
 from vrl_jax.rl.losses import PolicyLossConfig, max_abs_ratio_minus_one, policy_objective
@@ -93,7 +94,8 @@ class StepConfig:
     batch_size: rows per step (all M micro-batches together); num_micro: M; num_mini: mini-batches
       (= optimizer updates) per PPO epoch, dividing num_micro; ppo_epochs: passes over the batch.
     loss: the objective (`losses.PolicyLossConfig`).
-    remat: rematerialise decoder and vision blocks in the backward pass (memory for compute).
+    remat: what the decoder and vision blocks keep for the backward pass, a `layers.REMAT_POLICIES` name
+      ("none", "full", "dots", "offload") or a bool (True = "full"): memory traded for compute.
     chunk_size: vocabulary chunk of the log-softmax; temperature: logits are divided by it (use the
       sampling temperature, as verl does).
     with_entropy: compute full-vocabulary entropy (needed when loss.entropy_coef != 0; else a metric).
@@ -110,7 +112,7 @@ class StepConfig:
     num_mini: int = 1
     ppo_epochs: int = 1
     loss: PolicyLossConfig = PolicyLossConfig()
-    remat: bool = False
+    remat: bool | str = False
     chunk_size: int = 8192
     temperature: float = 1.0
     with_entropy: bool = True
@@ -130,6 +132,7 @@ class StepConfig:
                              f"StepConfig.num_mini={self.num_mini}")
         if not self.temperature > 0:
             raise ValueError(f"StepConfig.temperature must be > 0; got {self.temperature}")
+        remat_policy_name(self.remat)  # raises naming the policies
         if not isinstance(self.loss, PolicyLossConfig):
             raise ValueError(f"StepConfig.loss must be a PolicyLossConfig; got {type(self.loss).__name__}")
         if self.loss.entropy_coef != 0.0 and not self.with_entropy:
