@@ -9,7 +9,7 @@ TEST = [
     "torch==2.13.0",
     "transformers==5.23.0",
     "pytest>=8",
-    "pytest-xdist>=3.6",  # the README's test command runs two workers (one per core of a CI machine)
+    "pytest-xdist>=3.8",  # the README's test command runs two workers (one per core of a CI machine)
     "tensorflow-datasets==4.9.10",
 ]
 

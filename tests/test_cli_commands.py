@@ -31,7 +31,7 @@ COVERAGE = {
     # ```bash blocks
     "pip install -e . && python -m vrl_jax.train --config experiments/default.py --workdir workdirs/default":
         "tests/test_cli_commands.py::test_ci_runs_the_readme_main_and_test_commands",
-    'pip install -e ".[test]" && python -m pytest -x -n 2 --dist loadfile tests':
+    'pip install -e ".[test]" && python -m pytest -x -n 2 --dist loadfile --no-loadscope-reorder tests':
         "tests/test_cli_commands.py::test_ci_runs_the_readme_main_and_test_commands",
     "python -m vrl_jax.evaluate --model workdirs/default/export --data workdirs/default/data/maye_test_iid.jsonl "
     "--template plain --k 4": "tests/test_cli_commands.py::test_readme_evaluate",
@@ -74,6 +74,9 @@ COVERAGE = {
     'pip install -e ".[test]"': "tests/test_cli_commands.py::test_ci_runs_the_readme_main_and_test_commands",
     "python benchmarks/sampler.py": "tests/test_cli_commands.py::test_readme_benchmarks",
     "python benchmarks/train_step.py": "tests/test_cli_commands.py::test_readme_benchmarks",
+    "python -m vrl_jax.plan --config experiments/geo.py --model-config benchmarks/configs/qwen2_5_vl_7b.json "
+    "--config.prompts_per_step=1024 --mesh data=1,fsdp=8,tensor=1 --device-memory h100":
+        "tests/test_memory.py::test_seven_b_on_eight_h100s_fits_and_on_a_v5e_8_gets_a_combination_that_fits",
 }
 
 

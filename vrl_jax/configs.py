@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
     # llava_onevision)
     c.model.tiny = ml_collections.ConfigDict(dict(family="qwen2_5_vl", hidden=128, layers=4, intermediate=384,
                                                   vision_width=64, vision_depth=2, vocab_size=1024))
+    # Memory check before anything compiles (`python -m vrl_jax.plan` prints the table): the run stops with a
+    # suggestion when its planned peak exceeds device_gib GiB per device; 0 = the device's own limit (GPU,
+    # TPU; no check on CPU).
+    c.memory = ml_collections.ConfigDict(dict(device_gib=0.0))
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthgeo"  # synthgeo | maye | easyr1 | dyme (files on disk)
@@ -201,6 +205,7 @@ RULES: dict[str, tuple[Range, str]] = {
     "optim.final_lr_ratio": (UNIT, ""), "optim.b1": (UNIT_OPEN_HIGH, ""), "optim.b2": (UNIT_OPEN_HIGH, ""),
     "optim.eps": (POSITIVE, ""), "optim.weight_decay": (NON_NEGATIVE, ""),
     "optim.clip_grad_norm": (NON_NEGATIVE, "0 = no clipping"),
+    "memory.device_gib": (NON_NEGATIVE, "0 = the device's own limit"),
     "loss.clip_low": (UNIT_OPEN_HIGH, ""), "loss.clip_high": (NON_NEGATIVE, ""),
     "loss.clip_c": (Range(1, low_open=True, off=0), "the dual-clip cap"),
     "loss.kl_coef": (NON_NEGATIVE, ""), "loss.kl_clamp": (NON_NEGATIVE, "0 = no clamp"),

@@ -164,20 +164,18 @@ def _bad_value_message(config, error) -> str:
     return f"--config.{key}={value}: config.{key} takes {_type_name(current)} (now {current!r}); {reason}"
 
 
-def parse_command_line(argv: list[str]) -> Command:
-    """argv (without the program name) -> Command. Raises UserError naming the flag or key at fault."""
+def parse_config_flags(argv: list[str], prog: str, usage: str, define=lambda fv: None):
+    """argv (without the program name) -> (the locked config with its overrides, the parsed FlagValues).
+    `define(fv)` adds the command's own flags. Raises UserError naming the flag or key at fault."""
     from absl import flags
     from ml_collections import config_flags
     spec, rest = _take_config_spec(argv)
     if spec is None:
-        raise UserError(f"--config is required, e.g. --config experiments/default.py. {USAGE}")
+        raise UserError(f"--config is required, e.g. --config experiments/default.py. {usage}")
     config = load_config_file(spec)
     fv = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
-    flags.DEFINE_bool("report", True, "render the report when the run ends", flag_values=fv)
-    flags.DEFINE_bool("allow_config_change", False, "resume checkpoints written with another config",
-                      flag_values=fv)
-    argv = [PROG, *rest]
+    define(fv)
+    argv = [prog, *rest]
     overrides = [a.split("=", 1)[0].lstrip("-").removeprefix("no") for a in rest
                  if re.match(r"--?(no)?config\.", a)]
     for name in overrides:  # an unknown key fails inside ml_collections with a bare KeyError
@@ -192,11 +190,25 @@ def parse_command_line(argv: list[str]) -> Command:
     except flags.IllegalFlagValueError as e:
         raise UserError(_bad_value_message(config, e)) from e
     except flags.UnrecognizedFlagError as e:
-        raise UserError(f"unknown flag --{e.flagname}. {USAGE}") from e
+        raise UserError(f"unknown flag --{e.flagname}. {usage}") from e
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        raise UserError(f"{e} ({USAGE})") from e
+        raise UserError(f"{e} ({usage})") from e
     if positional:
-        raise UserError(f"unexpected argument(s) {positional}; flags take the form --name=value. {USAGE}")
+        raise UserError(f"unexpected argument(s) {positional}; flags take the form --name=value. {usage}")
+    return config, fv
+
+
+def parse_command_line(argv: list[str]) -> Command:
+    """argv (without the program name) -> Command. Raises UserError naming the flag or key at fault."""
+    from absl import flags
+
+    def define(fv):
+        flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
+        flags.DEFINE_bool("report", True, "render the report when the run ends", flag_values=fv)
+        flags.DEFINE_bool("allow_config_change", False, "resume checkpoints written with another config",
+                          flag_values=fv)
+
+    config, fv = parse_config_flags(argv, PROG, USAGE, define)
     if not fv.workdir:
         raise UserError(f"--workdir is required: the directory for checkpoints, metrics and the report. {USAGE}")
     return Command(config, fv.workdir, fv.report, fv.allow_config_change)

@@ -31,6 +31,8 @@ from vrl_jax.evaluation.metrics import EpochAccumulator, step_metrics
 from vrl_jax.evaluation.progress import Progress
 from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
 from vrl_jax.evaluation.writers import MetricWriter
+from vrl_jax.memory import GiB, device_memory_limit
+from vrl_jax.plan import check_fits
 from vrl_jax.rewards.visual.base import hint_then_answer
 from vrl_jax.rl import algorithms, batching
 from vrl_jax.rl.logprobs import make_logprob_fn
@@ -353,8 +355,9 @@ def train(config, workdir: str, allow_config_change: bool = False) -> TrainResul
     c = config
     configs.validate(c, jax.device_count())
     check_inputs(c, workdir)  # data files, model directory, a writable workdir: before anything slow
-    # How the processes joined (`distributed`) is not part of the experiment: it may differ per process.
-    recorded = {k: v for k, v in c.to_dict().items() if k != "distributed"}
+    check_fits(c, jax.device_count(), c.memory.device_gib * GiB if c.memory.device_gib else device_memory_limit())
+    # How the processes joined (`distributed`) and the memory check are not part of the experiment.
+    recorded = {k: v for k, v in c.to_dict().items() if k not in ("distributed", "memory")}
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.keep,
                         best_metric=c.checkpoint.best_metric or None, fingerprint=config_fingerprint(recorded),
                         config=recorded)

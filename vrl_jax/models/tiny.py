@@ -129,7 +129,17 @@ def build_tiny_model(out_dir: str, texts: Iterable[str], *, family: str = "qwen2
     return getattr(importlib.import_module(module), name)(out_dir, texts, **kwargs)
 
 
-def build_tiny_qwen(out_dir: str, texts: Iterable[str], *, seed: int = 0, image_size: int = 112,
+TINY_IMAGE_SIZE = 112  # pixels a side of the tiny processor's images (min = max pixels)
+
+
+def tiny_image_patches(family: str = "qwen2_5_vl", image_size: int = TINY_IMAGE_SIZE) -> int:
+    """Patches of one image of the tiny model of `family` (its processor resizes every image to this)."""
+    patch = QWEN_FAMILIES[family].patch_size
+    side = image_size - image_size % (patch * 2)
+    return (side // patch) ** 2
+
+
+def build_tiny_qwen(out_dir: str, texts: Iterable[str], *, seed: int = 0, image_size: int = TINY_IMAGE_SIZE,
                     vocab_size: int = 1024, family: str = "qwen2_5_vl", **sizes) -> str:
     """Writes a tiny random model of `family` with a tokenizer trained on `texts` to `out_dir`; returns it.
 
