@@ -19,7 +19,6 @@ import dataclasses
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -38,15 +37,11 @@ from vrl_jax.rl import algorithms, batching
 from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
 from vrl_jax.rl.train_state import create_train_state, train_state_shardings
-from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step
+from vrl_jax.rl.train_step import OnMesh, StepConfig, make_train_step
 from vrl_jax.run_files import load_reference, read_config, save_reference, write_config
 from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run, rl_steps, setup_dir
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 from vrl_jax.timing import CompileWatch, PhaseTimer
-
-
-def _device_batch(batch):
-    return jax.tree.map(jnp.asarray, batch)
 
 
 def batch_shapes(tb, prompts=None) -> dict[str, float]:
@@ -69,28 +64,6 @@ def reference_text(example: dict, fmt: str) -> str:
     if hint or not solution:
         return hint_then_answer(hint, str(example["answer"]), fmt)
     return solution
-
-
-class OnMesh:
-    """`fn(first, batch)` (the train step, a log-prob forward) under a mesh: each host `TrainBatch` is
-    placed with its rows over ("data", "fsdp") and `make(batch_shardings)` compiles `fn` for that
-    layout, once per layout (which fields are set, which dimensions split); new length buckets only
-    recompile. Without a mesh the batch goes to the default device and `make(None)` is compiled once."""
-
-    def __init__(self, make, mesh):
-        self.make, self.mesh = make, mesh
-        self.fns: dict = {}
-
-    def __call__(self, first, batch):
-        if self.mesh is None:
-            if None not in self.fns:
-                self.fns[None] = self.make(None)
-            return self.fns[None](first, _device_batch(batch))
-        shardings = batch_shardings(batch, self.mesh)
-        key = (jax.tree.structure(batch), tuple(s.spec for s in jax.tree.leaves(shardings)))
-        if key not in self.fns:
-            self.fns[key] = self.make(shardings)
-        return self.fns[key](first, sharding.put(batch, shardings))
 
 
 _FALLBACK = "_checker_fallback"  # gathered with the rewards, not one of them

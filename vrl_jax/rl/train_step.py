@@ -416,3 +416,25 @@ def make_train_step(graphdef: nnx.GraphDef, opt_cfg: OptimizerConfig, cfg: StepC
 
     step.jitted = jitted  # for lowering / cost analysis
     return step
+
+
+class OnMesh:
+    """`fn(first, batch)` (the train step, a log-prob forward) under a mesh: each host `TrainBatch` is
+    placed with its rows over ("data", "fsdp") and `make(batch_shardings)` compiles `fn` for that
+    layout, once per layout (which fields are set, which dimensions split); new length buckets only
+    recompile. Without a mesh the batch goes to the default device and `make(None)` is compiled once."""
+
+    def __init__(self, make, mesh):
+        self.make, self.mesh = make, mesh
+        self.fns: dict = {}
+
+    def __call__(self, first, batch):
+        if self.mesh is None:
+            if None not in self.fns:
+                self.fns[None] = self.make(None)
+            return self.fns[None](first, jax.tree.map(jnp.asarray, batch))
+        shardings = batch_shardings(batch, self.mesh)
+        key = (jax.tree.structure(batch), tuple(s.spec for s in jax.tree.leaves(shardings)))
+        if key not in self.fns:
+            self.fns[key] = self.make(shardings)
+        return self.fns[key](first, shd.put(batch, shardings))
