@@ -124,7 +124,7 @@ def test_training_refuses_a_run_that_cannot_fit_before_building_anything(tmp_pat
     """config.memory.device_gib below the smoke run's peak: one paragraph naming the key, the largest part
     and the plan command, exit 2, before any model or data is generated."""
     wd = tmp_path / "w"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one device, as a user's laptop
     out = subprocess.run([sys.executable, "-m", "vrl_jax.train", "--config", "experiments/default.py:smoke",
                           f"--workdir={wd}", "--config.memory.device_gib=0.02"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
