@@ -75,7 +75,7 @@ COVERAGE = {
     "python benchmarks/sampler.py": "tests/test_cli_commands.py::test_readme_benchmarks",
     "python benchmarks/train_step.py": "tests/test_cli_commands.py::test_readme_benchmarks",
     "python -m vrl_jax.plan --config experiments/geo.py --model-config benchmarks/configs/qwen2_5_vl_7b.json "
-    "--config.prompts_per_step=1024 --mesh data=1,fsdp=8,tensor=1 --device-memory h100":
+    "--config.prompts_per_step=1024 --mesh data=1,fsdp=8,tensor=1 --image-patches 1024 --device-memory h100":
         "tests/test_memory.py::test_seven_b_on_eight_h100s_fits_and_on_a_v5e_8_gets_a_combination_that_fits",
     "python -m vrl_jax.plan":
         "tests/test_memory.py::test_seven_b_on_eight_h100s_fits_and_on_a_v5e_8_gets_a_combination_that_fits",

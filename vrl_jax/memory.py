@@ -108,8 +108,9 @@ def _abstract_params(model_config: ModelConfig, dtype: str, param_dtype: str) ->
 
 
 def _trainable(params: dict, shape: RunShape) -> dict:
-    from vrl_jax.rl.train_state import OptimizerConfig, trainable_params
     from flax import traverse_util
+
+    from vrl_jax.rl.train_state import OptimizerConfig, trainable_params
     cfg = OptimizerConfig(train_vit=shape.train_vit, train_connector=shape.train_connector, train_llm=shape.train_llm)
     return trainable_params(traverse_util.unflatten_dict(params, sep="."), cfg)
 
@@ -144,16 +145,24 @@ def rollout_items(model_config: ModelConfig, shape: RunShape, mesh) -> list[Item
     head_dim = t.explicit_head_dim or t.hidden_size // t.num_heads
     slots = shape.prompt_len + shape.new_tokens
     cache = 2 * t.num_layers * local_rows * slots * kv_heads * head_dim * jnp.dtype(shape.dtype).itemsize
-    shards = _row_shards(shape.prompts, mesh)
+    # One buffer per device's prompts (`processor.encode(shards=S)`), at most one image per prompt within the
+    # largest bucket, and one vision layer's activations at a time during the prefill.
+    local_prompts = shape.prompts // _row_shards(shape.prompts, mesh)
+    p = min(shape.patches, local_prompts * shape.image_patches)
     v = model_config.vision
-    patch_dim = getattr(v, "patch_dim", v.in_channels * v.temporal_patch_size * v.patch_size ** 2)
-    # One buffer per device's prompts (`processor.encode(shards=S)`); the bucket is per buffer, at most the
-    # largest, so this is an upper bound; the vision tower's activations during prefill are one layer's.
-    images = _bytes((shape.patches, patch_dim), jnp.float32) + 8 * shape.patches * v.width * 4
+    images = _bytes((p, v.patch_dim), jnp.float32) + _vision_layer_bytes(model_config, shape, p)
     logits = local_rows * t.vocab_size * 4 * 2
     return [Item("rollout KV cache", cache, "exact", "rollout"),
-            Item("image buffers and vision prefill", images if shards else 0, "analytic", "rollout"),
+            Item("image buffers and vision prefill", images, "analytic", "rollout"),
             Item("decode logits", logits, "exact", "rollout")]
+
+
+def _vision_layer_bytes(model_config: ModelConfig, shape: RunShape, patches: int) -> int:
+    """One vision block's activations over `patches` patches, attention banded to one image."""
+    v = model_config.vision
+    band = min(patches, shape.image_patches)
+    a = jnp.dtype(shape.dtype).itemsize
+    return int(patches * (6 * v.width + 4 * v.mlp_dim) * a + 3 * v.num_heads * patches * band * 4)
 
 
 def train_activations(model_config: ModelConfig, shape: RunShape, mesh) -> int:
@@ -187,8 +196,7 @@ def train_activations(model_config: ModelConfig, shape: RunShape, mesh) -> int:
     vit = 0
     if shape.train_vit:  # a micro-batch's images on this device: at most one per prompt row, within the bucket
         p = min(shape.patches, local * shape.image_patches)
-        band = min(p, shape.image_patches)
-        per = p * ((6 * v.width + 4 * v.mlp_dim) * a) + 3 * v.num_heads * p * band * 4
+        per = _vision_layer_bytes(model_config, shape, p)
         vit = v.depth * (per if shape.remat == "none" else p * v.width * a) + per
     return int(lm + loss + vit)
 
@@ -314,7 +322,8 @@ def suggestions(model_config: ModelConfig, shape: RunShape, mesh_sizes: tuple[in
               if (plan := make_plan(model_config, s, sizes, device_memory)).fits]
     if single:
         return single
-    texts, sizes, current = [], mesh_sizes, shape
+    texts: dict[str, str] = {}  # a change's first flag -> its latest form (a later round may redo a change)
+    sizes, current = mesh_sizes, shape
     best = make_plan(model_config, shape, mesh_sizes, device_memory)
     while not best.fits:
         options = [(make_plan(model_config, s, z, device_memory), text, z, s) for text, z, s in _changes(current, sizes)]
@@ -322,8 +331,8 @@ def suggestions(model_config: ModelConfig, shape: RunShape, mesh_sizes: tuple[in
         if not options:
             return []
         best, text, sizes, current = min(options, key=lambda o: o[0].peak)
-        texts.append(text)
-    return [(" + ".join(texts), best)]
+        texts[text.split("=")[0]] = text
+    return [(" + ".join(texts.values()), best)]
 
 
 def parse_bytes(text: str) -> int:

@@ -1,11 +1,12 @@
 """Will it fit? `python -m vrl_jax.plan --config experiments/<name>.py[:variant] [--config.KEY=VALUE ...]
 [--mesh data=D,fsdp=F,tensor=T] [--device-memory 80GiB | --device-memory h100] [--model-config DIR_OR_JSON]
-[--compile]`
+[--image-patches N] [--compile]`
 
 Prints the per-device memory of the run (`vrl_jax.memory`: parameters, Adam moments, gradients, the KL
 reference, the train step's activations, the rollout's KV cache and image buffers, the peak) from the model's
 `config.json` alone: no weights are read, nothing is allocated. The model is `--model-config`, else the
-experiment's `model.path`, else its tiny model. With a device memory it says whether the run fits and, when it
+experiment's `model.path`, else its tiny model. Images count at their largest (`--image-patches`, else the
+model directory's preprocessor_config.json max_pixels, else transformers' default). With a device memory it says whether the run fits and, when it
 does not, which single change would make it fit. `--compile` replaces the analytic activation figure by
 XLA's memory analysis of the lowered train step (small models: it compiles the step on as many virtual CPU
 devices as the mesh). Exits 0 when the run fits (or no device memory was given), 1 when it does not.
@@ -22,7 +23,7 @@ from vrl_jax.errors import UserError, run_cli
 PROG = "python -m vrl_jax.plan"
 USAGE = (f"usage: {PROG} --config experiments/<name>.py[:variant] [--config.KEY=VALUE ...] "
          "[--mesh data=D,fsdp=F,tensor=T] [--device-memory 80GiB|h100|v5e|...] [--model-config DIR_OR_JSON] "
-         "[--compile] [--debug]")
+         "[--image-patches N] [--compile] [--debug]")
 
 # Special tokens of the tiny model's tokenizer that its config.json names (ids inside its vocabulary).
 _TINY_SPECIAL = ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
@@ -47,23 +48,32 @@ def model_config_for(c, path: str | None = None):
                                                 vision_width=t.vision_width, vision_depth=t.vision_depth))
 
 
-def image_patches_for(c, path: str | None = None) -> int | None:
-    """The most patches one image can have: the model directory's preprocessor_config.json max_pixels over
-    the patch area, the tiny model's (its processor's max_pixels), or None (the largest patch bucket)."""
+# transformers' Qwen2-VL image processor default max_pixels (28 * 28 * 1280) over 14-pixel patches.
+DEFAULT_IMAGE_PATCHES = 28 * 28 * 1280 // 14 ** 2
+
+
+def image_patches_for(c, path: str | None = None) -> tuple[int, str]:
+    """(the most patches one image can have, where that came from): the model directory's
+    preprocessor_config.json max_pixels over the patch area, the tiny model's processor, or transformers'
+    default max_pixels."""
     import json
     path = path or c.model.path
     if not path:
         from vrl_jax.models.tiny import QWEN_FAMILIES, tiny_image_patches
-        return tiny_image_patches(c.model.tiny.family) if c.model.tiny.family in QWEN_FAMILIES else None
+        if c.model.tiny.family in QWEN_FAMILIES:
+            return tiny_image_patches(c.model.tiny.family), "the tiny model's processor"
+        return DEFAULT_IMAGE_PATCHES, "transformers' default max_pixels"
     file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "preprocessor_config.json")
     try:
         with open(file) as f:
             raw = json.load(f)
         size = raw.get("size") or {}
         max_pixels = raw.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
-        return int(max_pixels) // int(raw.get("patch_size", 14)) ** 2 if max_pixels else None
+        if max_pixels:
+            return int(max_pixels) // int(raw.get("patch_size", 14)) ** 2, file
     except (OSError, ValueError, TypeError):
-        return None
+        pass
+    return DEFAULT_IMAGE_PATCHES, "transformers' default max_pixels (no preprocessor_config.json)"
 
 
 def parse_mesh(text: str | None, c) -> tuple[int, int, int]:
@@ -88,7 +98,7 @@ def check_fits(c, num_devices: int, device_memory: int | None) -> None:
         return
     from vrl_jax import memory, sharding as shd
     model_config = model_config_for(c)
-    shape = memory.run_shape(c, image_patches_for(c))
+    shape = memory.run_shape(c, image_patches_for(c)[0])
     sizes = shd.mesh_shape(shd.MeshConfig(**c.mesh), num_devices)
     plan = memory.make_plan(model_config, shape, sizes, device_memory)
     if plan.fits:
@@ -118,9 +128,11 @@ def main(argv: list[str]) -> int:
         flags.DEFINE_string("device_memory", None, "bytes per device (80GiB) or a device name", flag_values=fv)
         flags.DEFINE_string("model_config", None, "a model directory or its config.json", flag_values=fv)
         flags.DEFINE_bool("compile", False, "measure activations with XLA's memory analysis", flag_values=fv)
+        flags.DEFINE_integer("image_patches", None, "the most patches one image has", lower_bound=1,
+                             flag_values=fv)
 
     argv = [a.replace("--device-memory", "--device_memory").replace("--model-config", "--model_config")
-            for a in argv]
+            .replace("--image-patches", "--image_patches") for a in argv]
     c, fv = parse_config_flags(argv, PROG, USAGE, define)
     sizes = parse_mesh(fv.mesh, c)
     devices = sizes[0] * sizes[1] * sizes[2]
@@ -135,14 +147,17 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         raise UserError(f"--device-memory: {e}") from None
     model_config = model_config_for(c, fv.model_config)
-    shape = memory.run_shape(c, image_patches_for(c, fv.model_config))
+    image_patches, source = ((fv.image_patches, "--image-patches") if fv.image_patches else
+                             image_patches_for(c, fv.model_config))
+    shape = memory.run_shape(c, image_patches)
     measured = memory.measured_train_activations(model_config, shape, sizes) if fv.compile else None
     plan = memory.make_plan(model_config, shape, sizes, limit, measured)
     t = model_config.text
     print(f"{model_config.model_type}: {t.num_layers} layers, hidden {t.hidden_size}, vocabulary {t.vocab_size}; "
           f"{shape.prompts} prompts x {shape.samples} samples in {shape.num_micro} micro-batches, "
           f"{shape.prompt_len} + {shape.new_tokens} tokens; compute {shape.dtype}, parameters {shape.param_dtype}, "
-          f"moments {shape.moments_dtype}, remat {shape.remat}")
+          f"moments {shape.moments_dtype}, remat {shape.remat}; images of at most {shape.image_patches} patches "
+          f"({source})")
     print(plan.table())
     if plan.fits is False:
         fixes = memory.suggestions(model_config, shape, sizes, limit)
