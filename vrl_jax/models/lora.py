@@ -8,7 +8,8 @@ decoder keeps its weights as stacked raw arrays under `lax.scan` and multiplies 
 
 and a projection computes `x @ W + (x @ A) @ (B * alpha / r)` (`project`). They live on the
 `DecoderLayers` module as ordinary `nnx.Param`s, so `lax.scan` slices them per layer with the rest of
-`w`, and the sharding rules for `language.layers.*` (leading layer axis) apply to them unchanged.
+`w`. They match none of `sharding.PARAM_RULES` (anchored at `_w$`), so they are replicated (`P()`),
+which is cheap at small r; no rule shards them yet.
 
 Switching the adapters off (the KL reference) multiplies B by 0 in `scale_adapters`, once per forward
 before the scan, instead of threading a scale through every block function: B is small ([L, r, out]),
