@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vrl_jax.models import layers
+from vrl_jax.models import layers, lora
 from vrl_jax.models.config import TextConfig
 
 
@@ -73,7 +73,7 @@ def _project(y, w: dict, name: str, heads: int, cfg: TextConfig):
     """y: [B, T, H] -> [B, T, heads, head_dim]: the q/k/v projection, its bias and (q, k) its norm if present."""
     b, t, _ = y.shape
     dt = y.dtype
-    x = y @ w[name + "_w"].astype(dt)
+    x = lora.project(y, w, name + "_w")
     if name + "_b" in w:
         x = x + w[name + "_b"].astype(dt)
     x = x.reshape(b, t, heads, cfg.head_dim)
@@ -98,10 +98,10 @@ def _attend_and_mlp(w: dict, x, q, k, v, mask, *, cfg: TextConfig):
     b, t, _ = x.shape
     dt = x.dtype
     attn = layers.attention(q, k, v, mask, cfg.head_dim**-0.5).reshape(b, t, -1)
-    x = x + attn @ w["o_w"].astype(dt)
+    x = x + lora.project(attn, w, "o_w")
     y = layers.rms_norm(x, w["post_norm"].astype(dt), cfg.rms_norm_eps)
-    mlp = jax.nn.silu(y @ w["gate_w"].astype(dt)) * (y @ w["up_w"].astype(dt))
-    return x + mlp @ w["down_w"].astype(dt)
+    mlp = jax.nn.silu(lora.project(y, w, "gate_w")) * lora.project(y, w, "up_w")
+    return x + lora.project(mlp, w, "down_w")
 
 
 def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, write_index, *, cfg: TextConfig):
@@ -162,6 +162,13 @@ class Qwen2Decoder(nnx.Module):
         self.layers = DecoderLayers(cfg, param_dtype=param_dtype, rngs=rngs)
         self.norm = _ones((cfg.hidden_size,), param_dtype)
         self.lm_head = None if tie_word_embeddings else _param(rngs, (cfg.hidden_size, cfg.vocab_size), param_dtype)
+        self.lora: lora.LoraConfig | None = None  # set by `lora.add_adapters`
+
+    def layer_weights(self, lora_scale=1.0) -> dict:
+        """The stacked layer weights {name: [layers, ...]} the scan slices, adapters' B scaled by
+        alpha / r * lora_scale (`lora.scale_adapters`; lora_scale 0.0 = the base model)."""
+        stacked = {k: getattr(self.layers, k).value for k in self.layers.names()}
+        return stacked if self.lora is None else lora.scale_adapters(stacked, self.lora.scaling * lora_scale)
 
     def embed_tokens(self, input_ids, dtype):
         """input_ids: int [B, T] -> [B, T, H]."""
@@ -172,14 +179,15 @@ class Qwen2Decoder(nnx.Module):
         return self.embed.value.T if self.lm_head is None else self.lm_head.value
 
     def __call__(self, x, positions, kv_valid, cache: KVCache | None = None, write_index=0,
-                 remat: bool | str = False, deepstack=None):
+                 remat: bool | str = False, deepstack=None, lora_scale=1.0):
         """Runs the decoder stack.
 
         x: [B, T, H] input embeddings; positions: int [3, B, T] rotary positions (M-RoPE axes);
         kv_valid: bool [B, S] which key slots hold real tokens (S = T without a cache, the cache
         length with one); cache: KVCache or None; write_index: int scalar, the slot of x's first token;
         deepstack: a `qwen3_vl.DeepStack` or None: Qwen3-VL's image features added to the hidden states
-        at image positions after each of the first D layers.
+        at image positions after each of the first D layers; lora_scale: multiplies the adapters'
+        update (1.0 = the adapted model, 0.0 = the base model; ignored without adapters).
         Returns (hidden [B, T, H] after the final norm, updated cache or None).
         """
         cfg = self.config
@@ -187,7 +195,7 @@ class Qwen2Decoder(nnx.Module):
         cos, sin = layers.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype,
                                         cfg.mrope_interleaved)
         mask = layers.causal_mask(kv_valid, write_index + jnp.arange(t))
-        stacked = {k: getattr(self.layers, k).value for k in self.layers.names()}
+        stacked = self.layer_weights(lora_scale)
 
         def body(carry, xs):
             h, c = carry
@@ -202,13 +210,13 @@ class Qwen2Decoder(nnx.Module):
         return layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps), cache
 
     def shared_prompt(self, xp, positions_p, valid_p, xr, positions_r, valid_r, remat: bool | str = False,
-                      deepstack=None):
+                      deepstack=None, lora_scale=1.0):
         """The decoder stack over G prompts shared by n responses each (`shared_prompt_block`).
 
         xp: [G, L, H], positions_p: int [3, G, L], valid_p: bool [G, L] (the prompts, left-padded);
         xr: [G*n, N, H], positions_r: int [3, G*n, N], valid_r: bool [G*n, N] (the responses, rows of
         a group consecutive); deepstack: the prompts' `qwen3_vl.DeepStack` or None (images are in the
-        prompts only). Returns final-norm hidden states ([G, L, H], [G*n, N, H]).
+        prompts only); lora_scale: as in `__call__`. Returns final-norm hidden states ([G, L, H], [G*n, N, H]).
         """
         cfg = self.config
         length, n = valid_p.shape[1], xr.shape[0] // xp.shape[0]
@@ -218,7 +226,7 @@ class Qwen2Decoder(nnx.Module):
         mask_p = layers.causal_mask(valid_p, jnp.arange(length))
         kv_valid = jnp.concatenate([jnp.repeat(valid_p, n, axis=0), valid_r], axis=1)
         mask_r = layers.causal_mask(kv_valid, length + jnp.arange(xr.shape[1]))
-        stacked = {k: getattr(self.layers, k).value for k in self.layers.names()}
+        stacked = self.layer_weights(lora_scale)
 
         def body(carry, xs):
             w, layer = xs

@@ -125,21 +125,23 @@ class QwenVL(nnx.Module):
         return x, ds
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
-                      cache: KVCache | None = None, write_index=0, kv_valid=None, remat: bool = False):
+                      cache: KVCache | None = None, write_index=0, kv_valid=None, remat: bool = False,
+                      lora_scale=1.0):
         """Final-norm hidden states [B, T, H] and the updated cache.
 
         input_ids: int [B, T]; positions: int [3, B, T]; attention_mask: [B, T] (1 = real token).
         With a cache, `kv_valid` [B, S] says which cache slots are real once this call's tokens are
-        written at `write_index`; without one it is `attention_mask`.
+        written at `write_index`; without one it is `attention_mask`. lora_scale: 1.0 the adapted model,
+        0.0 the base model (the KL reference), `Qwen2Decoder.__call__`.
         """
         x, deepstack = self.embed_rows(input_ids, vision, remat=remat)
         if kv_valid is None:
             kv_valid = attention_mask.astype(bool)
         return self.language(x, positions, kv_valid, cache=cache, write_index=write_index, remat=remat,
-                             deepstack=deepstack)
+                             deepstack=deepstack, lora_scale=lora_scale)
 
     def shared_prompt_hidden_states(self, input_ids, positions, attention_mask, prompt_mask,
-                                    vision: VisionInputs | None = None, remat: bool = False):
+                                    vision: VisionInputs | None = None, remat: bool = False, lora_scale=1.0):
         """`hidden_states` for rows that come in groups sharing their first L columns (a GRPO group's
         prompt), the prompt computed once per group.
 
@@ -155,13 +157,13 @@ class QwenVL(nnx.Module):
         xr = self.language.embed_tokens(input_ids[:, length:], self.dtype)
         hp, hr = self.language.shared_prompt(xp, positions[:, first, :length], prompt_mask.astype(bool), xr,
                                              positions[:, :, length:], attention_mask[:, length:].astype(bool),
-                                             remat=remat, deepstack=deepstack)
+                                             remat=remat, deepstack=deepstack, lora_scale=lora_scale)
         return jnp.concatenate([jnp.repeat(hp[:, -1:], n, axis=0), hr], axis=1)
 
     def logits(self, hidden):
         """hidden: [B, T, H] -> logits [B, T, V] float32 (computed in the model dtype, as transformers)."""
         return (hidden @ self.language.unembedding().astype(hidden.dtype)).astype(jnp.float32)
 
-    def __call__(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None):
-        hidden, _ = self.hidden_states(input_ids, positions, attention_mask, vision)
+    def __call__(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None, lora_scale=1.0):
+        hidden, _ = self.hidden_states(input_ids, positions, attention_mask, vision, lora_scale=lora_scale)
         return self.logits(hidden)
