@@ -129,17 +129,12 @@ def state_items(model_config: ModelConfig, shape: RunShape, mesh) -> list[Item]:
     return items
 
 
-def _row_shards(rows: int, mesh) -> int:
-    d = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
-    return d if rows % d == 0 else 1
-
-
 def rollout_items(model_config: ModelConfig, shape: RunShape, mesh) -> list[Item]:
     """The sampler's KV cache (prompt + response slots for every sample, rows over the batch axes, kv
     heads over "tensor" when they divide) and one prompt batch's packed image buffer."""
     t = model_config.text
     rows = shape.prompts * shape.samples
-    local_rows = rows // _row_shards(rows, mesh)
+    local_rows = rows // shd.row_shards(rows, mesh)
     tensor = mesh.shape["tensor"]
     kv_heads = t.num_kv_heads // tensor if t.num_kv_heads % tensor == 0 else t.num_kv_heads
     head_dim = t.explicit_head_dim or t.hidden_size // t.num_heads
@@ -147,7 +142,7 @@ def rollout_items(model_config: ModelConfig, shape: RunShape, mesh) -> list[Item
     cache = 2 * t.num_layers * local_rows * slots * kv_heads * head_dim * jnp.dtype(shape.dtype).itemsize
     # One buffer per device's prompts (`processor.encode(shards=S)`), at most one image per prompt within the
     # largest bucket, and one vision layer's activations at a time during the prefill.
-    local_prompts = shape.prompts // _row_shards(shape.prompts, mesh)
+    local_prompts = shape.prompts // shd.row_shards(shape.prompts, mesh)
     p = min(shape.patches, local_prompts * shape.image_patches)
     v = model_config.vision
     images = _bytes((p, v.patch_dim), jnp.float32) + _vision_layer_bytes(model_config, shape, p)
@@ -180,7 +175,7 @@ def train_activations(model_config: ModelConfig, shape: RunShape, mesh) -> int:
     """
     t, v = model_config.text, model_config.vision
     rows = shape.prompts * shape.samples // shape.num_micro
-    local = rows // _row_shards(rows, mesh)
+    local = rows // shd.row_shards(rows, mesh)
     seq = shape.prompt_len + shape.new_tokens
     tokens = local * seq
     tp = mesh.shape["tensor"]
@@ -209,7 +204,8 @@ def measured_train_activations(model_config: ModelConfig, shape: RunShape, mesh_
 
     from vrl_jax.models.weights import abstract_model
     from vrl_jax.rl.losses import PolicyLossConfig
-    from vrl_jax.rl.train_state import OptimizerConfig, TrainState, make_optimizer, train_state_shardings
+    from vrl_jax.rl.train_state import (OptimizerConfig, TrainState, make_optimizer, train_state_shardings,
+                                        trainable_params)
     from vrl_jax.rl.train_step import StepConfig, TrainBatch, batch_shardings, make_train_step
     n = math.prod(mesh_sizes)
     mesh = shd.make_mesh(shd.MeshConfig(*mesh_sizes), jax.devices()[:n])
@@ -219,7 +215,6 @@ def measured_train_activations(model_config: ModelConfig, shape: RunShape, mesh_
     params = abstract.to_pure_dict()
     opt_cfg = OptimizerConfig(train_vit=shape.train_vit, train_connector=shape.train_connector,
                               train_llm=shape.train_llm, moments_dtype=shape.moments_dtype)
-    from vrl_jax.rl.train_state import trainable_params
     opt_state = jax.eval_shape(make_optimizer(opt_cfg).init, trainable_params(params, opt_cfg))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     state = TrainState(params, opt_state, scalar, scalar, jax.ShapeDtypeStruct((2,), jnp.uint32))
