@@ -314,15 +314,18 @@ class StubServer:
                 try:
                     status, body, delay = stub.behaviour(payload, n)
                     stub.stop.wait(delay)
+                finally:
+                    # Leave the count before replying: once the client has read the reply it may
+                    # send its next request, which must not overlap this finished one.
+                    with stub.lock:
+                        stub.inflight -= 1
+                try:
                     self.send_response(status)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
                 except OSError:
                     pass  # the client gave up (timeout): expected in those tests
-                finally:
-                    with stub.lock:
-                        stub.inflight -= 1
 
             def log_message(self, *args):
                 pass
