@@ -446,7 +446,9 @@ def test_http_timeout_returns_within_budget_with_fallbacks(stub):
     out = vs.checker.check(["a", "b", "c", "d"], [RECT] * 4)
     elapsed = time.monotonic() - start
     vs.close()
-    assert elapsed < 1.0, elapsed  # one timeout per item, in parallel, no retry
+    # One 0.2 s timeout per item, in parallel, no retry; the server would answer after 5 s. The
+    # bound is loose because CI runs this beside another busy test worker.
+    assert elapsed < 2.5, elapsed
     assert out.reasons == ("timeout",) * 4 and np.isnan(out.scores).all()
     assert vs.checker.stats.snapshot()["fallback.timeout"] == 4
     # Budget shorter than the timeout: the call still returns on time; queued items never start.
@@ -455,7 +457,7 @@ def test_http_timeout_returns_within_budget_with_fallbacks(stub):
         start = time.monotonic()
         out = vs2.refiner.refine([RECT] * 5)
         elapsed = time.monotonic() - start
-        assert 0.35 < elapsed < 0.9, elapsed
+        assert 0.35 < elapsed < 2.5, elapsed  # the budget (0.4 s), not the 5 s timeout
         assert out.reasons == ("budget",) * 5 and out.texts == (RECT["hint"] + "\nAnswer: 28",) * 5
         assert vs2.refiner.stats.snapshot()["fallback.budget"] == 5
         # The two started requests were cut at the budget (not at timeout_s), so the pool is free
@@ -475,7 +477,7 @@ def test_http_connection_refused_is_retried_then_counted():
     start = time.monotonic()
     out = vs.checker.check(["a", "b"], [RECT] * 2)
     vs.close()
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 1.4  # 0.01 s backoffs; the default 0.5 s would take 1.5 s
     assert out.reasons == ("connection",) * 2 and out.fallback.all()
     assert vs.checker.stats.snapshot() == {"requests": 6, "retries": 4, "items": 2, "fallback.connection": 2}
 
