@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
 from tests.rl_batches import make_model, make_rollouts, model_config
 from vrl_jax.errors import UserError
@@ -129,6 +129,57 @@ def test_adapter_gradients_equal_finite_differences(config, rows):
                 assert abs(analytic - numeric) <= 1e-3 * abs(numeric) + 2e-5, (path, idx, analytic, numeric)
                 checked += abs(analytic) > 1e-4
         assert checked >= len(flat_a)  # at least half the checked entries have a sizeable gradient
+
+
+def test_a_lora_train_step_trains_the_adapters_alone_by_the_chain_rule(config):
+    """With adapters, the step's gradient holds the adapters (and the connector, which its flag trains) and no
+    language-model weight; the adapters' gradients equal the chain rule through the merged weight
+    W' = W + A B s (G = dL/dW' from the plain model: dL/dA = G (B s)^T, dL/dB = A^T G s), and the step moves
+    the adapters while leaving every base weight bit for bit."""
+    from tests.rl_batches import train_batch
+    from vrl_jax.rl.train_state import OptimizerConfig, create_train_state
+    from vrl_jax.rl.train_step import StepConfig, batch_gradients, make_train_step
+
+    model = adapted_model(config)
+    randomise_adapters(model)
+    opt = OptimizerConfig(learning_rate=1e-2, train_vit=False, train_connector=True, clip_grad_norm=None)
+    state, _, graphdef = create_train_state(model, opt)
+    batch = train_batch(make_rollouts(config, 4, seed=2), config, num_micro=2)
+    cfg = StepConfig(batch_size=4, num_micro=2, with_entropy=False)
+    grads = batch_gradients(state.params, batch, graphdef=graphdef, opt_cfg=opt, cfg=cfg)[0]
+    layers = grads["language"]["layers"]
+    assert sorted(layers) == sorted(n + suffix for n in TARGETS for suffix in (lora.A_SUFFIX, lora.B_SUFFIX))
+    assert set(grads) == {"language", "visual"} and all(k.startswith("merger") for k in grads["visual"])
+
+    merged = make_model(config)  # W' as plain weights; its full gradient gives G
+    params = state.params["language"]["layers"]
+    for name in TARGETS:
+        w = getattr(merged.language.layers, name)
+        w.value = w.value + jnp.einsum("lir,lro->lio", params[name + lora.A_SUFFIX], params[name + lora.B_SUFFIX],
+                                       precision="highest") * CONFIG.scaling
+    m_state, _, m_graphdef = create_train_state(merged, opt)
+    g = batch_gradients(m_state.params, batch, graphdef=m_graphdef, opt_cfg=OptimizerConfig(), cfg=cfg)[0]
+    for name in TARGETS:
+        a, b, gw = params[name + lora.A_SUFFIX], params[name + lora.B_SUFFIX], g["language"]["layers"][name]
+        want_a = jnp.einsum("lio,lro->lir", gw, b, precision="highest") * CONFIG.scaling
+        want_b = jnp.einsum("lir,lio->lro", a, gw, precision="highest") * CONFIG.scaling
+        for got, want in ((layers[name + lora.A_SUFFIX], want_a), (layers[name + lora.B_SUFFIX], want_b)):
+            scale = float(jnp.abs(want).max())
+            assert scale > 0 and float(jnp.abs(got - want).max()) <= 1e-4 * scale, name
+
+    before = jax.tree.map(np.asarray, state.params)
+    step = make_train_step(graphdef, opt, cfg)
+    new, metrics = step(state, batch)
+    after = jax.tree.map(np.asarray, new.params)
+    flat_before, flat_after = (traverse_util.flatten_dict(t, sep=".") for t in (before, after))
+    for path, value in flat_before.items():
+        trained = lora.is_adapter(path) or path.startswith("visual.merger")
+        if trained:
+            assert np.abs(flat_after[path] - value).max() > 0, path
+        else:
+            np.testing.assert_array_equal(flat_after[path], value, err_msg=path)
+    moments = new.opt_state[0].mu  # Adam's first moment: a flat dict over the trained parameters
+    assert moments and all(lora.is_adapter(k) or k.startswith("visual.merger") for k in moments)
 
 
 def test_config_mistakes_are_user_errors(config):

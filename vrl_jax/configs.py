@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import ml_collections
 
@@ -43,6 +44,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # none | full | dots | offload: what each layer keeps for the backward pass (models/layers.py)
+    # Low-rank adapters on the language model's projections (`models/lora.py`), rank 0 = full fine-tuning. With
+    # rank > 0 only the adapters of the language model train (plus the vision tower / connector if their
+    # optim.train_* flags say so), the KL reference copies only what trains, and checkpoints hold only that.
+    # targets: `re.search`ed against "language.layers.<name>", names q_w k_w v_w o_w gate_w up_w down_w.
+    c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=r"\.(q|k|v|o|gate|up|down)_w$",
+                                                  dropout=0.0))
     # family: the architecture of the tiny offline model (`models.tiny.TINY_FAMILIES`: qwen2_5_vl | qwen3_vl |
     # llava_onevision)
     c.model.tiny = ml_collections.ConfigDict(dict(family="qwen2_5_vl", hidden=128, layers=4, intermediate=384,
@@ -191,6 +198,7 @@ RULES: dict[str, tuple[Range, str]] = {
     "model.tiny.hidden": (POSITIVE, ""), "model.tiny.layers": (POSITIVE, ""),
     "model.tiny.intermediate": (POSITIVE, ""), "model.tiny.vision_width": (POSITIVE, ""),
     "model.tiny.vision_depth": (POSITIVE, ""), "model.tiny.vocab_size": (POSITIVE, ""),
+    "model.lora.rank": (NON_NEGATIVE, "0 = no adapters: full fine-tuning"), "model.lora.alpha": (POSITIVE, ""),
     "data.max_fault_share": (UNIT, "the share of samples that may be skipped as faulty"),
     "data.synthgeo.train": (NON_NEGATIVE, ""), "data.synthgeo.val": (NON_NEGATIVE, ""),
     "data.synthgeo.test": (NON_NEGATIVE, ""), "data.synthgeo.seed": (NON_NEGATIVE, ""),
@@ -290,6 +298,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if c.model.tiny.vision_width % 4:
         _fail("model.tiny.vision_width", f"must be a multiple of 4 (2 heads of an even width), "
                                          f"got {c.model.tiny.vision_width}")
+    _check_lora(c)
     if c.algorithm == "sft" and c.sft.steps == 0:
         _fail("sft.steps", "algorithm 'sft' needs sft.steps > 0")
     if c.algorithm != "sft" and c.rl_steps == 0 and c.rl_epochs == 0 and c.sft.steps == 0:
@@ -375,6 +384,36 @@ def _generator_config(c):
     s = c.data.synthgeo
     return GeneratorConfig(seed=s.seed, levels=tuple(s.levels), text_fraction=s.text_fraction,
                            **({"families": tuple(s.families)} if s.families else {}))
+
+
+def _check_lora(c) -> None:
+    lo = _get(c, "model.lora")
+    if lo is None:
+        return
+    if not isinstance(lo.rank, int) or isinstance(lo.rank, bool):
+        _fail("model.lora.rank", f"must be an integer (0 = off), got {lo.rank!r}")
+    if lo.dropout != 0.0:
+        _fail("model.lora.dropout", f"adapter dropout is not implemented; set 0.0 (got {lo.dropout!r})")
+    if not lo.rank:
+        return
+    try:
+        pattern = re.compile(lo.targets)
+    except (re.error, TypeError) as e:
+        _fail("model.lora.targets", f"{lo.targets!r} is not a valid regular expression ({e})")
+    from vrl_jax.models.lora import PATH_PREFIX, PROJECTIONS
+    if not any(pattern.search(PATH_PREFIX + n) for n in PROJECTIONS):
+        _fail("model.lora.targets", f"{lo.targets!r} matches none of the language model's projections "
+                                    f"{', '.join(PATH_PREFIX + n for n in PROJECTIONS)}")
+    if not c.optim.train_llm:
+        _fail("optim.train_llm", "model.lora.rank > 0 trains the language model through its adapters; "
+                                 "set optim.train_llm=True (or model.lora.rank=0)")
+
+
+def lora_config(c) -> "LoraConfig | None":
+    """The adapters `c.model.lora` asks for, or None for full fine-tuning (rank 0)."""
+    from vrl_jax.models.lora import LoraConfig
+    lo = _get(c, "model.lora")
+    return LoraConfig(lo.rank, float(lo.alpha), lo.targets) if lo is not None and lo.rank else None
 
 
 def _data_parallel(c, num_devices: int) -> int:

@@ -61,7 +61,9 @@ class RunShape:
     train_vit: bool
     train_connector: bool
     train_llm: bool
-    reference: bool  # a KL reference copy of the parameters is kept
+    reference: bool  # a KL reference copy of the trained parameters is kept
+    lora_rank: int = 0  # LoRA adapters' rank (`model.lora`), 0 = full fine-tuning
+    lora_targets: str = r"\.(q|k|v|o|gate|up|down)_w$"
 
 
 def run_shape(c, image_patches: int | None = None) -> RunShape:
@@ -74,7 +76,14 @@ def run_shape(c, image_patches: int | None = None) -> RunShape:
         dtype=c.model.dtype, param_dtype=c.model.param_dtype, moments_dtype=c.optim.moments_dtype,
         remat=remat_policy_name(c.model.remat), chunk_size=c.loss.chunk_size, train_vit=c.optim.train_vit,
         train_connector=c.optim.train_connector, train_llm=c.optim.train_llm,
-        reference=bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef)))
+        reference=bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef)),
+        lora_rank=c.model.lora.rank, lora_targets=c.model.lora.targets)
+
+
+def lora_of(shape: RunShape):
+    """The `lora.LoraConfig` of the run's adapters, or None (alpha does not change any size)."""
+    from vrl_jax.models.lora import LoraConfig
+    return LoraConfig(shape.lora_rank, 1.0, shape.lora_targets) if shape.lora_rank else None
 
 
 def abstract_mesh(sizes: tuple[int, int, int]) -> AbstractMesh:
@@ -94,16 +103,16 @@ def shard_bytes(path: str, shape: tuple[int, ...], dtype, mesh) -> int:
 
 
 def abstract_params(model_config: ModelConfig, shape: RunShape) -> dict[str, jax.ShapeDtypeStruct]:
-    """{dotted path: ShapeDtypeStruct} of the model's parameters, nothing allocated."""
-    return _abstract_params(model_config, shape.dtype, shape.param_dtype)
+    """{dotted path: ShapeDtypeStruct} of the model's parameters (LoRA adapters included), nothing allocated."""
+    return _abstract_params(model_config, shape.dtype, shape.param_dtype, lora_of(shape))
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_params(model_config: ModelConfig, dtype: str, param_dtype: str) -> dict[str, jax.ShapeDtypeStruct]:
+def _abstract_params(model_config: ModelConfig, dtype: str, param_dtype: str, lora) -> dict[str, jax.ShapeDtypeStruct]:
     from flax import traverse_util
 
     from vrl_jax.models.weights import abstract_model
-    _, state = abstract_model(model_config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
+    _, state = abstract_model(model_config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), lora=lora)
     return traverse_util.flatten_dict(state.to_pure_dict(), sep=".")
 
 
@@ -116,7 +125,8 @@ def _trainable(params: dict, shape: RunShape) -> dict:
 
 
 def state_items(model_config: ModelConfig, shape: RunShape, mesh) -> list[Item]:
-    """Parameters, Adam moments, gradients and the reference, exact per device."""
+    """Parameters, Adam moments, gradients and the reference (a copy of the trained parameters,
+    `run_setup.reference_copy`), exact per device."""
     params = abstract_params(model_config, shape)
     trainable = _trainable(params, shape)
     p = sum(shard_bytes(k, v.shape, v.dtype, mesh) for k, v in params.items())
@@ -125,7 +135,7 @@ def state_items(model_config: ModelConfig, shape: RunShape, mesh) -> list[Item]:
     items = [Item("parameters", p, "exact", "both"), Item("Adam moments", moments, "exact", "both"),
              Item("gradients", grads, "exact", "train")]
     if shape.reference:
-        items.append(Item("KL reference parameters", p, "exact", "both"))
+        items.append(Item("KL reference parameters", grads, "exact", "both"))
     return items
 
 
@@ -210,7 +220,7 @@ def measured_train_activations(model_config: ModelConfig, shape: RunShape, mesh_
     n = math.prod(mesh_sizes)
     mesh = shd.make_mesh(shd.MeshConfig(*mesh_sizes), jax.devices()[:n])
     graphdef, abstract = abstract_model(model_config, dtype=jnp.dtype(shape.dtype),
-                                        param_dtype=jnp.dtype(shape.param_dtype))
+                                        param_dtype=jnp.dtype(shape.param_dtype), lora=lora_of(shape))
     graphdef = nnx.split(nnx.merge(graphdef, abstract), nnx.Param)[0]
     params = abstract.to_pure_dict()
     opt_cfg = OptimizerConfig(train_vit=shape.train_vit, train_connector=shape.train_connector,
@@ -277,10 +287,14 @@ def make_plan(model_config: ModelConfig, shape: RunShape, mesh_sizes: tuple[int,
                 tuple(mesh_sizes), device_memory)
 
 
+LORA_RANK = 64  # what the planner suggests (a common rank for 7B-scale RL; its memory is ~1% of the weights)
+
+
 def _changes(shape: RunShape, mesh_sizes: tuple[int, int, int]) -> list[tuple[str, tuple[int, int, int], RunShape]]:
     """Single changes worth trying, in order: shard parameters and moments more (fsdp), fewer rows per
-    micro-batch, remat, bfloat16 moments, bfloat16 parameters, and last, since it changes the recipe,
-    fewer prompts per step (the rollout's KV cache holds every sample of a step)."""
+    micro-batch, remat, bfloat16 moments, bfloat16 parameters, then the two that change the recipe: LoRA
+    adapters in place of the language model's weights, and fewer prompts per step (the rollout's KV cache
+    holds every sample of a step)."""
     data, fsdp, tensor = mesh_sizes
     out: list[tuple[str, tuple[int, int, int], RunShape]] = []
     if data > 1:
@@ -301,6 +315,9 @@ def _changes(shape: RunShape, mesh_sizes: tuple[int, int, int]) -> list[tuple[st
     if shape.param_dtype != "bfloat16":
         out.append(("--config.model.param_dtype=bfloat16 --config.model.dtype=bfloat16", mesh_sizes,
                     dataclasses.replace(shape, param_dtype="bfloat16", dtype="bfloat16")))
+    if shape.train_llm and not shape.lora_rank:  # trains adapters, not the language model's weights: changes the recipe
+        out.append((f"--config.model.lora.rank={LORA_RANK} (train LoRA adapters instead of the language model)",
+                    mesh_sizes, dataclasses.replace(shape, lora_rank=LORA_RANK)))
     for k in (2, 4, 8):  # as many rows per micro-batch as before: num_micro shrinks with the step
         if shape.prompts % k == 0 and shape.num_micro % k == 0:
             out.append((f"--config.prompts_per_step={shape.prompts // k} --config.num_micro={shape.num_micro // k} "

@@ -1,7 +1,8 @@
-"""What a run keeps in its workdir besides checkpoints and metrics: `config.json` (the recorded config a
-resumed run is checked against) and `reference/` (RL's KL reference, the policy RL starts from). Local
-directories and buckets alike (`etils.epath`); in a multi-host run every process takes part in saving and
-loading the reference (orbax writes and reads each process's shards)."""
+"""What a run keeps in its workdir besides metrics: what a checkpoint holds of the train state (`saved_state`),
+`config.json` (the recorded config a resumed run is checked against) and `reference/` (RL's KL reference
+after an SFT stage: the parameters that train, as SFT left them). Local directories and buckets alike
+(`etils.epath`); in a multi-host run every process takes part in saving and loading the reference (orbax
+writes and reads each process's shards)."""
 
 from __future__ import annotations
 
@@ -9,35 +10,53 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
+from flax import traverse_util
 
-from vrl_jax import sharding
-from vrl_jax.run_setup import RunSetup
-from vrl_jax.storage import write_text_atomic
+from vrl_jax import configs
+from vrl_jax.rl.train_state import TrainState, trainable_params
+from vrl_jax.run_setup import overlay, reference_copy
+from vrl_jax.storage import is_remote, write_text_atomic
 
 REFERENCE_DIR = "reference"
 
 
-def save_reference(setup: RunSetup, params, workdir: str):
-    """RL's KL reference is the policy RL starts from: after an SFT stage, its result. It is written to
-    `workdir/reference` (a vrl_jax model directory; every process writes its shards) so that a resumed
-    run measures KL against it too."""
-    from vrl_jax.models.loading import save_orbax
-    ref = jax.tree.map(jnp.copy, params)
-    save_orbax(nnx.merge(setup.graphdef, ref), os.path.join(workdir, REFERENCE_DIR), source_dir=setup.model_dir)
+def saved_state(c, state: TrainState) -> TrainState:
+    """What a checkpoint holds: `state` with only the parameters that train (by `optim.train_*`; a LoRA run's
+    adapters). The frozen ones are the model directory's, loaded again by a resumed run (`restored_state`)."""
+    trainable = trainable_params(state.params, configs.optimizer_config(c, 1))
+    return state._replace(params=traverse_util.unflatten_dict(trainable, sep="."))
+
+
+def restored_state(state: TrainState, saved: TrainState) -> TrainState:
+    """A checkpoint's `saved_state` completed with the frozen parameters of `state` (the run's fresh one)."""
+    return saved._replace(params=overlay(state.params, traverse_util.flatten_dict(saved.params, sep=".")))
+
+
+def save_reference(c, params, workdir: str, mesh=None) -> dict:
+    """RL's KL reference is the policy RL starts from: after an SFT stage, its result. Its part that differs
+    from the policy (`run_setup.reference_copy`: the parameters that train) is written to `workdir/reference`
+    (orbax; every process writes its shards), so that a resumed run measures KL against it too."""
+    ref = reference_copy(c, params, mesh)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(_reference_dir(workdir), traverse_util.unflatten_dict(ref, sep="."), force=True)
     return ref
 
 
-def load_reference(c, setup: RunSetup, workdir: str, mesh=None):
-    """The reference `save_reference` wrote (the run's own model config; each process reads its shards)."""
-    from vrl_jax.models.config import ModelConfig
-    from vrl_jax.models.loading import load_orbax
-    model = load_orbax(os.path.join(workdir, REFERENCE_DIR), ModelConfig.from_pretrained(setup.model_dir),
-                       dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype),
-                       shardings=None if mesh is None else sharding.param_sharding_fn(mesh))
-    return nnx.split(model, nnx.Param)[1].to_pure_dict()
+def load_reference(c, params, workdir: str, mesh=None) -> dict:
+    """The reference `save_reference` wrote, each leaf placed like the parameter of `params` (the run's
+    current state) it stands for."""
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
+              for k, v in trainable_params(params, configs.optimizer_config(c, 1)).items()}
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(_reference_dir(workdir), traverse_util.unflatten_dict(target, sep="."))
+    return traverse_util.flatten_dict(restored, sep=".")
+
+
+def _reference_dir(workdir: str) -> str:
+    path = os.path.join(workdir, REFERENCE_DIR)
+    return path if is_remote(path) else os.path.abspath(path)  # orbax wants absolute paths
 
 
 def write_config(workdir: str, config: dict) -> None:

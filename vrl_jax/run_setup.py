@@ -24,6 +24,7 @@ from vrl_jax.data.faults import FaultCounter
 from vrl_jax.data.formats import Example, SampleFault, load_examples, load_image
 from vrl_jax.data.pipeline import eval_dataset, eval_num_batches, train_dataset
 from vrl_jax.errors import UserError, ensure_writable_dir
+from vrl_jax.models import lora
 from vrl_jax.models.loading import check_model_dir, load_model
 from vrl_jax.models.processor import VLProcessor
 from vrl_jax.rewards import RewardSet
@@ -80,7 +81,7 @@ class RunSetup:
     sft_data: Any  # grain IterDataset of SFT batches, or None
     rl_data: Any
     eval_data: dict[str, Callable[[], Any]]  # split -> a fresh pass over its batches
-    ref_params: Any
+    ref_params: Any  # RL's KL reference where it differs from the policy (`reference_copy`), or None
     faults: FaultCounter
     eval_batches: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> batches per pass
     num_train: int = 0  # training examples after faults and over-long prompts were left out
@@ -263,6 +264,25 @@ def rl_steps(c, num_train: int) -> int:
     return math.ceil(c.rl_epochs * num_train / c.prompts_per_step) if c.rl_epochs else c.rl_steps
 
 
+LORA_KEY = 0x10A  # folded into the run's seed for the adapters' initial A
+
+
+def reference_copy(c, params, mesh=None) -> dict:
+    """RL's KL reference where it differs from the policy: a copy of the parameters that train, {dotted path:
+    array}, placed like them. Frozen ones (a vision tower MAYE does not train, a LoRA run's base weights) are
+    the policy's own, so `overlay` reads them from the current state instead of a second copy."""
+    from vrl_jax.rl.train_state import trainable_params
+    ref = {k: jnp.copy(v) for k, v in trainable_params(params, configs.optimizer_config(c, 1)).items()}
+    return ref if mesh is None else sharding.put(ref, sharding.param_shardings(ref, mesh))
+
+
+def overlay(params, flat: dict):
+    """`params` (pure dict) with the leaves at `flat`'s dotted paths replaced by its arrays: the reference's
+    full parameters from `reference_copy`, a state's from a checkpoint's trainable ones."""
+    from flax import traverse_util
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(params, sep="."), **flat}, sep=".")
+
+
 def prepare_run(c, workdir: str, mesh=None) -> RunSetup:
     """Data, model, processor, rewards and pipelines for a run. Every process reads the same global
     batches (see `vrl_jax.distributed`); with a `mesh` the reference parameters are placed on it."""
@@ -288,13 +308,11 @@ def prepare_run(c, workdir: str, mesh=None) -> RunSetup:
     model = load_model(model_dir, dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype))
     # No image of this run has more patches than the processor allows: vision attention stays within that.
     model.visual.max_segment = processor.image_processor.max_patches
+    if (lora_cfg := configs.lora_config(c)) is not None:  # the same adapters in every process (same key)
+        lora.add_adapters(model.language, lora_cfg, jax.random.fold_in(jax.random.key(c.seed), LORA_KEY))
     graphdef, params = nnx.split(model, nnx.Param)
     needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef))
-    ref_params = None
-    if needs_ref:
-        ref_params = jax.tree.map(jnp.copy, params.to_pure_dict())
-        if mesh is not None:
-            ref_params = sharding.put(ref_params, sharding.param_shardings(ref_params, mesh))
+    ref_params = reference_copy(c, params.to_pure_dict(), mesh) if needs_ref else None
     # Batches the sampler reads have their images packed per row shard (each device encodes its own rows'
     # images); SFT batches are re-packed per micro-batch by the trainer.
     def encode(rows: int):

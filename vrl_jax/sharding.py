@@ -44,6 +44,12 @@ PARAM_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     (r"^language\.layers\.(q|k|v|gate|up)_w$", (None, "fsdp", "tensor")),  # [L, H, out]
     (r"^language\.layers\.(q|k|v)_b$", (None, "tensor")),  # [L, out]
     (r"^language\.layers\.(o|down)_w$", (None, "tensor", "fsdp")),  # [L, in, H]
+    # LoRA adapters (`models/lora.py`) A [L, in, r] and B [L, r, out]: in and out split as their weight's,
+    # the rank r whole, so x @ A and (x @ A) @ B need no more communication than x @ W.
+    (r"^language\.layers\.(q|k|v|gate|up)_w_lora_a$", (None, "fsdp", None)),
+    (r"^language\.layers\.(q|k|v|gate|up)_w_lora_b$", (None, None, "tensor")),
+    (r"^language\.layers\.(o|down)_w_lora_a$", (None, "tensor", None)),
+    (r"^language\.layers\.(o|down)_w_lora_b$", (None, None, "fsdp")),
     # Vision blocks, stacked [depth, ...].
     (r"^visual\.blocks\.(qkv|fc1|gate|up)_w$", (None, "fsdp", "tensor")),
     (r"^visual\.blocks\.(qkv|fc1|gate|up)_b$", (None, "tensor")),

@@ -38,8 +38,9 @@ from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
 from vrl_jax.rl.train_state import create_train_state, train_state_shardings
 from vrl_jax.rl.train_step import OnMesh, StepConfig, make_train_step
-from vrl_jax.run_files import load_reference, read_config, save_reference, write_config
-from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run, rl_steps, setup_dir
+from vrl_jax.run_files import (load_reference, read_config, restored_state, save_reference, saved_state,
+                               write_config)
+from vrl_jax.run_setup import RunSetup, check_inputs, overlay, prepare_run, rl_steps, setup_dir
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 from vrl_jax.timing import CompileWatch, PhaseTimer
 
@@ -236,7 +237,8 @@ class Loop:
         ref = None
         if self.needs_ref:  # the reference policy's log-probs of the sampled tokens (KL reward / KL loss)
             with timer("reference"):
-                ref = self.response_logprobs(self.s.ref_params, ro, ro.tokens, mask, ro.logprobs)
+                ref = self.response_logprobs(overlay(state.params, self.s.ref_params), ro, ro.tokens, mask,
+                                             ro.logprobs)
         with timer("credit"):
             tb, cred, extra = self.credit_batch(ro, mask, valid, ref)
         if c.rollout.old_logprobs == "recompute":  # pi_old from the training forward, not the sampler
@@ -372,20 +374,20 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
     # every checkpoint, so a resumed run summarises its epoch exactly as an uninterrupted one.
     acc, acc_epoch = EpochAccumulator.create(EPOCH_KEYS), None
     restored, damaged = ckpt.restore_latest_intact(jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state),
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), saved_state(c, state)),
         allow_config_change=allow_config_change)
     for d in damaged:
         print(f"checkpoint step {d.step} cannot be restored and was set aside as {d.set_aside_as} (kept, not "
               f"deleted); resuming from step {restored.step}. Why: {d.reason}", flush=True)
     if restored is not None:
-        start, state = restored.step, restored.state
+        start, state = restored.step, restored_state(state, restored.state)
         stage = restored.extra["stage"]
         if restored.extra.get("epoch_acc") is not None:
             acc, acc_epoch = EpochAccumulator.from_dict(restored.extra["epoch_acc"]), restored.extra["acc_epoch"]
         if stage == "rl" and c.sft.steps:
             _, step_fn = new_state("rl")
             if loop.needs_ref:
-                setup.ref_params = load_reference(c, setup, workdir, mesh)
+                setup.ref_params = load_reference(c, state.params, workdir, mesh)
         for name, st in (restored.data_state or {}).items():
             if iters.get(name) is not None and st is not None:
                 iters[name].set_state(st)
@@ -431,7 +433,7 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
                 stage = "rl"
                 state, step_fn = new_state("rl", state.params)
                 if loop.needs_ref:
-                    setup.ref_params = save_reference(setup, state.params, workdir)
+                    setup.ref_params = save_reference(c, state.params, workdir, mesh)
             batch = next(iters[stage])
             if stage == "sft":
                 state, metrics = loop.sft_step(state, step_fn, batch)
@@ -465,10 +467,10 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
             if (c.checkpoint.every_steps and done % c.checkpoint.every_steps == 0) or done == total_steps:
                 writer.flush()
                 ranked = last_eval if ckpt.best_metric and ckpt.best_metric in last_eval else None
-                ckpt.save(done, state, data_state, extra, metrics=ranked, force=True)
+                ckpt.save(done, saved_state(c, state), data_state, extra, metrics=ranked, force=True)
             if guard.should_stop(done, ckpt):
                 writer.flush()
-                ckpt.save(done, state, data_state, extra, force=True)
+                ckpt.save(done, saved_state(c, state), data_state, extra, force=True)
                 stopped = (f"stopped by signal ({guard.reason}) at step {done}: checkpoint saved in "
                            f"{workdir}/checkpoints; run the same command again to resume")
                 break

@@ -8,8 +8,7 @@ decoder keeps its weights as stacked raw arrays under `lax.scan` and multiplies 
 
 and a projection computes `x @ W + (x @ A) @ (B * alpha / r)` (`project`). They live on the
 `DecoderLayers` module as ordinary `nnx.Param`s, so `lax.scan` slices them per layer with the rest of
-`w`. They match none of `sharding.PARAM_RULES` (anchored at `_w$`), so they are replicated (`P()`),
-which is cheap at small r; no rule shards them yet.
+`w`. `sharding.PARAM_RULES` splits A's input and B's output dimension as their weight's, r whole.
 
 Switching the adapters off (the KL reference) multiplies B by 0 in `scale_adapters`, once per forward
 before the scan, instead of threading a scale through every block function: B is small ([L, r, out]),
@@ -31,6 +30,14 @@ from vrl_jax.errors import UserError
 
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
 PATH_PREFIX = "language.layers."  # adapter targets are matched against "language.layers.<name>"
+# The decoder's projections every family has (`Qwen2Decoder`), for checking a config before the model exists.
+PROJECTIONS = ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")
+_ADAPTER = re.compile(f"({A_SUFFIX}|{B_SUFFIX})$")
+
+
+def is_adapter(path: str) -> bool:
+    """Whether the dotted parameter path is a LoRA adapter (`*_lora_a`, `*_lora_b`)."""
+    return _ADAPTER.search(path) is not None
 
 
 @dataclasses.dataclass(frozen=True)

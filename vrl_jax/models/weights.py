@@ -154,11 +154,20 @@ def to_hf_layout(arr: np.ndarray, layout: str | None, hf_shape: tuple[int, ...] 
     return arr
 
 
-def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32):
-    """The model's graph and parameter shapes, with no parameter allocated."""
+def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32, lora=None):
+    """The model's graph and parameter shapes, with no parameter allocated; with `lora` (a
+    `lora.LoraConfig`), its adapters too."""
+    from vrl_jax.models import lora as lora_lib
     from vrl_jax.models.families import resolve
     cls = resolve(config.model_type, "model")
-    return nnx.split(nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))))
+
+    def build():
+        model = cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        if lora is not None:
+            lora_lib.add_adapters(model.language, lora, jax.random.key(0))
+        return model
+
+    return nnx.split(nnx.eval_shape(build))
 
 
 def _flat_params(state: nnx.State) -> dict[str, object]:

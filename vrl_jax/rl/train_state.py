@@ -24,6 +24,7 @@ from flax import nnx
 from flax import traverse_util
 
 from vrl_jax import sharding as shd
+from vrl_jax.models.lora import is_adapter
 
 # Which flag owns a parameter path (MAYE: vit = patch embedding + blocks, connector = the merger, Qwen3-VL's
 # DeepStack mergers and LLaVA-OneVision's projector).
@@ -157,13 +158,21 @@ def _unflat(flat: dict[str, Any]) -> Any:
 
 
 def trainable_mask(params: Any, cfg: OptimizerConfig) -> Any:
-    """Booleans, the structure of `params`: True where the parameter trains (by the train_* flags)."""
+    """Booleans, the structure of `params`: True where the parameter trains (by the train_* flags).
+
+    LoRA (`models/lora.py`): where the params hold adapters, the language model trains through them
+    alone: its adapters follow `train_llm` and its other weights are frozen."""
+    flat = _flat(params)
+    adapted = any(map(is_adapter, flat))
+
     def trains(path: str) -> bool:
+        if adapted and path.startswith("language."):
+            return bool(cfg.train_llm) and is_adapter(path)
         for pattern, flag in _PARTS:
             if re.search(pattern, path):
                 return bool(getattr(cfg, flag))
         raise ValueError(f"parameter {path!r} belongs to none of vit / connector / llm")
-    return _unflat({k: trains(k) for k in _flat(params)})
+    return _unflat({k: trains(k) for k in flat})
 
 
 def decay_mask_all(paths: list[str]) -> dict[str, bool]:
@@ -171,8 +180,9 @@ def decay_mask_all(paths: list[str]) -> dict[str, bool]:
 
 
 def decay_mask_no_bias_norm(paths: list[str]) -> dict[str, bool]:
-    """No decay on biases (`*_b`) or norm weights (`*norm*`, `norm1_w`, `merger_norm_w`, ...)."""
-    return {p: re.search(r"(_b$|norm)", p.rsplit(".", 1)[-1]) is None for p in paths}
+    """No decay on biases (`*_b`) or norm weights (`*norm*`, `norm1_w`, `merger_norm_w`, ...); LoRA adapters
+    (`*_lora_b` is not a bias) decay."""
+    return {p: is_adapter(p) or re.search(r"(_b$|norm)", p.rsplit(".", 1)[-1]) is None for p in paths}
 
 
 # HF Trainer's `get_decay_parameter_names` (the same in transformers 4.57.1, DyME's pin, and 5.23):
@@ -195,6 +205,9 @@ def decay_mask_hf_trainer(paths: list[str]) -> dict[str, bool]:
     present = set(paths)
     out = {}
     for path in paths:
+        if is_adapter(path):  # PEFT's lora_A / lora_B weights match none of the patterns: HF Trainer decays them
+            out[path] = True
+            continue
         if path not in hf_names:
             raise ValueError(f"decay_mask 'hf_trainer': parameter {path!r} has no HF name in any family's weight table")
         last = path.rsplit(".", 1)[-1]

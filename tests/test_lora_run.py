@@ -1,0 +1,90 @@
+"""A LoRA run end to end on the tiny default (`experiments/default.py:smoke` with `model.lora`): SFT then
+GRPO with a KL term, training the language model's adapters alone. Checkpoints and the KL reference hold the
+trained parameters only, a run resumed from a checkpoint equals the uninterrupted one, and the run's exports
+(the merged HF model, the PEFT adapter directory) load in transformers and peft with the policy's logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "experiments", "default.py") + ":smoke"
+LORA = ["--config.model.lora.rank=4", "--config.model.lora.alpha=8.0", "--config.loss.kl_coef=0.05",
+        "--config.optim.train_vit=False", "--config.rl_steps=3", "--config.checkpoint.keep=10",
+        "--config.eval.splits=('val',)", "--config.eval.settings=('low',)", "--report=false",
+        "--config.checkpoint.export_hf=False"]
+VOLATILE = ("time/", "speed/", "compile/", "timestamp", "time")
+
+
+def run_train(workdir, cache_dir, *overrides):
+    cmd = [sys.executable, "-m", "vrl_jax.train", f"--config={SMOKE}", f"--workdir={workdir}", *LORA, *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def rows(workdir, split="train"):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)}
+                for r in map(json.loads, f) if r.get("split") == split]
+
+
+def saved_params(directory: str) -> set[str]:
+    """The parameter paths an orbax checkpoint of a TrainState (or of a bare param tree) holds."""
+    with open(os.path.join(directory, "_METADATA")) as f:
+        keys = json.load(f)["tree_metadata"]
+    paths = set()
+    for key in keys:
+        parts = [p.strip(" '") for p in key.strip("()").split(",") if p.strip()]
+        if parts[0] == "params":
+            parts = parts[1:]
+        elif parts[0] in ("opt_state", "step", "skipped", "rng"):
+            continue
+        paths.add(".".join(parts))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, session_jax_cache):
+    wd = str(tmp_path_factory.mktemp("lora"))
+    run_train(wd, session_jax_cache)
+    return wd
+
+
+def test_lora_run_trains_and_keeps_only_the_adapters(uninterrupted):
+    wd = uninterrupted
+    train = rows(wd)
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]  # 2 SFT + 3 GRPO steps
+    rl = [r for r in train if r["stage"] == 1.0]
+    # The KL reference is the policy RL starts from: the adapters as SFT left them, over the same base.
+    assert abs(rl[0]["training/kl_token_mean"]) < 1e-5 and rl[-1]["loss/kl_loss"] > 0
+    assert train[0]["sft/loss"] > 0 and train[1]["sft/loss"] < train[0]["sft/loss"]  # SFT moves the adapters
+    assert all(r.get("update/skipped_updates", r.get("sft/skipped_updates")) == 0 for r in train)
+    # Checkpoints and the reference hold the adapters and the connector (which smoke trains), no base weight.
+    for directory in (os.path.join(wd, "checkpoints", "5", "state"), os.path.join(wd, "reference")):
+        paths = saved_params(directory)
+        language = {p for p in paths if p.startswith("language.")}
+        assert language and all(p.endswith(("_lora_a", "_lora_b")) for p in language), sorted(paths)
+        assert all(p.startswith(("language.", "visual.merger")) for p in paths), sorted(paths)
+
+
+def test_a_resumed_lora_run_equals_the_uninterrupted_one(uninterrupted, tmp_path, session_jax_cache):
+    """Resume from the RL step-3 checkpoint (one RL step in): base weights from the model directory, the
+    adapters and the optimizer from the checkpoint, the reference adapters from `reference/`."""
+    wd = str(tmp_path / "resumed")
+    shutil.copytree(uninterrupted, wd)
+    for step in (4, 5):
+        shutil.rmtree(os.path.join(wd, "checkpoints", str(step)))
+    shutil.rmtree(os.path.join(wd, "export"), ignore_errors=True)
+    out = run_train(wd, session_jax_cache)
+    assert f"resumed {wd} at step 3" in out
+    assert rows(wd) == rows(uninterrupted)
+    assert rows(wd, "eval") == rows(uninterrupted, "eval")
