@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import jax
@@ -27,7 +28,7 @@ from vrl_jax.errors import UserError
 from vrl_jax.models import lora
 from vrl_jax.models.image_processing import ImageProcessor
 from vrl_jax.models.loading import export_hf, load_model
-from vrl_jax.models.lora_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, merge_adapters
+from vrl_jax.models.lora_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, merge_adapters, peft_modules
 from vrl_jax.models.weights import weight_table
 
 SELF_TOL = 1e-5
@@ -155,6 +156,19 @@ def test_peft_adapter_files(qwen):
     np.testing.assert_array_equal(tensors[key + ".lora_B.weight"], np.asarray(layers.down_w_lora_b.value[1]).T)
     assert tensors[key + ".lora_A.weight"].shape == (4, 128) and tensors[key + ".lora_B.weight"].shape == (64, 4)
     assert len(tensors) == 2 * 2 * len(ADAPTED)  # A and B, 2 layers, 5 projections
+
+
+def test_exclude_modules_names_only_the_models_own_same_named_modules():
+    """Qwen2-VL shares Qwen2.5-VL's weight table but its tower has mlp.fc1/fc2, no mlp.down_proj: nothing to
+    exclude (peft warns about an exclude_modules that excludes nothing)."""
+    from tests.rl_batches import model_config
+    names = ("q_w", "gate_w", "down_w")
+    assert peft_modules(model_config("qwen2_vl"), names)[1] is None
+    exclude = peft_modules(model_config("qwen2_5_vl"), names)[1]
+    assert re.fullmatch(exclude, "model.visual.blocks.3.mlp.down_proj")
+    assert re.fullmatch(exclude, "model.visual.blocks.0.mlp.gate_proj")
+    assert not re.fullmatch(exclude, "model.language_model.layers.0.mlp.down_proj")
+    assert not re.fullmatch(exclude, "model.visual.blocks.0.mlp.up_proj")
 
 
 def test_peft_round_trip_qwen2_5_vl(qwen):

@@ -27,7 +27,7 @@ from flax import nnx
 from vrl_jax.errors import UserError
 from vrl_jax.models import lora
 from vrl_jax.models.loading import write_files
-from vrl_jax.models.weights import template_pattern, to_hf_layout, to_host, weight_table
+from vrl_jax.models.weights import param_shapes, template_pattern, to_hf_layout, to_host, weight_table
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # What peft's own `save_pretrained` writes too (a model card): a directory holding only these is an adapter's.
@@ -74,12 +74,15 @@ def merge_adapters(model):
 
 def peft_modules(model_config, names: tuple[str, ...]) -> tuple[dict[str, str], str | None]:
     """({projection name: its module's name template in the transformers model, "{i}" the layer}, the
-    `exclude_modules` regex of the other modules that share an adapted module's last name (e.g. the
-    vision tower's `mlp.down_proj`, which peft's `target_modules: ["down_proj"]` would adapt too), or None)."""
+    `exclude_modules` regex of the model's other modules that share an adapted module's last name (e.g.
+    Qwen2.5-VL's vision `mlp.down_proj`, which peft's `target_modules: ["down_proj"]` would adapt too), or
+    None). Reads the config only (the parameter names of the model it describes, nothing allocated)."""
     in_memory = weight_table(model_config).in_memory
     modules = {n: in_memory[lora.PATH_PREFIX + n].removesuffix(".weight") for n in names}
     short = {m.split(".")[-1] for m in modules.values()}
-    all_modules = {t.removesuffix(".weight") for t in in_memory.values() if t.endswith(".weight")}
+    # this model's modules only: a table can serve several models (Qwen2-VL's and Qwen2.5-VL's towers)
+    all_modules = {in_memory[p].removesuffix(".weight") for p in param_shapes(model_config)
+                   if in_memory[p].endswith(".weight")}
     others = sorted(m for m in all_modules - set(modules.values()) if m.split(".")[-1] in short)
     return modules, "|".join(template_pattern(m) for m in others) or None
 
