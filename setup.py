@@ -11,6 +11,9 @@ TEST = [
     "pytest>=8",
     "pytest-xdist>=3.8",  # the README's test command runs two workers (one per core of a CI machine)
     "tensorflow-datasets==4.9.10",
+    # The oracle of the LoRA export (tests/test_lora_export.py): peft loads our adapter directory; pinned like
+    # transformers, since its key names and config fields follow transformers' module layout.
+    "peft==0.21.2",
 ]
 
 setup(

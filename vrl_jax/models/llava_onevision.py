@@ -107,9 +107,10 @@ LLAVA_WEIGHTS = WeightTable(
            *((f"multi_modal_projector.linear_{n}.{s}", f"projector.linear{n}_{s[0]}",
               "linear" if s == "weight" else None) for n in "12" for s in ("weight", "bias")),
            *_siglip_rules()),
-    prefixes=(("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
-              ("model.multi_modal_projector.", "multi_modal_projector."), ("model.image_newline", "image_newline"),
-              ("lm_head.", "language_model.lm_head."), ("vision_tower.vision_model.", "vision_tower.")))
+    in_memory=(("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+               ("multi_modal_projector.", "model.multi_modal_projector."), ("image_newline", "model.image_newline"),
+               ("language_model.lm_head.", "lm_head.")),
+    prefixes=(("vision_tower.vision_model.", "vision_tower."),))
 
 
 @dataclasses.dataclass

@@ -146,12 +146,19 @@ def export_hf(model: QwenVL, out_dir: str, source_dir: str | None = None, max_sh
     if torch_dtype is not None:
         np_dtype = np.dtype(jnp.dtype(torch_dtype))
         tensors = ((k, v.astype(np_dtype)) for k, v in tensors)
+    write_files(out_dir, lambda directory: save_sharded(tensors, directory, max_shard_bytes))
+
+
+def write_files(out_dir: str, write: Callable[[str], None]) -> None:
+    """Runs `write(directory)` on `out_dir`, or, for a bucket URI, on a temporary local directory whose files
+    are then uploaded one by one (safetensors writes local files only)."""
     if not is_remote(out_dir):
-        save_sharded(tensors, out_dir, max_shard_bytes)
+        os.makedirs(out_dir, exist_ok=True)
+        write(out_dir)
         return
     import tempfile
     from etils import epath
-    with tempfile.TemporaryDirectory() as local:  # safetensors writes local files; then each is uploaded
-        save_sharded(tensors, local, max_shard_bytes)
+    with tempfile.TemporaryDirectory() as local:
+        write(local)
         for name in os.listdir(local):
             (epath.Path(out_dir) / name).write_bytes(epath.Path(local, name).read_bytes())

@@ -85,6 +85,11 @@ def target_names(layers: nnx.Module, config: LoraConfig) -> tuple[str, ...]:
     return chosen
 
 
+def adapted_names(layers: nnx.Module) -> tuple[str, ...]:
+    """The projections of a `DecoderLayers` that carry adapters (have `<name>_lora_a`), in layer order."""
+    return tuple(n for n in projection_names(layers) if hasattr(layers, n + A_SUFFIX))
+
+
 def add_adapters(decoder: nnx.Module, config: LoraConfig, key: jax.Array) -> tuple[str, ...]:
     """Adds adapters to a `Qwen2Decoder` in place and returns the adapted projection names.
 

@@ -87,17 +87,26 @@ def _rename_prefix(key: str, prefixes: tuple[tuple[str, str], ...]) -> str:
     return key
 
 
-class WeightTable:
-    """One family's checkpoint names: `rules` in the layout export writes, and `prefixes`, (other layout's
-    prefix, the written layout's) pairs applied in order, so that every layout transformers reads loads."""
+def template_pattern(template: str) -> str:
+    """A key template ("...layers.{i}.mlp.down_proj.weight") as a regex whose group 1 is the layer index."""
+    return re.escape(template).replace(r"\{i\}", r"(\d+)")
 
-    def __init__(self, rules, prefixes=(), on_disk=()):
+
+class WeightTable:
+    """One family's checkpoint names: `rules` in the layout export writes; `in_memory`, (rules' prefix,
+    transformers 5.x module prefix) renames, first match wins, giving the names of the modules transformers
+    builds (its `state_dict()`, and so peft, use them); and `prefixes`, (other layout's prefix, the written
+    layout's) pairs applied in order after the in-memory names' own, so that every layout transformers reads
+    loads."""
+
+    def __init__(self, rules, prefixes=(), on_disk=(), in_memory=()):
         self.rules = tuple(rules)
-        self.prefixes = tuple(prefixes)
-        self._compiled = [(re.compile("^" + re.escape(t).replace(r"\{i\}", r"(\d+)") + "$"), p, k)
-                          for t, p, k in self.rules]
+        self.prefixes = tuple((new, old) for old, new in in_memory) + tuple(prefixes)
+        self._compiled = [(re.compile("^" + template_pattern(t) + "$"), p, k) for t, p, k in self.rules]
         # export's names: the rules' templates with `on_disk` (rules' prefix, written prefix) renames
         self.by_path = {p: (_rename_prefix(t, tuple(on_disk)), k) for t, p, k in self.rules}
+        # parameter path -> its key template in transformers' in-memory model
+        self.in_memory = {p: _rename_prefix(t, tuple(in_memory)) for t, p, _ in self.rules}
 
     def normalize_key(self, key: str) -> str:
         for other, written in self.prefixes:
@@ -115,12 +124,11 @@ class WeightTable:
         return None
 
 
-# transformers 5.x in-memory / new on-disk layout -> the legacy layout the table is written in.
-_NEW_TO_LEGACY = (("model.language_model.", "model."), ("model.visual.", "visual."))
-QWEN_VL_WEIGHTS = WeightTable(RULES, _NEW_TO_LEGACY)
+# The legacy layout the table is written in -> transformers 5.x's in-memory (and new on-disk) names.
+_LEGACY_TO_NEW = (("model.", "model.language_model."), ("visual.", "model.visual."))
+QWEN_VL_WEIGHTS = WeightTable(RULES, in_memory=_LEGACY_TO_NEW)
 # transformers writes the legacy layout for Qwen2/2.5-VL and the new one for Qwen3-VL (models.md 2.4).
-QWEN3_VL_WEIGHTS = WeightTable(QWEN3_VL_RULES, _NEW_TO_LEGACY, on_disk=(("model.", "model.language_model."),
-                                                                        ("visual.", "model.visual.")))
+QWEN3_VL_WEIGHTS = WeightTable(QWEN3_VL_RULES, on_disk=_LEGACY_TO_NEW, in_memory=_LEGACY_TO_NEW)
 
 
 def weight_table(config: ModelConfig) -> WeightTable:
