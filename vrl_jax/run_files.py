@@ -1,8 +1,8 @@
 """What a run keeps in its workdir besides metrics: what a checkpoint holds of the train state (`saved_state`),
-`config.json` (the recorded config a resumed run is checked against) and `reference/` (RL's KL reference
-after an SFT stage: the parameters that train, as SFT left them). Local directories and buckets alike
-(`etils.epath`); in a multi-host run every process takes part in saving and loading the reference (orbax
-writes and reads each process's shards)."""
+`config.json` (the recorded config a resumed run is checked against), `reference/` (RL's KL reference after an
+SFT stage: the parameters that train, as SFT left them) and the exports at the end (`export/`, a LoRA run's
+`adapter/`). Local directories and buckets alike (`etils.epath`); in a multi-host run every process takes part
+in saving and loading the reference and in the exports (orbax writes and reads each process's shards)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from etils import epath
 from flax import traverse_util
 
 from vrl_jax import configs
-from vrl_jax.rl.train_state import TrainState, trainable_params
+from vrl_jax.models.lora import is_adapter
+from vrl_jax.rl.train_state import TrainState, pure_params, trainable_params
 from vrl_jax.run_setup import overlay, reference_copy
 from vrl_jax.storage import is_remote, write_text_atomic
 
 REFERENCE_DIR = "reference"
+ADAPTER_DIR = "adapter"  # a LoRA run's PEFT export, beside export/
 
 
 def saved_state(c, state: TrainState) -> TrainState:
@@ -57,6 +59,23 @@ def load_reference(c, params, workdir: str, mesh=None) -> dict:
 def _reference_dir(workdir: str) -> str:
     path = os.path.join(workdir, REFERENCE_DIR)
     return path if is_remote(path) else os.path.abspath(path)  # orbax wants absolute paths
+
+
+def export_policy(c, model, workdir: str, model_dir: str) -> None:
+    """`workdir/export`: the policy as an HF directory; with LoRA, its adapters merged into the weights, and
+    `workdir/adapter` the adapters alone, a PEFT directory to load onto the base model `model_dir`, when they
+    are all that trained (a vision tower or connector trained beside them is only in export/)."""
+    from vrl_jax.models.loading import export_hf
+    if model.language.lora is not None:
+        from vrl_jax.models.lora_export import export_peft, merge_adapters
+        others = [k for k in trainable_params(pure_params(model), configs.optimizer_config(c, 1)) if not is_adapter(k)]
+        if others:
+            print(f"LoRA: no PEFT adapter directory, since parameters other than the adapters trained too "
+                  f"({others[0]}, ...); the policy is in {os.path.join(workdir, 'export')}", flush=True)
+        else:
+            export_peft(model, os.path.join(workdir, ADAPTER_DIR), base_model_name_or_path=model_dir)
+        model = merge_adapters(model)
+    export_hf(model, os.path.join(workdir, "export"), source_dir=model_dir)
 
 
 def write_config(workdir: str, config: dict) -> None:

@@ -38,8 +38,8 @@ from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
 from vrl_jax.rl.train_state import create_train_state, train_state_shardings
 from vrl_jax.rl.train_step import OnMesh, StepConfig, make_train_step
-from vrl_jax.run_files import (load_reference, read_config, restored_state, save_reference, saved_state,
-                               write_config)
+from vrl_jax.run_files import (export_policy, load_reference, read_config, restored_state, save_reference,
+                               saved_state, write_config)
 from vrl_jax.run_setup import RunSetup, check_inputs, overlay, prepare_run, rl_steps, setup_dir
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 from vrl_jax.timing import CompileWatch, PhaseTimer
@@ -483,7 +483,6 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
         setup.close()
         return TrainResult(last_eval, stopped)
     if c.checkpoint.export_hf:  # every process gathers the tensors it holds; process 0 writes
-        from vrl_jax.models.loading import export_hf
-        export_hf(nnx.merge(setup.graphdef, state.params), os.path.join(workdir, "export"), source_dir=setup.model_dir)
+        export_policy(c, nnx.merge(setup.graphdef, state.params), workdir, setup.model_dir)
     setup.close()
     return TrainResult(last_eval)
