@@ -16,6 +16,7 @@ test_iid problems under MAYE's three settings after SFT and at the end. Variants
   experiments/default.py:lora    SFT + GRPO training LoRA adapters (rank 16 on every projection of the
                                  language model) and nothing else, with a KL term to the SFT policy: the
                                  reference is the adapters as SFT left them, over the same base weights
+  experiments/default.py:qlora   the same with the frozen base weights of the language model in NF4
 """
 
 from vrl_jax.configs import base_config
@@ -84,8 +85,9 @@ def get_config(arg: str | None = None):
         c.data.template = "dyme_answer"
         c.data.length_buckets = (128, 192)  # DyME's instruction adds ~40 tokens
         c.dyme.answer_format = "flag"
-    elif arg == "lora":
+    elif arg in ("lora", "qlora"):
         c.model.lora.rank = 16
+        c.model.lora.quantize = "nf4" if arg == "qlora" else "none"
         c.model.lora.alpha = 32.0
         c.optim.train_vit = False
         c.optim.train_connector = False
@@ -115,5 +117,5 @@ def get_config(arg: str | None = None):
         c.checkpoint.every_steps = 1
     else:
         raise ValueError(f"experiments/default.py: unknown variant {arg!r}; expected sft_grpo, grpo, grpo_qwen3, "
-                         "sft, dyme, lora, smoke")
+                         "sft, dyme, lora, qlora, smoke")
     return c

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
+from jax.sharding import PartitionSpec as P
 
 from tests.rl_batches import make_model, make_rollouts, model_config
 from vrl_jax.errors import UserError
@@ -180,6 +181,44 @@ def test_a_lora_train_step_trains_the_adapters_alone_by_the_chain_rule(config):
             np.testing.assert_array_equal(flat_after[path], value, err_msg=path)
     moments = new.opt_state[0].mu  # Adam's first moment: a flat dict over the trained parameters
     assert moments and all(lora.is_adapter(k) or k.startswith("visual.merger") for k in moments)
+
+
+@pytest.mark.parametrize("scheme", ["none", "nf4"])
+def test_a_sharded_lora_step_equals_the_single_device_one(config, scheme):
+    """On a (data 2, fsdp 2, tensor 2) mesh, adapters split by their sharding rules (and, with QLoRA, the NF4
+    codes and scales by theirs), one step gives the single-device step's adapters, moments and metrics."""
+    from vrl_jax import sharding as shd
+    from vrl_jax.models import quantize
+    from vrl_jax.rl.train_state import OptimizerConfig, create_train_state, train_state_shardings
+    from vrl_jax.rl.train_step import StepConfig, batch_shardings, make_train_step
+    from tests.rl_batches import train_batch
+
+    def model():
+        m = adapted_model(config)
+        randomise_adapters(m)
+        if scheme != "none":
+            quantize.quantize_layers(m.language.layers, lora.projection_names(m.language.layers), scheme)
+        return m
+
+    opt = OptimizerConfig(learning_rate=1e-2, train_connector=False)
+    cfg = StepConfig(batch_size=8, num_micro=2, with_entropy=False)
+    batch = train_batch(make_rollouts(config, 8, seed=5), config, num_micro=2)
+    state, _, graphdef = create_train_state(model(), opt)
+    want, want_metrics = make_train_step(graphdef, opt, cfg)(state, batch)
+    mesh = shd.make_mesh((2, 2, 2))
+    state, _, _ = create_train_state(model(), opt, mesh=mesh)
+    layers = state.params["language"]["layers"]
+    assert layers["q_w_lora_a"].sharding.spec == P(None, "fsdp", None)
+    assert layers["down_w_lora_a"].sharding.spec == P(None, ("fsdp", "tensor"), None)
+    b_sh = batch_shardings(batch, mesh)
+    step = make_train_step(graphdef, opt, cfg, mesh=mesh, state_shardings=train_state_shardings(state),
+                           batch_shardings=b_sh)
+    got, metrics = step(state, shd.put(batch, b_sh))
+    for path, value in traverse_util.flatten_dict(jax.device_get(want.params), sep=".").items():
+        np.testing.assert_allclose(np.asarray(traverse_util.flatten_dict(jax.device_get(got.params), sep=".")[path]),
+                                   np.asarray(value), atol=1e-5, err_msg=path)
+    for key, value in jax.device_get(want_metrics).items():
+        np.testing.assert_allclose(float(metrics[key]), float(value), rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_config_mistakes_are_user_errors(config):

@@ -17,7 +17,7 @@ from flax import nnx
 
 from tests.rl_batches import make_model, model_config
 from vrl_jax import memory, sharding as shd
-from vrl_jax.models import lora
+from vrl_jax.models import lora, quantize
 from vrl_jax.plan import main as plan_main
 from vrl_jax.rl.train_state import OptimizerConfig, create_train_state, trainable_params
 
@@ -36,21 +36,25 @@ def shard_nbytes(tree) -> int:
                if isinstance(x, jax.Array) else np.asarray(x).nbytes for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("mesh_sizes,moments,lora_rank", [((1, 1, 1), "float32", 0), ((1, 2, 2), "bfloat16", 0),
-                                                         ((1, 2, 2), "float32", 4)])
-def test_state_figures_equal_the_real_trees_bytes(mesh_sizes, moments, lora_rank):
+@pytest.mark.parametrize("mesh_sizes,moments,lora_rank,scheme", [
+    ((1, 1, 1), "float32", 0, "none"), ((1, 2, 2), "bfloat16", 0, "none"), ((1, 2, 2), "float32", 4, "none"),
+    ((1, 2, 2), "float32", 4, "nf4"), ((2, 1, 2), "float32", 4, "int8")])
+def test_state_figures_equal_the_real_trees_bytes(mesh_sizes, moments, lora_rank, scheme):
     """Parameters, Adam moments, gradients and the KL reference (the trainable parameters' size) per device
     equal the bytes the first device really holds of a train state built on that mesh, exactly; with LoRA
-    adapters (on q and down: a column- and a row-parallel projection) too."""
+    adapters (on q and down: a column- and a row-parallel projection) too, and over a quantized base."""
     config = model_config("qwen2_5_vl", tie=False)
     targets = r"\.(q|down)_w$"
-    shape = dataclasses.replace(SHAPE, moments_dtype=moments, lora_rank=lora_rank, lora_targets=targets)
+    shape = dataclasses.replace(SHAPE, moments_dtype=moments, lora_rank=lora_rank, lora_targets=targets,
+                                quantize=scheme)
     opt = OptimizerConfig(train_vit=False, train_connector=True, moments_dtype=moments)
     n = math.prod(mesh_sizes)
     mesh = shd.make_mesh(shd.MeshConfig(*mesh_sizes), jax.devices()[:n]) if n > 1 else None
     model = make_model(config)
     if lora_rank:
         lora.add_adapters(model.language, lora.LoraConfig(lora_rank, 8.0, targets), jax.random.key(0))
+    if scheme != "none":
+        quantize.quantize_layers(model.language.layers, lora.projection_names(model.language.layers), scheme)
     state, _, _ = create_train_state(model, opt, mesh=mesh)
     items = {i.name: i.bytes for i in memory.state_items(config, shape, memory.abstract_mesh(mesh_sizes))}
     assert items["parameters"] == shard_nbytes(state.params)
@@ -98,6 +102,11 @@ def test_seven_b_on_eight_h100s_fits_and_on_a_v5e_8_gets_a_combination_that_fits
     assert "does NOT fit" in out and "--config.model.lora.rank=64" in out.split("changes that would fit:")[1]
     assert plan_main([*args, "--config.model.lora.rank=64", "--device-memory=h100"]) == 0
     lora_out = capsys.readouterr().out
+    assert plan_main([*args, "--config.model.lora.rank=64", "--config.model.lora.quantize=nf4"]) == 0
+    first = lambda text, name: float(next(  # noqa: E731 - the GiB column of a table row
+        line for line in text.splitlines() if line.strip().startswith(name)).split()[1])
+    # NF4 codes (4.5 bits with their scales) for the decoder's projections, float32 for the rest.
+    assert first(capsys.readouterr().out, "parameters") < 0.45 * first(lora_out, "parameters")
     adapters = next(line for line in lora_out.splitlines() if line.strip().startswith("gradients"))
     assert float(adapters.split()[1]) < 0.2 * float(next(  # adapters + vision tower, not the language model
         line for line in out.splitlines() if line.strip().startswith("gradients")).split()[1])

@@ -48,8 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
     # rank > 0 only the adapters of the language model train (plus the vision tower / connector if their
     # optim.train_* flags say so), the KL reference copies only what trains, and checkpoints hold only that.
     # targets: `re.search`ed against "language.layers.<name>", names q_w k_w v_w o_w gate_w up_w down_w.
+    # quantize: none | int8 | nf4: the language model's frozen projection weights stored quantized (QLoRA,
+    # `models/quantize.py`), widened for each matmul.
     c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=r"\.(q|k|v|o|gate|up|down)_w$",
-                                                  dropout=0.0))
+                                                  dropout=0.0, quantize="none"))
     # family: the architecture of the tiny offline model (`models.tiny.TINY_FAMILIES`: qwen2_5_vl | qwen3_vl |
     # llava_onevision)
     c.model.tiny = ml_collections.ConfigDict(dict(family="qwen2_5_vl", hidden=128, layers=4, intermediate=384,
@@ -394,7 +396,12 @@ def _check_lora(c) -> None:
         _fail("model.lora.rank", f"must be an integer (0 = off), got {lo.rank!r}")
     if lo.dropout != 0.0:
         _fail("model.lora.dropout", f"adapter dropout is not implemented; set 0.0 (got {lo.dropout!r})")
+    from vrl_jax.models.quantize import SCHEMES
+    _choice(c, "model.lora.quantize", ("none",) + SCHEMES)
     if not lo.rank:
+        if lo.quantize != "none":
+            _fail("model.lora.quantize", f"{lo.quantize!r} stores the frozen base weights of a LoRA run; set "
+                                         "model.lora.rank > 0 (full fine-tuning trains those weights)")
         return
     try:
         pattern = re.compile(lo.targets)

@@ -64,6 +64,7 @@ class RunShape:
     reference: bool  # a KL reference copy of the trained parameters is kept
     lora_rank: int = 0  # LoRA adapters' rank (`model.lora`), 0 = full fine-tuning
     lora_targets: str = r"\.(q|k|v|o|gate|up|down)_w$"
+    quantize: str = "none"  # QLoRA: the frozen projections stored in int8 / nf4 (`model.lora.quantize`)
 
 
 def run_shape(c, image_patches: int | None = None) -> RunShape:
@@ -77,7 +78,7 @@ def run_shape(c, image_patches: int | None = None) -> RunShape:
         remat=remat_policy_name(c.model.remat), chunk_size=c.loss.chunk_size, train_vit=c.optim.train_vit,
         train_connector=c.optim.train_connector, train_llm=c.optim.train_llm,
         reference=bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef)),
-        lora_rank=c.model.lora.rank, lora_targets=c.model.lora.targets)
+        lora_rank=c.model.lora.rank, lora_targets=c.model.lora.targets, quantize=c.model.lora.quantize)
 
 
 def lora_of(shape: RunShape):
@@ -104,15 +105,17 @@ def shard_bytes(path: str, shape: tuple[int, ...], dtype, mesh) -> int:
 
 def abstract_params(model_config: ModelConfig, shape: RunShape) -> dict[str, jax.ShapeDtypeStruct]:
     """{dotted path: ShapeDtypeStruct} of the model's parameters (LoRA adapters included), nothing allocated."""
-    return _abstract_params(model_config, shape.dtype, shape.param_dtype, lora_of(shape))
+    return _abstract_params(model_config, shape.dtype, shape.param_dtype, lora_of(shape), shape.quantize)
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_params(model_config: ModelConfig, dtype: str, param_dtype: str, lora) -> dict[str, jax.ShapeDtypeStruct]:
+def _abstract_params(model_config: ModelConfig, dtype: str, param_dtype: str, lora,
+                     quantize: str) -> dict[str, jax.ShapeDtypeStruct]:
     from flax import traverse_util
 
     from vrl_jax.models.weights import abstract_model
-    _, state = abstract_model(model_config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), lora=lora)
+    _, state = abstract_model(model_config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype), lora=lora,
+                              quantize=quantize)
     return traverse_util.flatten_dict(state.to_pure_dict(), sep=".")
 
 
@@ -220,7 +223,8 @@ def measured_train_activations(model_config: ModelConfig, shape: RunShape, mesh_
     n = math.prod(mesh_sizes)
     mesh = shd.make_mesh(shd.MeshConfig(*mesh_sizes), jax.devices()[:n])
     graphdef, abstract = abstract_model(model_config, dtype=jnp.dtype(shape.dtype),
-                                        param_dtype=jnp.dtype(shape.param_dtype), lora=lora_of(shape))
+                                        param_dtype=jnp.dtype(shape.param_dtype), lora=lora_of(shape),
+                                        quantize=shape.quantize)
     graphdef = nnx.split(nnx.merge(graphdef, abstract), nnx.Param)[0]
     params = abstract.to_pure_dict()
     opt_cfg = OptimizerConfig(train_vit=shape.train_vit, train_connector=shape.train_connector,
@@ -292,8 +296,8 @@ LORA_RANK = 64  # what the planner suggests (a common rank for 7B-scale RL; its 
 
 def _changes(shape: RunShape, mesh_sizes: tuple[int, int, int]) -> list[tuple[str, tuple[int, int, int], RunShape]]:
     """Single changes worth trying, in order: shard parameters and moments more (fsdp), fewer rows per
-    micro-batch, remat, bfloat16 moments, bfloat16 parameters, then the two that change the recipe: LoRA
-    adapters in place of the language model's weights, and fewer prompts per step (the rollout's KV cache
+    micro-batch, remat, bfloat16 moments, bfloat16 parameters, then those that change the recipe: LoRA
+    adapters in place of the language model's weights (and then their base in NF4), and fewer prompts per step (the rollout's KV cache
     holds every sample of a step)."""
     data, fsdp, tensor = mesh_sizes
     out: list[tuple[str, tuple[int, int, int], RunShape]] = []
@@ -318,6 +322,9 @@ def _changes(shape: RunShape, mesh_sizes: tuple[int, int, int]) -> list[tuple[st
     if shape.train_llm and not shape.lora_rank:  # trains adapters, not the language model's weights: changes the recipe
         out.append((f"--config.model.lora.rank={LORA_RANK} (train LoRA adapters instead of the language model)",
                     mesh_sizes, dataclasses.replace(shape, lora_rank=LORA_RANK)))
+    if shape.lora_rank and shape.quantize == "none":  # QLoRA: frozen weights in 4 bits, computed with in 4 bits
+        out.append(("--config.model.lora.quantize=nf4 (QLoRA: the frozen weights in 4 bits)", mesh_sizes,
+                    dataclasses.replace(shape, quantize="nf4")))
     for k in (2, 4, 8):  # as many rows per micro-batch as before: num_micro shrinks with the step
         if shape.prompts % k == 0 and shape.num_micro % k == 0:
             out.append((f"--config.prompts_per_step={shape.prompts // k} --config.num_micro={shape.num_micro // k} "

@@ -10,12 +10,14 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
 from vrl_jax import configs
 from vrl_jax.models.lora import is_adapter
+from vrl_jax.models.quantize import dequantize_layers
 from vrl_jax.rl.train_state import TrainState, pure_params, trainable_params
 from vrl_jax.run_setup import overlay, reference_copy
 from vrl_jax.storage import is_remote, write_text_atomic
@@ -66,6 +68,8 @@ def export_policy(c, model, workdir: str, model_dir: str) -> None:
     `workdir/adapter` the adapters alone, a PEFT directory to load onto the base model `model_dir`, when they
     are all that trained (a vision tower or connector trained beside them is only in export/)."""
     from vrl_jax.models.loading import export_hf
+    # QLoRA: the weights the policy computed with, widened back (PEFT's base model is the original, unquantized).
+    dequantize_layers(model.language.layers, jnp.dtype(c.model.param_dtype))
     if model.language.lora is not None:
         from vrl_jax.models.lora_export import export_peft, merge_adapters
         others = [k for k in trainable_params(pure_params(model), configs.optimizer_config(c, 1)) if not is_adapter(k)]

@@ -24,7 +24,7 @@ from vrl_jax.data.faults import FaultCounter
 from vrl_jax.data.formats import Example, SampleFault, load_examples, load_image
 from vrl_jax.data.pipeline import eval_dataset, eval_num_batches, train_dataset
 from vrl_jax.errors import UserError, ensure_writable_dir
-from vrl_jax.models import lora
+from vrl_jax.models import lora, quantize
 from vrl_jax.models.loading import check_model_dir, load_model
 from vrl_jax.models.processor import VLProcessor
 from vrl_jax.rewards import RewardSet
@@ -310,6 +310,9 @@ def prepare_run(c, workdir: str, mesh=None) -> RunSetup:
     model.visual.max_segment = processor.image_processor.max_patches
     if (lora_cfg := configs.lora_config(c)) is not None:  # the same adapters in every process (same key)
         lora.add_adapters(model.language, lora_cfg, jax.random.fold_in(jax.random.key(c.seed), LORA_KEY))
+        if c.model.lora.quantize != "none":  # QLoRA: the frozen projections in int8 / NF4
+            quantize.quantize_layers(model.language.layers, lora.projection_names(model.language.layers),
+                                     c.model.lora.quantize)
     graphdef, params = nnx.split(model, nnx.Param)
     needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef))
     ref_params = reference_copy(c, params.to_pure_dict(), mesh) if needs_ref else None

@@ -44,12 +44,17 @@ PARAM_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     (r"^language\.layers\.(q|k|v|gate|up)_w$", (None, "fsdp", "tensor")),  # [L, H, out]
     (r"^language\.layers\.(q|k|v)_b$", (None, "tensor")),  # [L, out]
     (r"^language\.layers\.(o|down)_w$", (None, "tensor", "fsdp")),  # [L, in, H]
-    # LoRA adapters (`models/lora.py`) A [L, in, r] and B [L, r, out]: in and out split as their weight's,
-    # the rank r whole, so x @ A and (x @ A) @ B need no more communication than x @ W.
+    # LoRA adapters (`models/lora.py`) A [L, in, r] and B [L, r, out], the rank r whole: the dimension their
+    # weight splits over "tensor" splits the same way, so x @ A and (x @ A) @ B need no more communication
+    # than x @ W; and both are stored split over "fsdp" too (gathered for use, as every FSDP weight is).
     (r"^language\.layers\.(q|k|v|gate|up)_w_lora_a$", (None, "fsdp", None)),
-    (r"^language\.layers\.(q|k|v|gate|up)_w_lora_b$", (None, None, "tensor")),
-    (r"^language\.layers\.(o|down)_w_lora_a$", (None, "tensor", None)),
+    (r"^language\.layers\.(q|k|v|gate|up)_w_lora_b$", (None, None, ("fsdp", "tensor"))),
+    (r"^language\.layers\.(o|down)_w_lora_a$", (None, ("fsdp", "tensor"), None)),
     (r"^language\.layers\.(o|down)_w_lora_b$", (None, None, "fsdp")),
+    # QLoRA's quantized weights (`models/quantize.py`): codes [L, in or in/2, out] and scales [L, 1 or in/64,
+    # out] as their weight (a dimension that does not divide, such as int8's single scale row, stays whole).
+    (r"^language\.layers\.(q|k|v|gate|up)_w_(codes|scale)$", (None, "fsdp", "tensor")),
+    (r"^language\.layers\.(o|down)_w_(codes|scale)$", (None, "tensor", "fsdp")),
     # Vision blocks, stacked [depth, ...].
     (r"^visual\.blocks\.(qkv|fc1|gate|up)_w$", (None, "fsdp", "tensor")),
     (r"^visual\.blocks\.(qkv|fc1|gate|up)_b$", (None, "tensor")),

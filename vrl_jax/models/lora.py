@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vrl_jax.errors import UserError
+from vrl_jax.models import quantize
 
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
 PATH_PREFIX = "language.layers."  # adapter targets are matched against "language.layers.<name>"
@@ -118,10 +119,11 @@ def scale_adapters(stacked: dict, scale) -> dict:
 
 
 def project(x, w: dict, name: str):
-    """x [..., in] -> [..., out]: `x @ w[name]`, plus `(x @ A) @ B` when w holds `name + "_lora_a/_b"`
-    (A [in, r], B [r, out], B already scaled by `scale_adapters`). Computes in x's dtype."""
+    """x [..., in] -> [..., out]: `x @ w[name]` (widened from `quantize`'s codes where it is stored quantized),
+    plus `(x @ A) @ B` when w holds `name + "_lora_a/_b"` (A [in, r], B [r, out], B already scaled by
+    `scale_adapters`). Computes in x's dtype."""
     dt = x.dtype
-    y = x @ w[name].astype(dt)
+    y = x @ quantize.weight(w, name, dt)
     if name + A_SUFFIX in w:
         y = y + (x @ w[name + A_SUFFIX].astype(dt)) @ w[name + B_SUFFIX].astype(dt)
     return y

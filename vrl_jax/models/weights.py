@@ -162,10 +162,13 @@ def to_hf_layout(arr: np.ndarray, layout: str | None, hf_shape: tuple[int, ...] 
     return arr
 
 
-def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32, lora=None):
+def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32, lora=None,
+                   quantize: str = "none"):
     """The model's graph and parameter shapes, with no parameter allocated; with `lora` (a
-    `lora.LoraConfig`), its adapters too."""
+    `lora.LoraConfig`), its adapters too, and with `quantize` ("int8", "nf4") the language model's
+    projections stored quantized (`models/quantize.py`)."""
     from vrl_jax.models import lora as lora_lib
+    from vrl_jax.models import quantize as quantize_lib
     from vrl_jax.models.families import resolve
     cls = resolve(config.model_type, "model")
 
@@ -173,6 +176,9 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float
         model = cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
         if lora is not None:
             lora_lib.add_adapters(model.language, lora, jax.random.key(0))
+        if quantize != "none":
+            layers = model.language.layers
+            quantize_lib.quantize_layers(layers, lora_lib.projection_names(layers), quantize)
         return model
 
     return nnx.split(nnx.eval_shape(build))
