@@ -14,7 +14,7 @@ test_iid problems under MAYE's three settings after SFT and at the end. Variants
   experiments/default.py:dyme    DyME             experiments/default.py:smoke  a few seconds, for tests
   experiments/default.py:grpo_qwen3  GRPO only, on a tiny Qwen3-VL (`model.tiny.family`) instead
   experiments/default.py:lora    SFT + GRPO training LoRA adapters (rank 16 on every projection of the
-                                 language model) and nothing else, with a KL term to the SFT policy: the
+                                 language model, dropout 0.05) and nothing else, with a KL term to the SFT policy: the
                                  reference is the adapters as SFT left them, over the same base weights
   experiments/default.py:qlora   the same with the frozen base weights of the language model in NF4
 """
@@ -89,6 +89,7 @@ def get_config(arg: str | None = None):
         c.model.lora.rank = 16
         c.model.lora.quantize = "nf4" if arg == "qlora" else "none"
         c.model.lora.alpha = 32.0
+        c.model.lora.dropout = 0.05
         c.optim.train_vit = False
         c.optim.train_connector = False
         c.sft.learning_rate = 1e-2  # adapters start at B = 0 and move the weights through a rank-16 product

@@ -196,7 +196,8 @@ def test_a_sharded_lora_step_equals_the_single_device_one(config, scheme):
     def model():
         m = adapted_model(config)
         randomise_adapters(m)
-        if scheme != "none":
+        if scheme != "none":  # with adapter dropout too: the masks do not depend on the layout
+            m.language.lora = lora.LoraConfig(CONFIG.rank, CONFIG.alpha, CONFIG.targets_regex, dropout=0.2)
             quantize.quantize_layers(m.language.layers, lora.projection_names(m.language.layers), scheme)
         return m
 
@@ -221,6 +222,56 @@ def test_a_sharded_lora_step_equals_the_single_device_one(config, scheme):
         np.testing.assert_allclose(float(metrics[key]), float(value), rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+def test_dropout_drops_the_share_asked_and_rescales_the_rest():
+    """`lora.with_dropout` + `project`'s mask: about `rate` of the adapters' inputs are zeroed, the rest
+    scaled by 1 / (1 - rate); each projection of a layer, and each layer, draws its own mask; no key, no
+    dropout."""
+    x = jnp.ones((64, 512), jnp.float32)
+    stacked = lora.with_dropout({"q_w": jnp.zeros((3, 512, 2))}, 0.25, jax.random.key(7))
+    assert stacked[lora.DROPOUT_KEY].shape == (3, 2) and stacked[lora.DROPOUT_RATE].shape == (3,)
+    layer = lambda i: {k: v[i] for k, v in stacked.items()}  # noqa: E731 - what the scan hands a block
+    masks = {(i, n): np.asarray(lora._dropped(x, layer(i), n)) for i in range(3) for n in ("q_w", "v_w")}
+    for m in masks.values():
+        assert set(np.unique(m)) == {0.0, np.float32(1 / 0.75)}
+        assert abs((m == 0).mean() - 0.25) < 0.01
+    firsts = [m.ravel()[:4096] for m in masks.values()]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:])
+    assert lora.with_dropout({"q_w": jnp.zeros((3, 512, 2))}, 0.25, None).keys() == {"q_w"}
+    assert lora.with_dropout({"q_w": jnp.zeros((3, 512, 2))}, 0.0, jax.random.key(7)).keys() == {"q_w"}
+
+
+def test_dropout_is_in_the_update_only_and_remat_redraws_the_same_masks(config):
+    """With LoRA dropout the update's gradient depends on the state's key, is the same with and without remat
+    (the recomputed forward draws the same masks), and log-prob forwards (sampler, old and reference
+    log-probs) run without dropout."""
+    import dataclasses as dc
+
+    from tests.rl_batches import train_batch
+    from vrl_jax.rl.logprobs import make_logprob_fn
+    from vrl_jax.rl.train_state import OptimizerConfig, create_train_state
+    from vrl_jax.rl.train_step import StepConfig, batch_gradients
+
+    def state_of(dropout):
+        model = adapted_model(config)
+        randomise_adapters(model)
+        model.language.lora = dc.replace(CONFIG, dropout=dropout)
+        return create_train_state(model, OptimizerConfig(train_connector=False))
+
+    batch = train_batch(make_rollouts(config, 4, seed=2), config, num_micro=2)
+    cfg = StepConfig(batch_size=4, num_micro=2, with_entropy=False)
+    (state, _, graphdef), (plain, _, plain_graphdef) = state_of(0.3), state_of(0.0)
+    grads = lambda c, key, st=state, g=graphdef: batch_gradients(  # noqa: E731
+        st.params, batch, graphdef=g, opt_cfg=OptimizerConfig(train_connector=False), cfg=c, key=key)[0]
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    g1, g1_remat = flat(grads(cfg, jax.random.key(1))), flat(grads(dc.replace(cfg, remat="full"), jax.random.key(1)))
+    g2, g0 = flat(grads(cfg, jax.random.key(2))), flat(grads(cfg, jax.random.key(1), plain, plain_graphdef))
+    np.testing.assert_allclose(g1_remat, g1, rtol=1e-5, atol=1e-7)
+    assert np.abs(g1 - g2).max() > 1e-3 * np.abs(g1).max() and np.abs(g1 - g0).max() > 1e-3 * np.abs(g0).max()
+    logprobs = make_logprob_fn(graphdef)(state.params, batch).logprobs
+    np.testing.assert_array_equal(np.asarray(logprobs), np.asarray(make_logprob_fn(plain_graphdef)(
+        plain.params, batch).logprobs))
+
+
 def test_config_mistakes_are_user_errors(config):
     model = make_model(config)
     with pytest.raises(UserError, match=r"matches none of .*language\.layers\.q_w"):
@@ -229,3 +280,5 @@ def test_config_mistakes_are_user_errors(config):
         lora.LoraConfig(4, 8.0, "(q")
     with pytest.raises(UserError, match="rank"):
         lora.LoraConfig(0, 8.0, "q_w")
+    with pytest.raises(UserError, match=r"dropout: expected a number in \[0, 1\)"):
+        lora.LoraConfig(4, 8.0, "q_w", dropout=1.0)

@@ -1,5 +1,5 @@
 """A LoRA run end to end on the tiny default (`experiments/default.py:smoke` with `model.lora`): SFT then
-GRPO with a KL term, training the language model's adapters alone. Checkpoints and the KL reference hold the
+GRPO with a KL term, training the language model's adapters alone, with adapter dropout. Checkpoints and the KL reference hold the
 trained parameters only, a run resumed from a checkpoint equals the uninterrupted one, and the run's exports
 (the merged HF model, the PEFT adapter directory) load in transformers and peft with the policy's logits."""
 
@@ -15,7 +15,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "default.py") + ":smoke"
-LORA = ["--config.model.lora.rank=4", "--config.model.lora.alpha=8.0", "--config.loss.kl_coef=0.05",
+LORA = ["--config.model.lora.rank=4", "--config.model.lora.alpha=8.0", "--config.model.lora.dropout=0.1",
+        "--config.loss.kl_coef=0.05",
         "--config.optim.train_vit=False", "--config.rl_steps=3", "--config.checkpoint.keep=10",
         "--config.eval.splits=('val',)", "--config.eval.settings=('low',)", "--report=false",
         "--config.optim.train_connector=False"]

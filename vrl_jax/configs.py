@@ -48,8 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     # rank > 0 only the adapters of the language model train (plus the vision tower / connector if their
     # optim.train_* flags say so), the KL reference copies only what trains, and checkpoints hold only that.
     # targets: `re.search`ed against "language.layers.<name>", names q_w k_w v_w o_w gate_w up_w down_w.
-    # quantize: none | int8 | nf4: the language model's frozen projection weights stored quantized (QLoRA,
-    # `models/quantize.py`), widened for each matmul.
+    # dropout: the share of the adapters' inputs dropped in the update's forward (PEFT's lora_dropout; the
+    # sampler and the old / reference log-probs run without). quantize: none | int8 | nf4: the language
+    # model's frozen projection weights stored quantized (QLoRA, `models/quantize.py`), widened for each matmul.
     c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=r"\.(q|k|v|o|gate|up|down)_w$",
                                                   dropout=0.0, quantize="none"))
     # family: the architecture of the tiny offline model (`models.tiny.TINY_FAMILIES`: qwen2_5_vl | qwen3_vl |
@@ -201,6 +202,7 @@ RULES: dict[str, tuple[Range, str]] = {
     "model.tiny.intermediate": (POSITIVE, ""), "model.tiny.vision_width": (POSITIVE, ""),
     "model.tiny.vision_depth": (POSITIVE, ""), "model.tiny.vocab_size": (POSITIVE, ""),
     "model.lora.rank": (NON_NEGATIVE, "0 = no adapters: full fine-tuning"), "model.lora.alpha": (POSITIVE, ""),
+    "model.lora.dropout": (UNIT_OPEN_HIGH, "the share of the adapters' inputs dropped in training forwards"),
     "data.max_fault_share": (UNIT, "the share of samples that may be skipped as faulty"),
     "data.synthgeo.train": (NON_NEGATIVE, ""), "data.synthgeo.val": (NON_NEGATIVE, ""),
     "data.synthgeo.test": (NON_NEGATIVE, ""), "data.synthgeo.seed": (NON_NEGATIVE, ""),
@@ -394,8 +396,6 @@ def _check_lora(c) -> None:
         return
     if not isinstance(lo.rank, int) or isinstance(lo.rank, bool):
         _fail("model.lora.rank", f"must be an integer (0 = off), got {lo.rank!r}")
-    if lo.dropout != 0.0:
-        _fail("model.lora.dropout", f"adapter dropout is not implemented; set 0.0 (got {lo.dropout!r})")
     from vrl_jax.models.quantize import SCHEMES
     _choice(c, "model.lora.quantize", ("none",) + SCHEMES)
     if not lo.rank:
@@ -420,7 +420,7 @@ def lora_config(c) -> "LoraConfig | None":
     """The adapters `c.model.lora` asks for, or None for full fine-tuning (rank 0)."""
     from vrl_jax.models.lora import LoraConfig
     lo = _get(c, "model.lora")
-    return LoraConfig(lo.rank, float(lo.alpha), lo.targets) if lo is not None and lo.rank else None
+    return LoraConfig(lo.rank, float(lo.alpha), lo.targets, float(lo.dropout)) if lo is not None and lo.rank else None
 
 
 def _data_parallel(c, num_devices: int) -> int:

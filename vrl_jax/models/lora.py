@@ -51,12 +51,15 @@ class LoraConfig:
     rank: int
     alpha: float
     targets_regex: str
+    dropout: float = 0.0  # the adapters' input dropout in training forwards (PEFT's lora_dropout)
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise UserError(f"LoraConfig.rank: expected a positive integer, got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise UserError(f"LoraConfig.alpha: expected a positive finite number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"LoraConfig.dropout: expected a number in [0, 1), got {self.dropout!r}")
         try:
             re.compile(self.targets_regex)
         except (re.error, TypeError) as e:
@@ -118,12 +121,37 @@ def scale_adapters(stacked: dict, scale) -> dict:
     return {k: v * scale if k.endswith(B_SUFFIX) else v for k, v in stacked.items()}
 
 
+DROPOUT_KEY, DROPOUT_RATE = "lora_dropout_key", "lora_dropout_rate"
+
+
+def with_dropout(stacked: dict, rate: float, key: jax.Array | None) -> dict:
+    """The stacked layer weights plus what `project` needs to drop the adapters' inputs: a key per layer
+    (uint32 [L, 2]) and the rate ([L], so the scan hands each layer a scalar). A no-op when `key` is None
+    (sampling, old and reference log-probs) or the rate is 0."""
+    if key is None or not rate:
+        return stacked
+    n = next(iter(stacked.values())).shape[0]
+    return {**stacked, DROPOUT_KEY: jax.random.key_data(jax.random.split(key, n)),
+            DROPOUT_RATE: jnp.full((n,), rate, jnp.float32)}
+
+
+def _dropped(x, w: dict, name: str):
+    """x with each element zeroed with probability w[DROPOUT_RATE] and the rest scaled by 1 / (1 - rate);
+    each projection of a layer draws its own mask."""
+    if DROPOUT_KEY not in w:
+        return x
+    key = jax.random.fold_in(jax.random.wrap_key_data(w[DROPOUT_KEY]), PROJECTIONS.index(name))
+    rate = w[DROPOUT_RATE]
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+
+
 def project(x, w: dict, name: str):
     """x [..., in] -> [..., out]: `x @ w[name]` (widened from `quantize`'s codes where it is stored quantized),
     plus `(x @ A) @ B` when w holds `name + "_lora_a/_b"` (A [in, r], B [r, out], B already scaled by
-    `scale_adapters`). Computes in x's dtype."""
+    `scale_adapters`), its input dropped out where `with_dropout` put a key in w. Computes in x's dtype."""
     dt = x.dtype
     y = x @ quantize.weight(w, name, dt)
     if name + A_SUFFIX in w:
-        y = y + (x @ w[name + A_SUFFIX].astype(dt)) @ w[name + B_SUFFIX].astype(dt)
+        y = y + (_dropped(x, w, name) @ w[name + A_SUFFIX].astype(dt)) @ w[name + B_SUFFIX].astype(dt)
     return y

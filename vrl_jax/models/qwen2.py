@@ -164,11 +164,15 @@ class Qwen2Decoder(nnx.Module):
         self.lm_head = None if tie_word_embeddings else _param(rngs, (cfg.hidden_size, cfg.vocab_size), param_dtype)
         self.lora: lora.LoraConfig | None = None  # set by `lora.add_adapters`
 
-    def layer_weights(self, lora_scale=1.0) -> dict:
+    def layer_weights(self, lora_scale=1.0, lora_dropout=None) -> dict:
         """The stacked layer weights {name: [layers, ...]} the scan slices, adapters' B scaled by
-        alpha / r * lora_scale (`lora.scale_adapters`; lora_scale 0.0 = the base model)."""
+        alpha / r * lora_scale (`lora.scale_adapters`; lora_scale 0.0 = the base model), and with a key
+        `lora_dropout`, what drops the adapters' inputs at the config's rate (`lora.with_dropout`)."""
         stacked = {k: getattr(self.layers, k).value for k in self.layers.names()}
-        return stacked if self.lora is None else lora.scale_adapters(stacked, self.lora.scaling * lora_scale)
+        if self.lora is None:
+            return stacked
+        return lora.with_dropout(lora.scale_adapters(stacked, self.lora.scaling * lora_scale), self.lora.dropout,
+                                 lora_dropout)
 
     def embed_tokens(self, input_ids, dtype):
         """input_ids: int [B, T] -> [B, T, H]."""
@@ -179,7 +183,7 @@ class Qwen2Decoder(nnx.Module):
         return self.embed.value.T if self.lm_head is None else self.lm_head.value
 
     def __call__(self, x, positions, kv_valid, cache: KVCache | None = None, write_index=0,
-                 remat: bool | str = False, deepstack=None, lora_scale=1.0):
+                 remat: bool | str = False, deepstack=None, lora_scale=1.0, lora_dropout=None):
         """Runs the decoder stack.
 
         x: [B, T, H] input embeddings; positions: int [3, B, T] rotary positions (M-RoPE axes);
@@ -187,7 +191,8 @@ class Qwen2Decoder(nnx.Module):
         length with one); cache: KVCache or None; write_index: int scalar, the slot of x's first token;
         deepstack: a `qwen3_vl.DeepStack` or None: Qwen3-VL's image features added to the hidden states
         at image positions after each of the first D layers; lora_scale: multiplies the adapters'
-        update (1.0 = the adapted model, 0.0 = the base model; ignored without adapters).
+        update (1.0 = the adapted model, 0.0 = the base model; ignored without adapters); lora_dropout: a
+        key to drop the adapters' inputs with (training forwards), or None.
         Returns (hidden [B, T, H] after the final norm, updated cache or None).
         """
         cfg = self.config
@@ -195,7 +200,7 @@ class Qwen2Decoder(nnx.Module):
         cos, sin = layers.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype,
                                         cfg.mrope_interleaved)
         mask = layers.causal_mask(kv_valid, write_index + jnp.arange(t))
-        stacked = self.layer_weights(lora_scale)
+        stacked = self.layer_weights(lora_scale, lora_dropout)
 
         def body(carry, xs):
             h, c = carry
@@ -210,13 +215,13 @@ class Qwen2Decoder(nnx.Module):
         return layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps), cache
 
     def shared_prompt(self, xp, positions_p, valid_p, xr, positions_r, valid_r, remat: bool | str = False,
-                      deepstack=None, lora_scale=1.0):
+                      deepstack=None, lora_scale=1.0, lora_dropout=None):
         """The decoder stack over G prompts shared by n responses each (`shared_prompt_block`).
 
         xp: [G, L, H], positions_p: int [3, G, L], valid_p: bool [G, L] (the prompts, left-padded);
         xr: [G*n, N, H], positions_r: int [3, G*n, N], valid_r: bool [G*n, N] (the responses, rows of
         a group consecutive); deepstack: the prompts' `qwen3_vl.DeepStack` or None (images are in the
-        prompts only); lora_scale: as in `__call__`. Returns final-norm hidden states ([G, L, H], [G*n, N, H]).
+        prompts only); lora_scale, lora_dropout: as in `__call__`. Returns final-norm hidden states ([G, L, H], [G*n, N, H]).
         """
         cfg = self.config
         length, n = valid_p.shape[1], xr.shape[0] // xp.shape[0]
@@ -226,7 +231,7 @@ class Qwen2Decoder(nnx.Module):
         mask_p = layers.causal_mask(valid_p, jnp.arange(length))
         kv_valid = jnp.concatenate([jnp.repeat(valid_p, n, axis=0), valid_r], axis=1)
         mask_r = layers.causal_mask(kv_valid, length + jnp.arange(xr.shape[1]))
-        stacked = self.layer_weights(lora_scale)
+        stacked = self.layer_weights(lora_scale, lora_dropout)
 
         def body(carry, xs):
             w, layer = xs

@@ -126,22 +126,23 @@ class QwenVL(nnx.Module):
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
                       cache: KVCache | None = None, write_index=0, kv_valid=None, remat: bool = False,
-                      lora_scale=1.0):
+                      lora_scale=1.0, lora_dropout=None):
         """Final-norm hidden states [B, T, H] and the updated cache.
 
         input_ids: int [B, T]; positions: int [3, B, T]; attention_mask: [B, T] (1 = real token).
         With a cache, `kv_valid` [B, S] says which cache slots are real once this call's tokens are
         written at `write_index`; without one it is `attention_mask`. lora_scale: 1.0 the adapted model,
-        0.0 the base model (the KL reference), `Qwen2Decoder.__call__`.
+        0.0 the base model; lora_dropout: a key for the adapters' input dropout, or None (`Qwen2Decoder.__call__`).
         """
         x, deepstack = self.embed_rows(input_ids, vision, remat=remat)
         if kv_valid is None:
             kv_valid = attention_mask.astype(bool)
         return self.language(x, positions, kv_valid, cache=cache, write_index=write_index, remat=remat,
-                             deepstack=deepstack, lora_scale=lora_scale)
+                             deepstack=deepstack, lora_scale=lora_scale, lora_dropout=lora_dropout)
 
     def shared_prompt_hidden_states(self, input_ids, positions, attention_mask, prompt_mask,
-                                    vision: VisionInputs | None = None, remat: bool = False, lora_scale=1.0):
+                                    vision: VisionInputs | None = None, remat: bool = False, lora_scale=1.0,
+                                    lora_dropout=None):
         """`hidden_states` for rows that come in groups sharing their first L columns (a GRPO group's
         prompt), the prompt computed once per group.
 
@@ -157,7 +158,8 @@ class QwenVL(nnx.Module):
         xr = self.language.embed_tokens(input_ids[:, length:], self.dtype)
         hp, hr = self.language.shared_prompt(xp, positions[:, first, :length], prompt_mask.astype(bool), xr,
                                              positions[:, :, length:], attention_mask[:, length:].astype(bool),
-                                             remat=remat, deepstack=deepstack, lora_scale=lora_scale)
+                                             remat=remat, deepstack=deepstack, lora_scale=lora_scale,
+                                             lora_dropout=lora_dropout)
         return jnp.concatenate([jnp.repeat(hp[:, -1:], n, axis=0), hr], axis=1)
 
     def logits(self, hidden):

@@ -24,7 +24,7 @@ from vrl_jax.rl.losses import TokenStats, chunked_token_stats
 def sequence_stats(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, positions: jax.Array,
                    attention_mask: jax.Array, targets: jax.Array, vision: VisionInputs | None = None, *,
                    prompt_mask: jax.Array | None = None, chunk_size: int = 8192, temperature: float = 1.0,
-                   with_entropy: bool = False, remat: bool = False) -> TokenStats:
+                   with_entropy: bool = False, remat: bool = False, lora_dropout=None) -> TokenStats:
     """Log-probs of `targets` under `softmax(logits / temperature)` at every position.
 
     graphdef, params: `nnx.split(model, nnx.Param)`'s graph and the pure param dict.
@@ -33,16 +33,18 @@ def sequence_stats(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, po
     prompt_mask: `[G, L]` or None: the rows are G groups of B / G consecutive rows sharing their first
     L columns (`TrainBatch.prompt_mask`); the prompt is then computed once per group, and only the
     positions from L - 1 on (those that predict response tokens) are scored, the others hold 0.
+    lora_dropout: a key for LoRA adapters' input dropout (the train step's forward), or None.
     Returns TokenStats of float32 `[B, T]` (entropy None unless `with_entropy`); padding positions
     hold finite garbage, mask them.
     """
     model = nnx.merge(graphdef, params)
     if prompt_mask is None:
-        hidden, _ = model.hidden_states(input_ids, positions, attention_mask, vision, remat=remat)
+        hidden, _ = model.hidden_states(input_ids, positions, attention_mask, vision, remat=remat,
+                                        lora_dropout=lora_dropout)
         skipped = 0
     else:
         hidden = model.shared_prompt_hidden_states(input_ids, positions, attention_mask, prompt_mask, vision,
-                                                   remat=remat)
+                                                   remat=remat, lora_dropout=lora_dropout)
         skipped = input_ids.shape[1] - hidden.shape[1]
     unembed = model.language.unembedding().astype(hidden.dtype)
     stats = chunked_token_stats(hidden, unembed, targets[:, skipped:], chunk_size=chunk_size,

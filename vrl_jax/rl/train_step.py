@@ -244,14 +244,16 @@ def _tree_add(a: Any, b: Any) -> Any:
     return jax.tree.map(jnp.add, a, b)
 
 
-def _micro_loss(graphdef: nnx.GraphDef, cfg: StepConfig, trainable: dict, frozen: dict, micro: TrainBatch):
+def _micro_loss(graphdef: nnx.GraphDef, cfg: StepConfig, trainable: dict, frozen: dict, micro: TrainBatch, key):
     """(loss.total, (loss, metrics, gap)) of one micro-batch; differentiable in `trainable` only.
 
+    key: this micro-batch's key for LoRA adapter dropout (unused without it).
     gap: max |pi / pi_old - 1| over its RL tokens, pi_old = the batch's old log-probs."""
     params = _unflat({**trainable, **jax.lax.stop_gradient(frozen)})
     stats = sequence_stats(graphdef, params, micro.input_ids, micro.positions, micro.attention_mask, micro.targets,
                            micro.vision, prompt_mask=micro.prompt_mask, chunk_size=cfg.chunk_size,
-                           temperature=cfg.temperature, with_entropy=cfg.with_entropy, remat=cfg.remat)
+                           temperature=cfg.temperature, with_entropy=cfg.with_entropy, remat=cfg.remat,
+                           lora_dropout=key)
     old = micro.old_logprobs if cfg.old_logprobs == "batch" else jax.lax.stop_gradient(stats.logprobs)
     loss, metrics = policy_objective(cfg.loss, stats.logprobs, old, micro.advantages, micro.loss_mask,
                                      ref_logprobs=micro.ref_logprobs, entropy=stats.entropy,
@@ -261,22 +263,24 @@ def _micro_loss(graphdef: nnx.GraphDef, cfg: StepConfig, trainable: dict, frozen
     return loss.total, (loss, metrics, gap)
 
 
-def _accumulate(graphdef, cfg, trainable, frozen, mini: TrainBatch, grad_shardings):
+def _accumulate(graphdef, cfg, trainable, frozen, mini: TrainBatch, grad_shardings, key):
     """Sums gradients and SumCounts (max of the gaps) over the leading micro-batch axis of `mini` with
-    `lax.scan`: the gradient sum is the carry, each micro-batch's loss parts are outputs summed after."""
-    grad_fn = jax.value_and_grad(lambda tr, mc: _micro_loss(graphdef, cfg, tr, frozen, mc), has_aux=True)
+    `lax.scan`: the gradient sum is the carry, each micro-batch's loss parts are outputs summed after.
+    key: the update's dropout key; micro-batch j uses `fold_in(key, j)`."""
+    grad_fn = jax.value_and_grad(lambda tr, mc, k: _micro_loss(graphdef, cfg, tr, frozen, mc, k), has_aux=True)
 
     def constrain(grads):
         if grad_shardings is None:
             return grads
         return {k: jax.lax.with_sharding_constraint(g, grad_shardings[k]) for k, g in grads.items()}
 
-    def body(grads, micro):
-        (_, parts), g = grad_fn(trainable, micro)
+    def body(grads, xs):
+        micro, j = xs
+        (_, parts), g = grad_fn(trainable, micro, jax.random.fold_in(key, j))
         return _tree_add(grads, constrain(jax.tree.map(lambda x: x.astype(jnp.float32), g))), parts
 
     zeros = constrain(jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable))
-    grads, (loss, metrics, gap) = jax.lax.scan(body, zeros, mini)
+    grads, (loss, metrics, gap) = jax.lax.scan(body, zeros, (mini, jnp.arange(mini.input_ids.shape[0])))
     return grads, _sum0(loss), _sum0(metrics), gap.max(0)
 
 
@@ -290,23 +294,24 @@ def _split_params(params: Any, opt_cfg: OptimizerConfig) -> tuple[dict, dict, di
     return flat, trainable, {k: v for k, v in flat.items() if k not in trainable}
 
 
-def _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings):
+def _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings, key):
     """Mini-batch gradient `sum_k grad total_k / sum_k count_k` (0 when nothing counts) + SumCounts."""
-    grads, loss, metrics, gap = _accumulate(graphdef, cfg, trainable, frozen, mini, grad_shardings)
+    grads, loss, metrics, gap = _accumulate(graphdef, cfg, trainable, frozen, mini, grad_shardings, key)
     scale = jnp.where(loss.count > 0, 1.0 / jnp.where(loss.count > 0, loss.count, 1.0), 0.0)
     return jax.tree.map(lambda g: g * scale, grads), loss, metrics, gap
 
 
 def batch_gradients(params: Any, batch: TrainBatch, *, graphdef: nnx.GraphDef, opt_cfg: OptimizerConfig,
-                    cfg: StepConfig) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
+                    cfg: StepConfig, key: jax.Array | None = None) -> tuple[Any, jax.Array, dict[str, jax.Array]]:
     """The gradient one optimizer update of `train_step` uses, for a whole TrainBatch as one mini-batch.
 
     params: pure dict; batch: TrainBatch `[M, mb, ...]`. Returns (gradients as a pure dict of the
     trainable parameters only, float32; the loss value; token-mean metrics and `max_abs_ratio_minus_1`),
-    all over all M micro-batches.
+    all over all M micro-batches. key: the dropout key of LoRA adapters (`dropout_key`), default key 0.
     """
     _, trainable, frozen = _split_params(params, opt_cfg)
-    grads, loss, metrics, gap = _mean_gradients(graphdef, cfg, trainable, frozen, batch, None)
+    key = jax.random.key(0) if key is None else key
+    grads, loss, metrics, gap = _mean_gradients(graphdef, cfg, trainable, frozen, batch, None, key)
     return _unflat(grads), loss.value(), {**{k: v.value() for k, v in metrics.items()}, "max_abs_ratio_minus_1": gap}
 
 
@@ -318,6 +323,12 @@ def recompute_old_logprobs(logprob_fn: Callable[[Any, Any], Any], params: Any, b
     numerics of two compiled programs). Positions outside the loss mask are not used.
     """
     return batch._replace(old_logprobs=logprob_fn(params, batch).logprobs)
+
+
+def dropout_key(rng: jax.Array, update: jax.Array | int) -> jax.Array:
+    """The key of update `update`'s LoRA adapter dropout, from the state's key data (uint32 [2]) before the
+    step; its own stream, so the state's next key and the shuffle order are the same with or without it."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), 0xD20), update)
 
 
 def micro_batch_order(rng: jax.Array, epoch: jax.Array | int, num_micro: int) -> jax.Array:
@@ -357,7 +368,8 @@ def train_step(state: TrainState, batch: TrainBatch, *, graphdef: nnx.GraphDef, 
         else:
             index = jax.lax.dynamic_slice_in_dim(micro_batch_order(state.rng, epoch, m), j * k, k)
             mini = jax.tree.map(lambda x: jnp.take(x, index, axis=0), batch)
-        grads, loss, metrics, gap = _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings)
+        grads, loss, metrics, gap = _mean_gradients(graphdef, cfg, trainable, frozen, mini, grad_shardings,
+                                                    dropout_key(state.rng, u))
         grad_norm = optax.global_norm(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = {n: (p + updates[n]).astype(p.dtype) for n, p in trainable.items()}
