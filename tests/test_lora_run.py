@@ -106,7 +106,9 @@ def test_the_exports_load_in_transformers_and_peft_with_the_same_logits(uninterr
 
     load = lambda path: AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
     with open(os.path.join(uninterrupted, "adapter", "adapter_config.json")) as f:
-        base_dir = json.load(f)["base_model_name_or_path"]
+        adapter = json.load(f)
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (4, 8, 0.1)  # the run's model.lora
+    base_dir = adapter["base_model_name_or_path"]
     assert os.path.samefile(base_dir, os.path.join(uninterrupted, "model"))
     base = logits(load(base_dir))
     merged = logits(load(os.path.join(uninterrupted, "export")))

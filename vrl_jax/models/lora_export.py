@@ -92,7 +92,7 @@ def adapter_config(config: lora.LoraConfig, modules: dict[str, str], exclude: st
     """The adapter_config.json of adapters `config` on `modules` (from `peft_modules`)."""
     alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
     out = dict(peft_type="LORA", task_type="CAUSAL_LM", r=config.rank, lora_alpha=alpha,
-               target_modules=[m.split(".")[-1] for m in modules.values()], lora_dropout=0.0, bias="none",
+               target_modules=[m.split(".")[-1] for m in modules.values()], lora_dropout=config.dropout, bias="none",
                fan_in_fan_out=False, use_rslora=False, init_lora_weights=True, inference_mode=True,
                base_model_name_or_path=base_model_name_or_path)
     if exclude:  # only when needed: peft warns about an exclude_modules that excludes nothing
