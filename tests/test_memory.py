@@ -170,3 +170,14 @@ def test_abstract_parameters_are_the_models_own():
     got = {k: tuple(v.shape) for k, v in abstract.items()}
     want = {".".join(map(str, path)): tuple(np.shape(v.value)) for path, v in real}
     assert got == want
+
+
+def test_a_combination_names_each_flag_once_at_its_last_value():
+    """Greedy rounds may set a flag twice (a smaller step sets num_micro, then more micro-batches raise it):
+    the suggestion prints it once, as last set, followed by the reasons."""
+    text = memory.combined(["--config.prompts_per_step=256 --config.num_micro=16 (a smaller step)",
+                            "--config.model.lora.rank=64 (LoRA)", "--config.num_micro=32 (fewer rows)",
+                            "--config.model.param_dtype=bfloat16 --config.model.dtype=bfloat16"])
+    assert text == ("--config.prompts_per_step=256 --config.model.lora.rank=64 --config.num_micro=32 "
+                    "--config.model.param_dtype=bfloat16 --config.model.dtype=bfloat16 (a smaller step; LoRA; "
+                    "fewer rows)")

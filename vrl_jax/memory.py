@@ -341,7 +341,7 @@ def suggestions(model_config: ModelConfig, shape: RunShape, mesh_sizes: tuple[in
               if (plan := make_plan(model_config, s, sizes, device_memory)).fits]
     if single:
         return single
-    texts: dict[str, str] = {}  # a change's first flag -> its latest form (a later round may redo a change)
+    chosen: list[str] = []
     sizes, current = mesh_sizes, shape
     best = make_plan(model_config, shape, mesh_sizes, device_memory)
     while not best.fits:
@@ -350,8 +350,24 @@ def suggestions(model_config: ModelConfig, shape: RunShape, mesh_sizes: tuple[in
         if not options:
             return []
         best, text, sizes, current = min(options, key=lambda o: o[0].peak)
-        texts[text.split("=")[0]] = text
-    return [(" + ".join(texts.values()), best)]
+        chosen.append(text)
+    return [(combined(chosen), best)]
+
+
+def combined(texts: list[str]) -> str:
+    """Change texts ('--config.a=1 --config.b=2 (why)') as one: each flag once, at its last value (a later
+    round may change a flag again, such as num_micro), then the reasons."""
+    flags: dict[str, str] = {}
+    notes: list[str] = []
+    for text in texts:
+        head, _, note = text.partition(" (")
+        for flag in head.split():
+            name = flag.split("=")[0]
+            flags.pop(name, None)  # re-inserted last: the flags read in the order they were last set
+            flags[name] = flag
+        if note and note.rstrip(")") not in notes:
+            notes.append(note.rstrip(")"))
+    return " ".join(flags.values()) + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def parse_bytes(text: str) -> int:
