@@ -17,7 +17,7 @@ from tests.rl_batches import make_model, make_rollouts, model_config
 from vrl_jax.errors import UserError
 from vrl_jax.models import lora
 
-CONFIG = lora.LoraConfig(rank=4, alpha=8.0, targets_regex=r"(q|v|o|down)_w$")
+CONFIG = lora.LoraConfig(rank=4, alpha=8.0, targets_regex=r"^language\.layers\.(q|v|o|down)_w$")
 TARGETS = ("q_w", "v_w", "o_w", "down_w")
 
 
@@ -50,8 +50,8 @@ def randomise_adapters(model, seed=0):
 
 def adapted_model(config, seed=0):
     model = make_model(config)
-    names = lora.add_adapters(model.language, CONFIG, jax.random.key(seed))
-    assert sorted(names) == sorted(TARGETS)
+    names = lora.add_adapters(model, CONFIG, jax.random.key(seed))
+    assert sorted(names) == sorted(lora.PATH_PREFIX + n for n in TARGETS)
     return model
 
 
@@ -275,7 +275,7 @@ def test_dropout_is_in_the_update_only_and_remat_redraws_the_same_masks(config):
 def test_config_mistakes_are_user_errors(config):
     model = make_model(config)
     with pytest.raises(UserError, match=r"matches none of .*language\.layers\.q_w"):
-        lora.add_adapters(model.language, lora.LoraConfig(4, 8.0, r"vision"), jax.random.key(0))
+        lora.add_adapters(model, lora.LoraConfig(4, 8.0, r"vision"), jax.random.key(0))
     with pytest.raises(UserError, match="targets_regex"):
         lora.LoraConfig(4, 8.0, "(q")
     with pytest.raises(UserError, match="rank"):

@@ -32,7 +32,7 @@ from vrl_jax.models.lora_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_p
 from vrl_jax.models.weights import weight_table
 
 SELF_TOL = 1e-5
-CONFIG = lora.LoraConfig(rank=4, alpha=8.0, targets_regex=r"(q|v|o|gate|down)_w$")
+CONFIG = lora.LoraConfig(rank=4, alpha=8.0, targets_regex=r"^language\.layers\.(q|v|o|gate|down)_w$")
 ADAPTED = ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")  # the HF modules CONFIG adapts
 
 
@@ -40,7 +40,7 @@ def adapted(hf_dir, seed=0):
     """The converted checkpoint with CONFIG's adapters: A as `add_adapters` draws it, B ~ N(0, 0.05^2)
     (large enough that the update moves the logits visibly)."""
     model = load_model(hf_dir)
-    lora.add_adapters(model.language, CONFIG, jax.random.key(seed))
+    lora.add_adapters(model, CONFIG, jax.random.key(seed))
     rs = np.random.RandomState(seed)
     for name in lora.adapted_names(model.language.layers):
         b = getattr(model.language.layers, name + lora.B_SUFFIX)
@@ -162,7 +162,7 @@ def test_exclude_modules_names_only_the_models_own_same_named_modules():
     """Qwen2-VL shares Qwen2.5-VL's weight table but its tower has mlp.fc1/fc2, no mlp.down_proj: nothing to
     exclude (peft warns about an exclude_modules that excludes nothing)."""
     from tests.rl_batches import model_config
-    names = ("q_w", "gate_w", "down_w")
+    names = tuple(lora.PATH_PREFIX + n for n in ("q_w", "gate_w", "down_w"))
     assert peft_modules(model_config("qwen2_vl"), names)[1] is None
     exclude = peft_modules(model_config("qwen2_5_vl"), names)[1]
     assert re.fullmatch(exclude, "model.visual.blocks.3.mlp.down_proj")

@@ -36,23 +36,28 @@ def shard_nbytes(tree) -> int:
                if isinstance(x, jax.Array) else np.asarray(x).nbytes for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("mesh_sizes,moments,lora_rank,scheme", [
-    ((1, 1, 1), "float32", 0, "none"), ((1, 2, 2), "bfloat16", 0, "none"), ((1, 2, 2), "float32", 4, "none"),
-    ((1, 2, 2), "float32", 4, "nf4"), ((2, 1, 2), "float32", 4, "int8")])
-def test_state_figures_equal_the_real_trees_bytes(mesh_sizes, moments, lora_rank, scheme):
+VISION_TARGETS = r"|^visual\.blocks\.(qkv|down)_w$|^visual\.merger_fc1_w$"  # beside the language model's
+
+
+@pytest.mark.parametrize("mesh_sizes,moments,lora_rank,scheme,vision", [
+    ((1, 1, 1), "float32", 0, "none", False), ((1, 2, 2), "bfloat16", 0, "none", False),
+    ((1, 2, 2), "float32", 4, "none", False), ((1, 2, 2), "float32", 4, "nf4", False),
+    ((2, 1, 2), "float32", 4, "int8", False), ((1, 2, 2), "float32", 4, "nf4", True)])
+def test_state_figures_equal_the_real_trees_bytes(mesh_sizes, moments, lora_rank, scheme, vision):
     """Parameters, Adam moments, gradients and the KL reference (the trainable parameters' size) per device
     equal the bytes the first device really holds of a train state built on that mesh, exactly; with LoRA
-    adapters (on q and down: a column- and a row-parallel projection) too, and over a quantized base."""
+    adapters (on q and down: a column- and a row-parallel projection) too, over a quantized base, and with
+    adapters on the vision tower (stacked) and the connector (a single matrix) whose flags are on."""
     config = model_config("qwen2_5_vl", tie=False)
-    targets = r"\.(q|down)_w$"
+    targets = r"^language\.layers\.(q|down)_w$" + (VISION_TARGETS if vision else "")
     shape = dataclasses.replace(SHAPE, moments_dtype=moments, lora_rank=lora_rank, lora_targets=targets,
-                                quantize=scheme)
-    opt = OptimizerConfig(train_vit=False, train_connector=True, moments_dtype=moments)
+                                quantize=scheme, train_vit=vision)
+    opt = OptimizerConfig(train_vit=vision, train_connector=True, moments_dtype=moments)
     n = math.prod(mesh_sizes)
     mesh = shd.make_mesh(shd.MeshConfig(*mesh_sizes), jax.devices()[:n]) if n > 1 else None
     model = make_model(config)
     if lora_rank:
-        lora.add_adapters(model.language, lora.LoraConfig(lora_rank, 8.0, targets), jax.random.key(0))
+        lora.add_adapters(model, lora.LoraConfig(lora_rank, 8.0, targets), jax.random.key(0))
     if scheme != "none":
         quantize.quantize_layers(model.language.layers, lora.projection_names(model.language.layers), scheme)
     state, _, _ = create_train_state(model, opt, mesh=mesh)
@@ -64,9 +69,10 @@ def test_state_figures_equal_the_real_trees_bytes(mesh_sizes, moments, lora_rank
     assert items["gradients"] == items["KL reference parameters"] == shard_nbytes(trained)
     if n > 1:  # the figures are per device, not the whole tree's
         assert items["parameters"] < sum(x.nbytes for x in jax.tree.leaves(state.params))
-    if lora_rank:  # only the adapters of the language model train
-        assert trained and all(not k.startswith("language.") or lora.is_adapter(k) for k in trained)
-        assert any(lora.is_adapter(k) for k in trained)
+    if lora_rank:  # only the adapters of the language model train (and of the tower and connector where adapted)
+        adapted = ("language.", "visual.") if vision else ("language.",)
+        assert trained and all(not k.startswith(adapted) or lora.is_adapter(k) for k in trained)
+        assert {k.split(".")[0] for k in trained if lora.is_adapter(k)} == {p.rstrip(".") for p in adapted}
 
 
 @pytest.mark.parametrize("change,mesh_sizes", [

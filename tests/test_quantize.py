@@ -72,7 +72,7 @@ def logits(model, rows):
 
 def qlora_model(config, scheme):
     model = make_model(config)
-    lora.add_adapters(model.language, lora.LoraConfig(4, 8.0, r"(q|down)_w$"), jax.random.key(0))
+    lora.add_adapters(model, lora.LoraConfig(4, 8.0, r"^language\.layers\.(q|down)_w$"), jax.random.key(0))
     rs = np.random.RandomState(1)
     for name in ("q_w", "down_w"):  # nonzero B: the adapters take part in the forward
         b = getattr(model.language.layers, name + lora.B_SUFFIX)

@@ -44,14 +44,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # none | full | dots | offload: what each layer keeps for the backward pass (models/layers.py)
-    # Low-rank adapters on the language model's projections (`models/lora.py`), rank 0 = full fine-tuning. With
-    # rank > 0 only the adapters of the language model train (plus the vision tower / connector if their
-    # optim.train_* flags say so), the KL reference copies only what trains, and checkpoints hold only that.
-    # targets: `re.search`ed against "language.layers.<name>", names q_w k_w v_w o_w gate_w up_w down_w.
+    # Low-rank adapters on the language model's projections, and optionally the vision tower's and connector's
+    # (`models/lora.py`), rank 0 = full fine-tuning. With rank > 0 a part carrying adapters trains them alone
+    # (a part without trains by its optim.train_* flag), the KL reference copies only what trains, and
+    # checkpoints hold only that. targets: `re.search`ed against the dotted parameter paths of `lora.CANDIDATES`:
+    # language.layers.<q_w k_w v_w o_w gate_w up_w down_w>, visual.blocks.<qkv_w proj_w fc1_w fc2_w gate_w up_w
+    # down_w> (Qwen-VL), visual.layers.<q_w k_w v_w o_w fc1_w fc2_w> (SigLIP), visual.merger_fc1_w / _fc2_w and
+    # visual.deepstack_fc1_w / _fc2_w, projector.linear1_w / linear2_w; at least one of the language model's.
     # dropout: the share of the adapters' inputs dropped in the update's forward (PEFT's lora_dropout; the
     # sampler and the old / reference log-probs run without). quantize: none | int8 | nf4: the language
     # model's frozen projection weights stored quantized (QLoRA, `models/quantize.py`), widened for each matmul.
-    c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=r"\.(q|k|v|o|gate|up|down)_w$",
+    c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=r"^language\.layers\.(q|k|v|o|gate|up|down)_w$",
                                                   dropout=0.0, quantize="none"))
     # family: the architecture of the tiny offline model (`models.tiny.TINY_FAMILIES`: qwen2_5_vl | qwen3_vl |
     # llava_onevision)
@@ -407,13 +410,19 @@ def _check_lora(c) -> None:
         pattern = re.compile(lo.targets)
     except (re.error, TypeError) as e:
         _fail("model.lora.targets", f"{lo.targets!r} is not a valid regular expression ({e})")
-    from vrl_jax.models.lora import PATH_PREFIX, PROJECTIONS
-    if not any(pattern.search(PATH_PREFIX + n) for n in PROJECTIONS):
+    from vrl_jax.models.lora import CANDIDATES, PATH_PREFIX
+    from vrl_jax.rl.train_state import PART_NAMES, part_flag
+    matched = [p for p in CANDIDATES if pattern.search(p)]
+    if not any(p.startswith(PATH_PREFIX) for p in matched):  # the run's exports read the language model's config
         _fail("model.lora.targets", f"{lo.targets!r} matches none of the language model's projections "
-                                    f"{', '.join(PATH_PREFIX + n for n in PROJECTIONS)}")
-    if not c.optim.train_llm:
-        _fail("optim.train_llm", "model.lora.rank > 0 trains the language model through its adapters; "
-                                 "set optim.train_llm=True (or model.lora.rank=0)")
+                                    f"{', '.join(p for p in CANDIDATES if p.startswith(PATH_PREFIX))} (adapters on "
+                                    f"the vision tower or connector come with the language model's)")
+    for path in matched:
+        flag = part_flag(path)
+        if not c.optim[flag]:
+            _fail("model.lora.targets", f"{lo.targets!r} puts adapters on {path} ({PART_NAMES[flag]}), which "
+                                        f"would not train with optim.{flag}=False; set optim.{flag}=True or "
+                                        f"leave {path} out of the regex (e.g. anchor it: ^language\\.layers\\.)")
 
 
 def lora_config(c) -> "LoraConfig | None":

@@ -63,7 +63,7 @@ class RunShape:
     train_llm: bool
     reference: bool  # a KL reference copy of the trained parameters is kept
     lora_rank: int = 0  # LoRA adapters' rank (`model.lora`), 0 = full fine-tuning
-    lora_targets: str = r"\.(q|k|v|o|gate|up|down)_w$"
+    lora_targets: str = r"^language\.layers\.(q|k|v|o|gate|up|down)_w$"
     quantize: str = "none"  # QLoRA: the frozen projections stored in int8 / nf4 (`model.lora.quantize`)
 
 

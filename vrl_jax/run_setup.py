@@ -309,8 +309,8 @@ def prepare_run(c, workdir: str, mesh=None) -> RunSetup:
     # No image of this run has more patches than the processor allows: vision attention stays within that.
     model.visual.max_segment = processor.image_processor.max_patches
     if (lora_cfg := configs.lora_config(c)) is not None:  # the same adapters in every process (same key)
-        lora.add_adapters(model.language, lora_cfg, jax.random.fold_in(jax.random.key(c.seed), LORA_KEY))
-        if c.model.lora.quantize != "none":  # QLoRA: the frozen projections in int8 / NF4
+        lora.add_adapters(model, lora_cfg, jax.random.fold_in(jax.random.key(c.seed), LORA_KEY))
+        if c.model.lora.quantize != "none":  # QLoRA: the language model's frozen projections in int8 / NF4
             quantize.quantize_layers(model.language.layers, lora.projection_names(model.language.layers),
                                      c.model.lora.quantize)
     graphdef, params = nnx.split(model, nnx.Param)

@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from vrl_jax.models.lora import A_SUFFIX, B_SUFFIX
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
 
@@ -44,13 +46,7 @@ PARAM_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     (r"^language\.layers\.(q|k|v|gate|up)_w$", (None, "fsdp", "tensor")),  # [L, H, out]
     (r"^language\.layers\.(q|k|v)_b$", (None, "tensor")),  # [L, out]
     (r"^language\.layers\.(o|down)_w$", (None, "tensor", "fsdp")),  # [L, in, H]
-    # LoRA adapters (`models/lora.py`) A [L, in, r] and B [L, r, out], the rank r whole: the dimension their
-    # weight splits over "tensor" splits the same way, so x @ A and (x @ A) @ B need no more communication
-    # than x @ W; and both are stored split over "fsdp" too (gathered for use, as every FSDP weight is).
-    (r"^language\.layers\.(q|k|v|gate|up)_w_lora_a$", (None, "fsdp", None)),
-    (r"^language\.layers\.(q|k|v|gate|up)_w_lora_b$", (None, None, ("fsdp", "tensor"))),
-    (r"^language\.layers\.(o|down)_w_lora_a$", (None, ("fsdp", "tensor"), None)),
-    (r"^language\.layers\.(o|down)_w_lora_b$", (None, None, "fsdp")),
+    # LoRA adapters follow their weight's rule (`adapter_spec`).
     # QLoRA's quantized weights (`models/quantize.py`): codes [L, in or in/2, out] and scales [L, 1 or in/64,
     # out] as their weight (a dimension that does not divide, such as int8's single scale row, stays whole).
     (r"^language\.layers\.(q|k|v|gate|up)_w_(codes|scale)$", (None, "fsdp", "tensor")),
@@ -141,9 +137,31 @@ def _fit(spec: Sequence[Any], shape: tuple[int, ...], mesh: Mesh) -> P:
     return P(*out)
 
 
+def _with_fsdp(axis) -> Any:
+    names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+    names = ("fsdp",) + tuple(n for n in names if n != "fsdp")
+    return names[0] if len(names) == 1 else names
+
+
+def adapter_spec(weight_spec: tuple[Any, ...], suffix: str) -> tuple[Any, ...]:
+    """The spec of a LoRA adapter (`models/lora.py`) from its weight's [..., in, out]: A [..., in, r] splits
+    `in` and B [..., r, out] splits `out` as the weight does, so x @ A and (x @ A) @ B need no more
+    communication than x @ W, and over "fsdp" too (stored split, gathered for use as every FSDP weight is);
+    the rank r whole, leading (block) axes as the weight's."""
+    *lead, d_in, d_out = weight_spec
+    return (*lead, _with_fsdp(d_in), None) if suffix == A_SUFFIX else (*lead, None, _with_fsdp(d_out))
+
+
 def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
                rules: Sequence[tuple[str, tuple[Any, ...]]] = PARAM_RULES) -> P:
-    """PartitionSpec of the parameter at dotted `path` with `shape` (first matching rule)."""
+    """PartitionSpec of the parameter at dotted `path` with `shape` (first matching rule; a LoRA adapter's
+    from its weight's, `adapter_spec`)."""
+    for suffix in (A_SUFFIX, B_SUFFIX):
+        if path.endswith(suffix):
+            weight = path.removesuffix(suffix)
+            spec = next((s for pattern, s in rules if re.search(pattern, weight)), ())
+            spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+            return _fit(adapter_spec(spec, suffix), shape, mesh)
     for pattern, spec in rules:
         if re.search(pattern, path):
             return _fit(spec, shape, mesh)

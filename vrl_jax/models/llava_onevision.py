@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vrl_jax.models import anyres, layers
+from vrl_jax.models import anyres, layers, lora
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.positions import text_positions
 from vrl_jax.models.processor import VLProcessor, left_pad
@@ -44,14 +44,16 @@ class Projector(nnx.Module):
         if v.projector_bias:
             self.linear1_b, self.linear2_b = _zeros((hidden,), param_dtype), _zeros((hidden,), param_dtype)
         self.newline = _param(rngs, (hidden,), param_dtype, std=hidden ** -0.5)
+        self.lora: lora.LoraConfig | None = None  # set by `lora.add_adapters`
 
-    def __call__(self, feats):
-        """SigLIP features [P, width] -> [P, H]."""
+    def __call__(self, feats, lora_scale=1.0, lora_dropout=None):
+        """SigLIP features [P, width] -> [P, H]; lora_scale, lora_dropout: for the adapters (`Qwen2Decoder`)."""
         dt, bias = feats.dtype, self.config.projector_bias
-        x = feats @ self.linear1_w.value.astype(dt)
-        x = layers.activation(self.config.projector_act)(x + self.linear1_b.value.astype(dt) if bias else x)
-        x = x @ self.linear2_w.value.astype(dt)
-        return x + self.linear2_b.value.astype(dt) if bias else x
+        w = lora.cast(lora.weights(self, self.lora, lora_scale, lora_dropout, prefix="linear", stacked=False), dt)
+        x = lora.project(feats, w, "linear1_w")
+        x = layers.activation(self.config.projector_act)(x + w["linear1_b"] if bias else x)
+        x = lora.project(x, w, "linear2_w")
+        return x + w["linear2_b"] if bias else x
 
 
 class LlavaOnevision(QwenVL):
@@ -67,17 +69,21 @@ class LlavaOnevision(QwenVL):
         self.language = Qwen2Decoder(config.text, tie_word_embeddings=config.tie_word_embeddings,
                                      param_dtype=param_dtype, rngs=rngs)
 
-    def image_features(self, vision: VisionInputs, remat: bool = False):
+    def image_features(self, vision: VisionInputs, remat: bool = False, lora_scale=1.0, lora_dropout=None):
         """Placeholder features [U, H] in placeholder order, from packed tiles and the feature map."""
-        feats = self.projector(self.visual(vision.pixel_values, vision.hw_pos, dtype=self.dtype, remat=remat))
+        feats = self.visual(vision.pixel_values, vision.hw_pos, dtype=self.dtype, remat=remat, lora_scale=lora_scale,
+                            lora_dropout=lora.sub_key(lora_dropout, 0))
+        feats = self.projector(feats, lora_scale, lora.sub_key(lora_dropout, 1))
         units = jnp.concatenate([feats, self.projector.newline.value.astype(self.dtype)[None]])  # unit P: newline
         return gather_units(units, vision.feature_index, vision.feature_weight)
 
-    def embed_with_deepstack(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
+    def embed_with_deepstack(self, input_ids, vision: VisionInputs | None = None, remat: bool = False,
+                             lora_scale=1.0, lora_dropout=None):
         """input_ids: int [B, T] -> ([B, T, H] with image features merged in, None: no DeepStack)."""
         x = self.language.embed_tokens(input_ids, self.dtype)
         if vision is not None:
-            x = merge_image_features(x, input_ids, self.image_features(vision, remat), self.config.image_token_id)
+            feats = self.image_features(vision, remat, lora_scale, lora_dropout)
+            x = merge_image_features(x, input_ids, feats, self.config.image_token_id)
         return x, None
 
 

@@ -5,12 +5,13 @@
 directory (`adapter_config.json` + `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` puts
 on the base HF model:
 
-    <PEFT_PREFIX><module>.lora_A.weight  [r, in]  = A[l].T   (A [L, in, r])
+    <PEFT_PREFIX><module>.lora_A.weight  [r, in]  = A[l].T   (A [L, in, r]; a connector's [in, r]: A.T)
     <PEFT_PREFIX><module>.lora_B.weight  [out, r] = B[l].T   (B [L, r, out], unscaled: peft applies alpha / r)
 
-where <module> is the layer-l module's name in the model transformers builds (e.g.
-`model.language_model.layers.0.self_attn.q_proj`), read from the family's weight table
-(`WeightTable.in_memory`), so every family is covered by the table that loads it.
+where <module> is the block-l module's name in the model transformers builds (e.g.
+`model.language_model.layers.0.self_attn.q_proj`, `model.visual.blocks.0.attn.qkv`, `model.visual.merger.mlp.0`),
+read from the family's weight table (`WeightTable.in_memory`), so every family is covered by the table that
+loads it.
 """
 
 from __future__ import annotations
@@ -36,54 +37,66 @@ PEFT_PREFIX = "base_model.model."  # PeftModel (base_model) -> LoraModel (model)
 
 
 def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
-    """W [L, in, out] + A [L, in, r] @ B [L, r, out] * scaling, computed in float32, in W's dtype."""
-    update = jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32),
+    """W [..., in, out] + A [..., in, r] @ B [..., r, out] * scaling, computed in float32, in W's dtype."""
+    update = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)
     return (w.astype(jnp.float32) + update * scaling).astype(w.dtype)
 
 
-def adapters_of(model, what: str) -> tuple[lora.LoraConfig, tuple[str, ...]]:
-    """(the LoRA config, the adapted projection names) of `model`; a UserError naming `what` when it has none."""
-    config = getattr(model.language, "lora", None)
-    names = lora.adapted_names(model.language.layers)
-    if config is None or not names:
-        raise UserError(f"{what}: the model has no LoRA adapters (model.language.lora is None); add them with "
-                        f"vrl_jax.models.lora.add_adapters, or write the plain model with loading.export_hf "
+def adapters_of(model, what: str) -> tuple[dict[str, lora.LoraConfig], tuple[str, ...]]:
+    """({part: its LoRA config}, the adapted weights' paths) of `model`; a UserError naming `what` when it
+    has none."""
+    configs, paths = lora.parts(model), lora.adapted_paths(model)
+    if not configs or not paths:
+        raise UserError(f"{what}: the model has no LoRA adapters (no part of it has a `.lora` config); add them "
+                        f"with vrl_jax.models.lora.add_adapters, or write the plain model with loading.export_hf "
                         f"or save_orbax")
-    return config, names
+    return configs, paths
 
 
 def merge_adapters(model):
-    """A new model with every adapted W replaced by `merged_weight` and the adapters removed
-    (`language.lora` None), which export_hf and save_orbax write as a plain model. `model` is left as it
-    was (adapters included); the new one shares its unadapted arrays (immutable), and each merged W keeps
-    W's sharding. In a multi-process run every process calls it."""
-    config, names = adapters_of(model, "merge_adapters")
+    """A new model with every adapted W replaced by `merged_weight` and the adapters removed (each part's
+    `.lora` None), which export_hf and save_orbax write as a plain model. `model` is left as it was (adapters
+    included); the new one shares its unadapted arrays (immutable), and each merged W keeps W's sharding. In a
+    multi-process run every process calls it."""
+    configs, paths = adapters_of(model, "merge_adapters")
     merged = nnx.clone(model)
-    layers = merged.language.layers
-    for name in names:
-        w = getattr(layers, name)
-        a, b = (getattr(layers, name + suffix).value for suffix in (lora.A_SUFFIX, lora.B_SUFFIX))
+    for path in paths:
+        module, name = lora.parent(merged, path)
+        w = getattr(module, name)
+        a, b = (getattr(module, name + suffix).value for suffix in (lora.A_SUFFIX, lora.B_SUFFIX))
         merge = jax.jit(merged_weight, static_argnums=3, out_shardings=getattr(w.value, "sharding", None))
-        w.value = merge(w.value, a, b, config.scaling)
-        delattr(layers, name + lora.A_SUFFIX)
-        delattr(layers, name + lora.B_SUFFIX)
-    merged.language.lora = None
+        w.value = merge(w.value, a, b, configs[path.split(".")[0]].scaling)
+        delattr(module, name + lora.A_SUFFIX)
+        delattr(module, name + lora.B_SUFFIX)
+    for part in configs:
+        getattr(merged, part).lora = None
     return merged
 
 
-def peft_modules(model_config, names: tuple[str, ...]) -> tuple[dict[str, str], str | None]:
-    """({projection name: its module's name template in the transformers model, "{i}" the layer}, the
-    `exclude_modules` regex of the model's other modules that share an adapted module's last name (e.g.
-    Qwen2.5-VL's vision `mlp.down_proj`, which peft's `target_modules: ["down_proj"]` would adapt too), or
-    None). Reads the config only (the parameter names of the model it describes, nothing allocated)."""
+def peft_target(module: str) -> str:
+    """The `target_modules` entry naming module `module` (a name or template): its last name ("q_proj",
+    "qkv"), from the last non-numeric one where it ends in a number ("mlp.0": peft matches an entry against
+    the end of every module's name, and "0" would name every first block)."""
+    names = module.split(".")
+    last = max(i for i, n in enumerate(names) if not n.isdigit() and n != "{i}")
+    return ".".join(names[last:])
+
+
+def peft_modules(model_config, paths: tuple[str, ...]) -> tuple[dict[str, str], str | None]:
+    """({adapted weight's path: its module's name template in the transformers model, "{i}" the block}, the
+    `exclude_modules` regex of the model's other modules that the `peft_target` entries would adapt too, e.g.
+    Qwen2.5-VL's vision `mlp.down_proj` beside the language model's, or None). Reads the config only (the
+    parameter names of the model it describes, nothing allocated)."""
     in_memory = weight_table(model_config).in_memory
-    modules = {n: in_memory[lora.PATH_PREFIX + n].removesuffix(".weight") for n in names}
-    short = {m.split(".")[-1] for m in modules.values()}
-    # this model's modules only: a table can serve several models (Qwen2-VL's and Qwen2.5-VL's towers)
-    all_modules = {in_memory[p].removesuffix(".weight") for p in param_shapes(model_config)
-                   if in_memory[p].endswith(".weight")}
-    others = sorted(m for m in all_modules - set(modules.values()) if m.split(".")[-1] in short)
+    modules = {p: in_memory[p].removesuffix(".weight") for p in paths}
+    targets = {peft_target(m) for m in modules.values()}
+    # this model's modules only (a table can serve several models: Qwen2-VL's and Qwen2.5-VL's towers), each
+    # parameter's module and the modules holding it
+    names = [in_memory[p].split(".")[:-1] for p in param_shapes(model_config)]
+    all_modules = {".".join(n[:k]) for n in names for k in range(1, len(n) + 1)}
+    matches = lambda m: any(f".{m}".replace("{i}", "0").endswith(f".{t}") for t in targets)  # noqa: E731 - peft's rule
+    others = sorted(m for m in all_modules - set(modules.values()) if matches(m))
     return modules, "|".join(template_pattern(m) for m in others) or None
 
 
@@ -92,8 +105,8 @@ def adapter_config(config: lora.LoraConfig, modules: dict[str, str], exclude: st
     """The adapter_config.json of adapters `config` on `modules` (from `peft_modules`)."""
     alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
     out = dict(peft_type="LORA", task_type="CAUSAL_LM", r=config.rank, lora_alpha=alpha,
-               target_modules=[m.split(".")[-1] for m in modules.values()], lora_dropout=config.dropout, bias="none",
-               fan_in_fan_out=False, use_rslora=False, init_lora_weights=True, inference_mode=True,
+               target_modules=sorted({peft_target(m) for m in modules.values()}), lora_dropout=config.dropout,
+               bias="none", fan_in_fan_out=False, use_rslora=False, init_lora_weights=True, inference_mode=True,
                base_model_name_or_path=base_model_name_or_path)
     if exclude:  # only when needed: peft warns about an exclude_modules that excludes nothing
         out["exclude_modules"] = exclude
@@ -101,15 +114,15 @@ def adapter_config(config: lora.LoraConfig, modules: dict[str, str], exclude: st
 
 
 def peft_tensors(model, modules: dict[str, str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(peft key, array in PyTorch layout) for every layer's A and B, one adapter at a time (each gathered
-    across processes in a multi-process run: every process must iterate)."""
-    layers = model.language.layers
-    for name, module in modules.items():
-        a, b = (to_host(getattr(layers, name + suffix).value) for suffix in (lora.A_SUFFIX, lora.B_SUFFIX))
-        for i in range(a.shape[0]):
-            key = PEFT_PREFIX + module.format(i=i)
-            yield key + ".lora_A.weight", to_hf_layout(a[i], "linear")
-            yield key + ".lora_B.weight", to_hf_layout(b[i], "linear")
+    """(peft key, array in PyTorch layout) for every block's A and B (a connector's: its one), one adapter at
+    a time (each gathered across processes in a multi-process run: every process must iterate)."""
+    for path, module in modules.items():
+        parent, name = lora.parent(model, path)
+        a, b = (to_host(getattr(parent, name + suffix).value) for suffix in (lora.A_SUFFIX, lora.B_SUFFIX))
+        blocks = [(module.format(i=i), a[i], b[i]) for i in range(a.shape[0])] if "{i}" in module else [(module, a, b)]
+        for key, a_i, b_i in blocks:
+            yield PEFT_PREFIX + key + ".lora_A.weight", to_hf_layout(a_i, "linear")
+            yield PEFT_PREFIX + key + ".lora_B.weight", to_hf_layout(b_i, "linear")
 
 
 def adapter_dir_problem(out_dir: str) -> str | None:
@@ -144,9 +157,13 @@ def check_adapter_dir(out_dir: str) -> None:
 def export_peft(model, out_dir: str, base_model_name_or_path: str | None = None) -> None:
     """Writes the adapters of `model` as a PEFT LoRA directory in `out_dir` (local or a bucket URI). In a
     multi-process run every process calls it: the adapters are gathered one by one and process 0 writes."""
-    config, names = adapters_of(model, "export_peft")
+    configs, paths = adapters_of(model, "export_peft")
+    if len(set(configs.values())) > 1:
+        raise UserError(f"export_peft: the model's parts carry different LoRA configs ({configs}); a PEFT adapter "
+                        f"has one rank, alpha and dropout")
+    config = next(iter(configs.values()))
     check_adapter_dir(out_dir)
-    modules, exclude = peft_modules(model.config, names)
+    modules, exclude = peft_modules(model.config, paths)
     tensors = dict(peft_tensors(model, modules))  # r (in + out) per layer and projection: small
     if jax.process_index() != 0:
         return

@@ -168,11 +168,7 @@ class Qwen2Decoder(nnx.Module):
         """The stacked layer weights {name: [layers, ...]} the scan slices, adapters' B scaled by
         alpha / r * lora_scale (`lora.scale_adapters`; lora_scale 0.0 = the base model), and with a key
         `lora_dropout`, what drops the adapters' inputs at the config's rate (`lora.with_dropout`)."""
-        stacked = {k: getattr(self.layers, k).value for k in self.layers.names()}
-        if self.lora is None:
-            return stacked
-        return lora.with_dropout(lora.scale_adapters(stacked, self.lora.scaling * lora_scale), self.lora.dropout,
-                                 lora_dropout)
+        return lora.weights(self.layers, self.lora, lora_scale, lora_dropout)
 
     def embed_tokens(self, input_ids, dtype):
         """input_ids: int [B, T] -> [B, T, H]."""

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vrl_jax.models import layers
+from vrl_jax.models import layers, lora
 
 VISION_EPS = 1e-6
 
@@ -65,11 +65,12 @@ def interpolated_positions(table, hw_pos, grid_hw):
 
 def postshuffle_merger(x, w: dict, merge_units: int):
     """A DeepStack merger: x [P, C] -> [P / merge_units, out]; the LayerNorm runs over the concatenation
-    of each merge unit's patches (width merge_units*C), then fc1 -> exact GELU -> fc2."""
+    of each merge unit's patches (width merge_units*C), then fc1 -> exact GELU -> fc2 (`lora.project`: with
+    their adapters where w holds them)."""
     x = x.reshape(-1, x.shape[-1] * merge_units)
     x = layers.layer_norm(x, w["norm_w"], w["norm_b"], VISION_EPS)
-    x = jax.nn.gelu(x @ w["fc1_w"] + w["fc1_b"], approximate=False)
-    return x @ w["fc2_w"] + w["fc2_b"]
+    x = jax.nn.gelu(lora.project(x, w, "fc1_w") + w["fc1_b"], approximate=False)
+    return lora.project(x, w, "fc2_w") + w["fc2_b"]
 
 
 class DeepStack(NamedTuple):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vrl_jax.models import lora
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.qwen2 import KVCache, Qwen2Decoder
 from vrl_jax.models.qwen3_vl import DeepStack
@@ -76,6 +77,9 @@ def merge_image_features(embeds, input_ids, features, image_token_id: int, featu
     return flat.reshape(embeds.shape)
 
 
+VISION_KEY = 1  # `lora.sub_key` of the images' adapter dropout (the decoder's is the forward's key itself)
+
+
 class QwenVL(nnx.Module):
     """A Qwen2-VL, Qwen2.5-VL or dense Qwen3-VL model, parameters in `param_dtype`, compute in `dtype`."""
 
@@ -92,14 +96,17 @@ class QwenVL(nnx.Module):
         """input_ids: int [B, T] -> [B, T, H] with image features merged in."""
         return self.embed_with_deepstack(input_ids, vision, remat)[0]
 
-    def embed_with_deepstack(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
+    def embed_with_deepstack(self, input_ids, vision: VisionInputs | None = None, remat: bool = False,
+                             lora_scale=1.0, lora_dropout=None):
         """input_ids: int [B, T] -> ([B, T, H] with image features merged in, the `qwen3_vl.DeepStack`
-        the decoder adds at image positions, or None when the model has none or there is no vision)."""
+        the decoder adds at image positions, or None when the model has none or there is no vision).
+        lora_scale, lora_dropout: for the vision tower's and connector's adapters (`hidden_states`)."""
         x = self.language.embed_tokens(input_ids, self.dtype)
         if vision is None:
             return x, None
         feats, deepstack = self.visual.encode(vision.pixel_values, vision.hw_pos, vision.segment_ids,
-                                              vision.window_ids, dtype=self.dtype, remat=remat)
+                                              vision.window_ids, dtype=self.dtype, remat=remat,
+                                              lora_scale=lora_scale, lora_dropout=lora_dropout)
         x = merge_image_features(x, input_ids, feats, self.config.image_token_id, vision.feature_index)
         if deepstack is not None:  # kept per unit ([D, U, H]), gathered to positions layer by layer
             is_image, index = placeholder_units(input_ids, self.config.image_token_id, feats.shape[0],
@@ -107,15 +114,18 @@ class QwenVL(nnx.Module):
             deepstack = DeepStack(deepstack, is_image.reshape(input_ids.shape), index.reshape(input_ids.shape))
         return x, deepstack
 
-    def embed_rows(self, input_ids, vision: VisionInputs | None = None, remat: bool = False):
+    def embed_rows(self, input_ids, vision: VisionInputs | None = None, remat: bool = False, lora_scale=1.0,
+                   lora_dropout=None):
         """`embed_with_deepstack`, for vision packed per row shard too: with buffers [S, P, ...] the rows
         [B, T] are S contiguous blocks, each embedded with its own buffer (a vmap over S that the batch
-        sharding splits over the devices, so no device encodes, or attends over, another's images)."""
+        sharding splits over the devices, so no device encodes, or attends over, another's images; each
+        block's adapters drop their inputs with its own key)."""
         if vision is None or vision.pixel_values.ndim == 2:
-            return self.embed_with_deepstack(input_ids, vision, remat)
+            return self.embed_with_deepstack(input_ids, vision, remat, lora_scale, lora_dropout)
         s = vision.pixel_values.shape[0]
-        x, ds = jax.vmap(lambda ids, v: self.embed_with_deepstack(ids, v, remat))(
-            input_ids.reshape(s, -1, input_ids.shape[-1]), vision)
+        x, ds = jax.vmap(lambda ids, v, i: self.embed_with_deepstack(ids, v, remat, lora_scale,
+                                                                     lora.sub_key(lora_dropout, i)))(
+            input_ids.reshape(s, -1, input_ids.shape[-1]), vision, jnp.arange(s))
         x = x.reshape(*input_ids.shape, x.shape[-1])
         if ds is not None:  # one unit table [D, S * U, H]; each block's indices offset into its part
             d, u = ds.features.shape[1], ds.features.shape[2]
@@ -132,9 +142,10 @@ class QwenVL(nnx.Module):
         input_ids: int [B, T]; positions: int [3, B, T]; attention_mask: [B, T] (1 = real token).
         With a cache, `kv_valid` [B, S] says which cache slots are real once this call's tokens are
         written at `write_index`; without one it is `attention_mask`. lora_scale: 1.0 the adapted model,
-        0.0 the base model; lora_dropout: a key for the adapters' input dropout, or None (`Qwen2Decoder.__call__`).
+        0.0 the base model; lora_dropout: a key for the adapters' input dropout, or None (`Qwen2Decoder.__call__`;
+        the vision tower and connector draw from `lora.sub_key(lora_dropout, VISION_KEY)`).
         """
-        x, deepstack = self.embed_rows(input_ids, vision, remat=remat)
+        x, deepstack = self.embed_rows(input_ids, vision, remat, lora_scale, lora.sub_key(lora_dropout, VISION_KEY))
         if kv_valid is None:
             kv_valid = attention_mask.astype(bool)
         return self.language(x, positions, kv_valid, cache=cache, write_index=write_index, remat=remat,
@@ -154,7 +165,8 @@ class QwenVL(nnx.Module):
         g, length = prompt_mask.shape
         n = input_ids.shape[0] // g
         first = slice(None, None, n)
-        xp, deepstack = self.embed_rows(input_ids[first, :length], vision, remat=remat)
+        xp, deepstack = self.embed_rows(input_ids[first, :length], vision, remat, lora_scale,
+                                        lora.sub_key(lora_dropout, VISION_KEY))
         xr = self.language.embed_tokens(input_ids[:, length:], self.dtype)
         hp, hr = self.language.shared_prompt(xp, positions[:, first, :length], prompt_mask.astype(bool), xr,
                                              positions[:, :, length:], attention_mask[:, length:].astype(bool),

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vrl_jax.models import layers
+from vrl_jax.models import layers, lora
 from vrl_jax.models.llava_config import LlavaVisionConfig
 from vrl_jax.models.qwen2 import _ones, _param, _zeros
 
@@ -39,18 +39,19 @@ def siglip_layer(w: dict, x, *, cfg: LlavaVisionConfig):
     """One pre-norm encoder layer over whole tiles. x: [tiles, T, C] -> [tiles, T, C]."""
     dt = x.dtype
     n, t, c = x.shape
-    w = {k: v.astype(dt) for k, v in w.items()}
+    w = lora.cast(w, dt)
     y = layers.layer_norm(x, w["norm1_w"], w["norm1_b"], cfg.eps)
-    heads = lambda z: z.reshape(n, t, cfg.num_heads, cfg.head_dim)  # noqa: E731
-    q = heads(y @ w["q_w"] + w["q_b"])
-    k = heads(y @ w["k_w"] + w["k_b"]).transpose(0, 2, 1, 3)  # [tiles, heads, T, hd]
-    v = heads(y @ w["v_w"] + w["v_b"]).transpose(0, 2, 3, 1)  # [tiles, heads, hd, T]
+    heads = lambda name: (lora.project(y, w, name + "_w") + w[name + "_b"]).reshape(  # noqa: E731
+        n, t, cfg.num_heads, cfg.head_dim)
+    q = heads("q")
+    k = heads("k").transpose(0, 2, 1, 3)  # [tiles, heads, T, hd]
+    v = heads("v").transpose(0, 2, 3, 1)  # [tiles, heads, hd, T]
     everywhere = jnp.ones((1, t, t), bool)  # bidirectional within the tile
     attn = layers.attention(q, k, v, everywhere, cfg.head_dim ** -0.5).reshape(n, t, c)
-    x = x + attn @ w["o_w"] + w["o_b"]
+    x = x + lora.project(attn, w, "o_w") + w["o_b"]
     y = layers.layer_norm(x, w["norm2_w"], w["norm2_b"], cfg.eps)
     act = layers.activation(cfg.hidden_act)
-    return x + act(y @ w["fc1_w"] + w["fc1_b"]) @ w["fc2_w"] + w["fc2_b"]
+    return x + lora.project(act(lora.project(y, w, "fc1_w") + w["fc1_b"]), w, "fc2_w") + w["fc2_b"]
 
 
 class SiglipTower(nnx.Module):
@@ -64,16 +65,19 @@ class SiglipTower(nnx.Module):
         self.layers = SiglipLayers(cfg, param_dtype=param_dtype, rngs=rngs)
         self.post_norm_w, self.post_norm_b = _ones((cfg.width,), param_dtype), _zeros((cfg.width,), param_dtype)
         self.max_segment: int | None = None  # tiles are attended to as whole blocks; kept for the shared API
+        self.lora: lora.LoraConfig | None = None  # set by `lora.add_adapters`
 
-    def __call__(self, pixel_values, hw_pos, dtype=jnp.float32, remat: bool | str = False):
-        """pixel_values: [P, C*p*p] whole tiles of g*g rows each; hw_pos: int [P, 2] (row, col in the tile).
+    def __call__(self, pixel_values, hw_pos, dtype=jnp.float32, remat: bool | str = False, lora_scale=1.0,
+                 lora_dropout=None):
+        """pixel_values: [P, C*p*p] whole tiles of g*g rows each; hw_pos: int [P, 2] (row, col in the tile);
+        lora_scale, lora_dropout: for the layers' adapters (`Qwen2Decoder.__call__`).
         Returns the features of layer `cfg.depth` (pre post_layernorm), [P, width]."""
         cfg = self.config
         t = cfg.tile_tokens
         x = pixel_values.astype(dtype) @ self.patch_w.value.astype(dtype) + self.patch_b.value.astype(dtype)
         x = x + jnp.take(self.pos_embed.value, hw_pos[:, 0] * cfg.grid + hw_pos[:, 1], axis=0).astype(dtype)
         x = x.reshape(-1, t, cfg.width)
-        stacked = {k: getattr(self.layers, k).value[:cfg.depth] for k in self.layers.names()}
+        stacked = {k: v[:cfg.depth] for k, v in lora.weights(self.layers, self.lora, lora_scale, lora_dropout).items()}
 
         def body(h, w):
             return siglip_layer(w, h, cfg=cfg), None

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vrl_jax.models import layers, qwen3_vl
+from vrl_jax.models import layers, lora, qwen3_vl
 from vrl_jax.models.config import VisionConfig
 from vrl_jax.models.qwen2 import _ones, _param, _zeros
 
@@ -99,9 +99,9 @@ def vision_block(w: dict, x, cos, sin, mask, *, cfg: VisionConfig, ids=None, ban
     the per-patch attention ids [P] of `banded_attention` -> [P, C]."""
     dt = x.dtype
     p, c = x.shape
-    w = {k: v.astype(dt) for k, v in w.items()}
+    w = lora.cast(w, dt)
     y = _norm(x, w, "norm1", cfg)
-    qkv = (y @ w["qkv_w"] + w["qkv_b"]).reshape(p, 3, cfg.num_heads, cfg.head_dim)
+    qkv = (lora.project(y, w, "qkv_w") + w["qkv_b"]).reshape(p, 3, cfg.num_heads, cfg.head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     # Vision rotary runs in float32 whatever the activation dtype, as transformers does.
     q = layers.apply_rotary(q.astype(jnp.float32)[None], cos[None], sin[None]).astype(dt)
@@ -111,13 +111,14 @@ def vision_block(w: dict, x, cos, sin, mask, *, cfg: VisionConfig, ids=None, ban
                                 cfg.head_dim**-0.5)[0].reshape(p, c)
     else:
         attn = banded_attention(q[0], k[0], v, ids, cfg.head_dim**-0.5, *band).reshape(p, c)
-    x = x + attn @ w["proj_w"] + w["proj_b"]
+    x = x + lora.project(attn, w, "proj_w") + w["proj_b"]
     y = _norm(x, w, "norm2", cfg)
     act = layers.activation(cfg.hidden_act)
     if cfg.mlp_type == "fc":
-        mlp = act(y @ w["fc1_w"] + w["fc1_b"]) @ w["fc2_w"] + w["fc2_b"]
+        mlp = lora.project(act(lora.project(y, w, "fc1_w") + w["fc1_b"]), w, "fc2_w") + w["fc2_b"]
     else:
-        mlp = (act(y @ w["gate_w"] + w["gate_b"]) * (y @ w["up_w"] + w["up_b"])) @ w["down_w"] + w["down_b"]
+        mlp = act(lora.project(y, w, "gate_w") + w["gate_b"]) * (lora.project(y, w, "up_w") + w["up_b"])
+        mlp = lora.project(mlp, w, "down_w") + w["down_b"]
     return x + mlp
 
 
@@ -149,6 +150,7 @@ class VisionTower(nnx.Module):
         self.merger_fc2_b = _zeros((cfg.out_dim,), param_dtype)
         # The most patches one image frame has (set from the processor's max_pixels): None = dense masks.
         self.max_segment: int | None = None
+        self.lora: lora.LoraConfig | None = None  # set by `lora.add_adapters` (blocks, merger, DeepStack)
 
     def __call__(self, pixel_values, hw_pos, segment_ids, window_ids, dtype=jnp.float32, remat: bool | str = False):
         """Encodes a packed patch buffer.
@@ -159,8 +161,11 @@ class VisionTower(nnx.Module):
         """
         return self.encode(pixel_values, hw_pos, segment_ids, window_ids, dtype, remat)[0]
 
-    def encode(self, pixel_values, hw_pos, segment_ids, window_ids, dtype=jnp.float32, remat: bool | str = False):
-        """As `__call__`, and the DeepStack features: (merged [U, out_dim], deepstack [D, U, out_dim] or None)."""
+    def encode(self, pixel_values, hw_pos, segment_ids, window_ids, dtype=jnp.float32, remat: bool | str = False,
+               lora_scale=1.0, lora_dropout=None):
+        """As `__call__`, and the DeepStack features: (merged [U, out_dim], deepstack [D, U, out_dim] or None).
+        lora_scale, lora_dropout: the adapters' scale (0.0 = the base tower) and dropout key or None
+        (`Qwen2Decoder.__call__`); each of blocks, merger and DeepStack mergers draws from its own `lora.sub_key`."""
         cfg = self.config
         x = pixel_values.astype(dtype) @ self.patch_embed.value.astype(dtype)
         if cfg.patch_bias:
@@ -170,7 +175,7 @@ class VisionTower(nnx.Module):
             x = x + qwen3_vl.interpolated_positions(self.pos_embed.value, hw_pos, grid).astype(dtype)
         cos, sin = layers.vision_cos_sin(hw_pos, cfg.head_dim, cfg.rope_theta)
         full = jnp.array([cfg.is_full_attention(i) for i in range(cfg.depth)])
-        stacked = {k: getattr(self.blocks, k).value for k in self.blocks.names()}
+        stacked = lora.weights(self.blocks, self.lora, lora_scale, lora.sub_key(lora_dropout, 0))
         band = band_shape(pixel_values.shape[0], self.max_segment)
         if band is None:
             frame_mask = (segment_ids[:, None] == segment_ids[None, :]) & (segment_ids[None, :] >= 0)
@@ -198,18 +203,16 @@ class VisionTower(nnx.Module):
         if cfg.deepstack_visual_indexes:
             # Feature j (added after decoder layer j) is the j-th tap in block order, through the merger
             # listed at that block's place in deepstack_visual_indexes, as transformers pairs them.
-            names = ("norm_w", "norm_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b")
+            mergers = lora.weights(self, self.lora, lora_scale, lora.sub_key(lora_dropout, 2), prefix="deepstack_")
+            mergers = {k.removeprefix("deepstack_"): v for k, v in mergers.items()}
             order = sorted(cfg.deepstack_visual_indexes)
             deepstack = jnp.stack([
                 qwen3_vl.postshuffle_merger(
-                    tap, {n: getattr(self, "deepstack_" + n).value[cfg.deepstack_visual_indexes.index(layer)]
-                          .astype(dtype) for n in names}, cfg.merge_size**2)
+                    tap, lora.cast({n: v[cfg.deepstack_visual_indexes.index(layer)] for n, v in mergers.items()},
+                                   dtype), cfg.merge_size**2)
                 for layer, tap in zip(order, taps)])
-        m = {"merger_norm_w": self.merger_norm_w.value}
-        if cfg.norm_type == "layernorm":
-            m["merger_norm_b"] = self.merger_norm_b.value
-        m = {k: v.astype(dtype) for k, v in m.items()}
+        m = lora.cast(lora.weights(self, self.lora, lora_scale, lora.sub_key(lora_dropout, 1), prefix="merger_",
+                                   stacked=False), dtype)
         x = _norm(x, m, "merger_norm", cfg).reshape(-1, cfg.width * cfg.merge_size**2)
-        x = x @ self.merger_fc1_w.value.astype(dtype) + self.merger_fc1_b.value.astype(dtype)
-        x = jax.nn.gelu(x, approximate=False)
-        return x @ self.merger_fc2_w.value.astype(dtype) + self.merger_fc2_b.value.astype(dtype), deepstack
+        x = jax.nn.gelu(lora.project(x, m, "merger_fc1_w") + m["merger_fc1_b"], approximate=False)
+        return lora.project(x, m, "merger_fc2_w") + m["merger_fc2_b"], deepstack

@@ -175,7 +175,7 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float
     def build():
         model = cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
         if lora is not None:
-            lora_lib.add_adapters(model.language, lora, jax.random.key(0))
+            lora_lib.add_adapters(model, lora, jax.random.key(0))
         if quantize != "none":
             layers = model.language.layers
             quantize_lib.quantize_layers(layers, lora_lib.projection_names(layers), quantize)

@@ -30,6 +30,7 @@ from vrl_jax.models.lora import is_adapter
 # DeepStack mergers and LLaVA-OneVision's projector).
 _PARTS = ((r"^visual\.(merger|deepstack)_", "train_connector"), (r"^projector\.", "train_connector"),
           (r"^visual\.", "train_vit"), (r"^language\.", "train_llm"))
+PART_NAMES = {"train_vit": "the vision tower", "train_connector": "the connector", "train_llm": "the language model"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,21 +158,25 @@ def _unflat(flat: dict[str, Any]) -> Any:
     return traverse_util.unflatten_dict(flat, sep=".")
 
 
+def part_flag(path: str) -> str:
+    """The `train_*` flag that owns the parameter at dotted `path` (`_PARTS`)."""
+    for pattern, flag in _PARTS:
+        if re.search(pattern, path):
+            return flag
+    raise ValueError(f"parameter {path!r} belongs to none of vit / connector / llm")
+
+
 def trainable_mask(params: Any, cfg: OptimizerConfig) -> Any:
     """Booleans, the structure of `params`: True where the parameter trains (by the train_* flags).
 
-    LoRA (`models/lora.py`): where the params hold adapters, the language model trains through them
-    alone: its adapters follow `train_llm` and its other weights are frozen."""
+    LoRA (`models/lora.py`): a part (vision tower, connector, language model) whose params hold adapters
+    trains through them alone: its adapters follow its flag and its other weights are frozen."""
     flat = _flat(params)
-    adapted = any(map(is_adapter, flat))
+    adapted = {part_flag(p) for p in flat if is_adapter(p)}
 
     def trains(path: str) -> bool:
-        if adapted and path.startswith("language."):
-            return bool(cfg.train_llm) and is_adapter(path)
-        for pattern, flag in _PARTS:
-            if re.search(pattern, path):
-                return bool(getattr(cfg, flag))
-        raise ValueError(f"parameter {path!r} belongs to none of vit / connector / llm")
+        flag = part_flag(path)
+        return bool(getattr(cfg, flag)) and (flag not in adapted or is_adapter(path))
     return _unflat({k: trains(k) for k in flat})
 
 
