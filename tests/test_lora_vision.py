@@ -228,8 +228,7 @@ def lora_run_config(targets: str, **optim):
 
 @pytest.mark.parametrize("targets,optim,message", [
     (r"^visual\.nothing$", {}, r"config\.model\.lora\.targets: '\^visual\\\\\.nothing\$' matches none of the "
-                               r"language model's projections language\.layers\.q_w"),
-    (r"^visual\.blocks\.qkv_w$", {"train_vit": True}, r"matches none of the language model's projections"),
+                               r"adaptable projections language\.layers\.q_w"),
     (r"\.(q|k|v|o|gate|up|down)_w$", {}, r"config\.model\.lora\.targets: .* puts adapters on visual\.blocks\.gate_w "
                                          r"\(the vision tower\), which would not train with optim\.train_vit=False"),
     (r"^language\.layers\.q_w$|^visual\.merger_fc1_w$", {"train_vit": True},
@@ -247,6 +246,12 @@ def test_targets_that_match_nothing_or_a_part_that_does_not_train_are_config_err
 def test_targets_over_every_part_with_their_flags_on_validate_and_a_family_without_them_is_a_user_error():
     configs.validate(lora_run_config(r"^language\.layers\.q_w$|^visual\.(blocks\.qkv_w|merger_fc1_w|layers\.q_w)$|"
                                      r"^projector\.linear1_w$", train_vit=True, train_connector=True))
+    configs.validate(lora_run_config(r"^visual\.blocks\.qkv_w$", train_vit=True))  # the vision tower's alone
+    quantized = lora_run_config(r"^visual\.blocks\.qkv_w$", train_vit=True)
+    quantized.model.lora.quantize = "nf4"  # QLoRA freezes the language model, which would train whole here
+    with pytest.raises(configs.ConfigValidationError, match=r"config\.model\.lora\.quantize: 'nf4' stores the "
+                                                            r"language model's weights frozen"):
+        configs.validate(quantized)
     model = make_model(model_config("qwen2_5_vl"))  # SigLIP's paths: not in a Qwen-VL model
     with pytest.raises(UserError, match=r"matches none of the model's projections language\.layers\.q_w, .*"
                                         r"visual\.blocks\.qkv_w, .*visual\.merger_fc2_w"):

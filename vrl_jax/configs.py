@@ -413,10 +413,12 @@ def _check_lora(c) -> None:
     from vrl_jax.models.lora import CANDIDATES, PATH_PREFIX
     from vrl_jax.rl.train_state import PART_NAMES, part_flag
     matched = [p for p in CANDIDATES if pattern.search(p)]
-    if not any(p.startswith(PATH_PREFIX) for p in matched):  # the run's exports read the language model's config
-        _fail("model.lora.targets", f"{lo.targets!r} matches none of the language model's projections "
-                                    f"{', '.join(p for p in CANDIDATES if p.startswith(PATH_PREFIX))} (adapters on "
-                                    f"the vision tower or connector come with the language model's)")
+    if not matched:
+        _fail("model.lora.targets", f"{lo.targets!r} matches none of the adaptable projections "
+                                    f"{', '.join(CANDIDATES)}")
+    if lo.quantize != "none" and not any(p.startswith(PATH_PREFIX) for p in matched):
+        _fail("model.lora.quantize", f"{lo.quantize!r} stores the language model's weights frozen, but "
+                                     f"model.lora.targets={lo.targets!r} puts no adapter on it (it would train whole)")
     for path in matched:
         flag = part_flag(path)
         if not c.optim[flag]:

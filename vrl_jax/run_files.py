@@ -16,6 +16,7 @@ from etils import epath
 from flax import traverse_util
 
 from vrl_jax import configs
+from vrl_jax.models import lora
 from vrl_jax.models.lora import is_adapter
 from vrl_jax.models.quantize import dequantize_layers
 from vrl_jax.rl.train_state import TrainState, pure_params, trainable_params
@@ -70,7 +71,7 @@ def export_policy(c, model, workdir: str, model_dir: str) -> None:
     from vrl_jax.models.loading import export_hf
     # QLoRA: the weights the policy computed with, widened back (PEFT's base model is the original, unquantized).
     dequantize_layers(model.language.layers, jnp.dtype(c.model.param_dtype))
-    if model.language.lora is not None:
+    if lora.parts(model):
         from vrl_jax.models.lora_export import export_peft, merge_adapters
         others = [k for k in trainable_params(pure_params(model), configs.optimizer_config(c, 1)) if not is_adapter(k)]
         if others:
