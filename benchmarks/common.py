@@ -90,19 +90,33 @@ def _rollouts(tokens: list, times: list, compile_s=None) -> Rollouts:
     return Rollouts(statistics.median(t / s for t, s in zip(tokens, times)), times, compile_s)
 
 
-def time_sampler(sampler, params, inputs, repeats: int, temperature: float = 1.0) -> Rollouts:
-    """Times vrl_jax's `Sampler` on `inputs`: one first call (compiles), then `repeats` calls with new keys."""
+def time_samplers(samplers: dict, inputs, repeats: int, temperature: float = 1.0) -> dict:
+    """Times vrl_jax `Sampler`s {name: (sampler, params)} on `inputs`: {name: Rollouts}. Each is called once
+    (compiles), then `repeats` rounds call each in turn with new keys: interleaved, so a change in the
+    machine's load during the run falls on all of them alike."""
     import jax
-    t0 = time.perf_counter()
-    jax.block_until_ready(sampler(params, inputs, jax.random.key(0), temperature=temperature))
-    first_call = time.perf_counter() - t0
-    times, tokens = [], []
-    for r in range(repeats):
+
+    def call(name, r):
+        sampler, params = samplers[name]
         t0 = time.perf_counter()
-        out = jax.block_until_ready(sampler(params, inputs, jax.random.key(r + 1), temperature=temperature))
-        times.append(time.perf_counter() - t0)
-        tokens.append(int(np.asarray(out.lengths).sum()))
-    return _rollouts(tokens, times, first_call - statistics.median(times))
+        out = jax.block_until_ready(sampler(params, inputs, jax.random.key(r), temperature=temperature))
+        return time.perf_counter() - t0, int(np.asarray(out.lengths).sum())
+
+    first_call = {name: call(name, 0)[0] for name in samplers}
+    runs = {name: [] for name in samplers}
+    for r in range(repeats):
+        for name in samplers:
+            runs[name].append(call(name, r + 1))
+    result = {}
+    for name, calls in runs.items():
+        times, tokens = [t for t, _ in calls], [n for _, n in calls]
+        result[name] = _rollouts(tokens, times, first_call[name] - statistics.median(times))
+    return result
+
+
+def time_sampler(sampler, params, inputs, repeats: int, temperature: float = 1.0) -> Rollouts:
+    """`time_samplers` of one sampler."""
+    return time_samplers({"": (sampler, params)}, inputs, repeats, temperature)[""]
 
 
 def set_torch_threads() -> None:

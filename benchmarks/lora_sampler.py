@@ -15,7 +15,8 @@ down). A is drawn as `add_adapters` draws it and B ~ N(0, 0.05^2), so the adapte
   peft      transformers `generate` on the base model wrapped by `peft.PeftModel` (unmerged), the
             adapters written by `export_peft` and read by `PeftModel.from_pretrained`
 
-Compilation is timed separately; steady state is the median of the repeats. Also printed: what merging
+Compilation is timed separately; steady state is the median of the repeats, the two vrl_jax samplers
+taking turns (so a change in the machine's load falls on both). Also printed: what merging
 costs (the time of `merge_adapters`, which a loop merging before each rollout pays every step, and the
 bytes of the merged copies of the adapted weights, held next to the trained model's), and whether the
 unmerged and merged samplers (and peft) pick the same tokens greedily (temperature 0) on every prompt.
@@ -35,7 +36,7 @@ import time
 import numpy as np
 
 from common import (Rollouts, build_models, generate_kwargs, set_torch_threads,  # benchmarks/common.py
-                    text_prompts, time_generate, time_sampler)
+                    text_prompts, time_generate, time_samplers)
 
 ALPHA = 16.0  # experiments' default `model.lora.alpha`
 B_STD = 0.05  # large enough that the adapters move the logits visibly (as tests/test_lora_export.py)
@@ -137,15 +138,15 @@ def main(argv):
     ids, inputs = text_prompts(args.batch, args.prompt)
     cfg = SamplerConfig(max_new_tokens=args.new, stop_token_ids=(STOP,))
     samplers = {"unmerged": Sampler.for_model(model, cfg), "merged": Sampler.for_model(merged, cfg)}
-    runs: dict[str, Rollouts] = {k: time_sampler(s, p, inputs, args.repeats) for k, (s, p) in samplers.items()}
+    runs: dict[str, Rollouts] = time_samplers(samplers, inputs, args.repeats)
     runs["peft"] = time_generate(peft, ids, args.new, STOP, args.repeats)
 
     greedy = {k: greedy_tokens(s, p, inputs) for k, (s, p) in samplers.items()}
     greedy["peft"] = peft_greedy_tokens(peft, ids, args.new)
 
     unmerged, merged_tps, peft_tps = (runs[k].tokens_per_s for k in ("unmerged", "merged", "peft"))
-    # a loop that merged before every rollout: the merge, then the rollout at the merged speed
-    rollout_tokens = unmerged * statistics.median(runs["unmerged"].step_s)
+    # a loop that merged before every rollout: the merge, then a rollout of (at most) batch x new at the merged speed
+    rollout_tokens = args.batch * args.new
     merge_each = rollout_tokens / (merge_s + rollout_tokens / merged_tps)
     figures = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new, scale=args.scale, rank=args.rank,
                    alpha=ALPHA, targets=list(names), lm_params=n_params, model_bytes=weights,
