@@ -19,7 +19,8 @@ Compilation is timed separately; steady state is the median of the repeats, the 
 taking turns (so a change in the machine's load falls on both). Also printed: what merging
 costs (the time of `merge_adapters`, which a loop merging before each rollout pays every step, and the
 bytes of the merged copies of the adapted weights, held next to the trained model's), and whether the
-unmerged and merged samplers (and peft) pick the same tokens greedily (temperature 0) on every prompt.
+unmerged and merged samplers (and peft) pick the same tokens greedily (temperature 0) on every prompt,
+and that the base model (peft with the adapters off) does not.
 The last line is the ratio vrl_jax unmerged tokens/s / peft tokens/s.
 """
 
@@ -143,6 +144,8 @@ def main(argv):
 
     greedy = {k: greedy_tokens(s, p, inputs) for k, (s, p) in samplers.items()}
     greedy["peft"] = peft_greedy_tokens(peft, ids, args.new)
+    with peft.disable_adapter():  # the base model: the adapters must change the policy for the check to mean anything
+        greedy["base"] = peft_greedy_tokens(peft, ids, args.new)
 
     unmerged, merged_tps, peft_tps = (runs[k].tokens_per_s for k in ("unmerged", "merged", "peft"))
     # a loop that merged before every rollout: the merge, then a rollout of (at most) batch x new at the merged speed
@@ -165,7 +168,8 @@ def main(argv):
           f"hold {adapted / 2**20:.1f} MiB more ({100 * adapted / weights:.0f}% of the model's "
           f"{weights / 2**20:.1f} MiB; adapters {adapters / 2**20:.2f} MiB)")
     print(f"greedy tokens, unmerged vs merged: {agreement(greedy['unmerged'], greedy['merged'])}; "
-          f"unmerged vs peft: {agreement(greedy['unmerged'], greedy['peft'])}")
+          f"unmerged vs peft: {agreement(greedy['unmerged'], greedy['peft'])}; "
+          f"unmerged vs the base model (peft, adapters off): {agreement(greedy['unmerged'], greedy['base'])}")
     print(json.dumps(figures))
     print(f"ratio vrl_jax unmerged/peft tokens/s: {unmerged / peft_tps:.2f}")
 
