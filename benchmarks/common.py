@@ -1,10 +1,16 @@
-"""What the benchmarks share: performance.md's tiny Qwen2.5-VL-shaped peer model, and the machine's
-measured matmul throughput (the physical limit a CPU step is compared against)."""
+"""What the benchmarks share: performance.md's tiny Qwen2.5-VL-shaped peer model, the machine's
+measured matmul throughput (the physical limit a CPU step is compared against), and the rollout
+timing both sampler benchmarks use (random text prompts, vrl_jax's `Sampler` and transformers
+`generate` timed the same way)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import statistics
 import time
+
+import numpy as np
 
 
 def build_checkpoint(directory: str, scale: int = 1):
@@ -42,3 +48,108 @@ def matmul_flops_per_s(repeats: int = 10) -> float:
         jax.block_until_ready(f(a, b))
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times)
+
+
+def build_models(directory: str, scale: int = 1):
+    """`build_checkpoint(directory, scale)` and the same weights loaded by vrl_jax: (the transformers
+    model, the vrl_jax `QwenVL`, the language model's parameter count with its head)."""
+    from vrl_jax.models.config import ModelConfig
+    from vrl_jax.models.weights import load_hf_params
+    hf = build_checkpoint(directory, scale)
+    model = load_hf_params(directory, ModelConfig.from_pretrained(directory))
+    n_params = sum(p.numel() for p in hf.model.language_model.parameters()) + hf.lm_head.weight.numel()
+    return hf, model, int(n_params)
+
+
+def text_prompts(batch: int, prompt: int, seed: int = 0):
+    """Random text-only prompts: (ids int32 [batch, prompt] below the special tokens, no padding, and
+    their vrl_jax `ModelInputs`)."""
+    from vrl_jax.models.positions import text_positions
+    from vrl_jax.models.processor import ModelInputs
+    ids = np.random.RandomState(seed).randint(0, 1000, (batch, prompt)).astype(np.int32)
+    mask = np.ones_like(ids)
+    positions, next_position = text_positions(mask)
+    return ids, ModelInputs(ids, mask, positions, next_position, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """tokens_per_s: the median over repeats of generated tokens / seconds; step_s: each repeat's
+    seconds; compile_s: the first call's extra seconds over the median (None where not compiled)."""
+
+    tokens_per_s: float
+    step_s: list
+    compile_s: float | None = None
+
+    def report(self) -> dict:
+        return dict(tokens_per_s=round(self.tokens_per_s, 1), step_s=[round(t, 3) for t in self.step_s],
+                    **({} if self.compile_s is None else dict(compile_s=round(self.compile_s, 2))))
+
+
+def _rollouts(tokens: list, times: list, compile_s=None) -> Rollouts:
+    return Rollouts(statistics.median(t / s for t, s in zip(tokens, times)), times, compile_s)
+
+
+def time_samplers(samplers: dict, inputs, repeats: int, temperature: float = 1.0) -> dict:
+    """Times vrl_jax `Sampler`s {name: (sampler, params)} on `inputs`: {name: Rollouts}. Each is called once
+    (compiles), then `repeats` rounds call each in turn with new keys: interleaved, so a change in the
+    machine's load during the run falls on all of them alike."""
+    import jax
+
+    def call(name, r):
+        sampler, params = samplers[name]
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(sampler(params, inputs, jax.random.key(r), temperature=temperature))
+        return time.perf_counter() - t0, int(np.asarray(out.lengths).sum())
+
+    first_call = {name: call(name, 0)[0] for name in samplers}
+    runs = {name: [] for name in samplers}
+    for r in range(repeats):
+        for name in samplers:
+            runs[name].append(call(name, r + 1))
+    result = {}
+    for name, calls in runs.items():
+        times, tokens = [t for t, _ in calls], [n for _, n in calls]
+        result[name] = _rollouts(tokens, times, first_call[name] - statistics.median(times))
+    return result
+
+
+def time_sampler(sampler, params, inputs, repeats: int, temperature: float = 1.0) -> Rollouts:
+    """`time_samplers` of one sampler."""
+    return time_samplers({"": (sampler, params)}, inputs, repeats, temperature)[""]
+
+
+def set_torch_threads() -> None:
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
+def generate_kwargs(new: int, stop: int, greedy: bool = False) -> dict:
+    """transformers `generate` settings matching the sampler: T=1 with top-k and top-p off, or greedy."""
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    return dict(max_new_tokens=new, eos_token_id=stop, pad_token_id=0, **sampling)
+
+
+def generated_lengths(new_tokens: np.ndarray, stop: int) -> np.ndarray:
+    """new_tokens [B, N] -> [B]: tokens up to and including the first stop token count as generated."""
+    hit = new_tokens == stop
+    return np.where(hit.any(1), hit.argmax(1) + 1, new_tokens.shape[1])
+
+
+def time_generate(model, ids: np.ndarray, new: int, stop: int, repeats: int) -> Rollouts:
+    """Times transformers `generate` (on a transformers or peft model) on ids [B, P] after a short warm-up,
+    seeding torch with the repeat's index."""
+    import torch
+    torch_ids = torch.tensor(ids).long()
+    kwargs = dict(attention_mask=torch.ones_like(torch_ids), **generate_kwargs(new, stop))
+    times, tokens = [], []
+    with torch.no_grad():
+        model.generate(input_ids=torch_ids[:, :8], **{**kwargs, "attention_mask": kwargs["attention_mask"][:, :8],
+                                                     "max_new_tokens": 4})  # warm-up
+        for r in range(repeats):
+            torch.manual_seed(r)
+            t0 = time.perf_counter()
+            g = model.generate(input_ids=torch_ids, **kwargs)
+            times.append(time.perf_counter() - t0)
+            tokens.append(int(generated_lengths(g[:, ids.shape[1]:].numpy(), stop).sum()))
+    return _rollouts(tokens, times)
