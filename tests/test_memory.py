@@ -105,7 +105,14 @@ def test_seven_b_on_eight_h100s_fits_and_on_a_v5e_8_gets_a_combination_that_fits
     assert abs(float(params.split()[1]) - 8.29e9 * 4 / 8 / memory.GiB) < 0.1  # 8.29 B float32 params / 8
     assert plan_main([*args, "--device-memory=v5e"]) == 1  # 2048 + 2048 tokens: only with LoRA among others
     out = capsys.readouterr().out
-    assert "does NOT fit" in out and "--config.model.lora.rank=64" in out.split("changes that would fit:")[1]
+    suggestion = out.split("changes that would fit:")[1].strip().splitlines()[0]
+    assert "does NOT fit" in out and "--config.model.lora.rank=64" in suggestion
+    # The suggested flags, as printed, make a config the trainer accepts (geo.py's num_mini = 32 scales down
+    # with the step) and a plan that fits.
+    flags = suggestion.split(" (")[0].split()
+    assert "--config.num_mini=8" in flags
+    assert plan_main([*args, *flags, "--device-memory=v5e"]) == 0
+    capsys.readouterr()
     assert plan_main([*args, "--config.model.lora.rank=64", "--device-memory=h100"]) == 0
     lora_out = capsys.readouterr().out
     assert plan_main([*args, "--config.model.lora.rank=64", "--config.model.lora.quantize=nf4"]) == 0

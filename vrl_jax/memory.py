@@ -62,6 +62,7 @@ class RunShape:
     train_connector: bool
     train_llm: bool
     reference: bool  # a KL reference copy of the trained parameters is kept
+    num_mini: int = 1  # optimizer updates per PPO epoch (MAYE's mini-batches): divides num_micro
     lora_rank: int = 0  # LoRA adapters' rank (`model.lora`), 0 = full fine-tuning
     lora_targets: str = r"^language\.layers\.(q|k|v|o|gate|up|down)_w$"
     quantize: str = "none"  # QLoRA: the frozen projections stored in int8 / nf4 (`model.lora.quantize`)
@@ -78,7 +79,8 @@ def run_shape(c, image_patches: int | None = None) -> RunShape:
         remat=remat_policy_name(c.model.remat), chunk_size=c.loss.chunk_size, train_vit=c.optim.train_vit,
         train_connector=c.optim.train_connector, train_llm=c.optim.train_llm,
         reference=bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef)),
-        lora_rank=c.model.lora.rank, lora_targets=c.model.lora.targets, quantize=c.model.lora.quantize)
+        num_mini=c.num_mini, lora_rank=c.model.lora.rank, lora_targets=c.model.lora.targets,
+        quantize=c.model.lora.quantize)
 
 
 def lora_of(shape: RunShape):
@@ -325,27 +327,32 @@ def _changes(shape: RunShape, mesh_sizes: tuple[int, int, int]) -> list[tuple[st
     if shape.lora_rank and shape.quantize == "none":  # QLoRA: frozen weights in 4 bits, computed with in 4 bits
         out.append(("--config.model.lora.quantize=nf4 (QLoRA: the frozen weights in 4 bits)", mesh_sizes,
                     dataclasses.replace(shape, quantize="nf4")))
-    for k in (2, 4, 8):  # as many rows per micro-batch as before: num_micro shrinks with the step
-        if shape.prompts % k == 0 and shape.num_micro % k == 0:
-            out.append((f"--config.prompts_per_step={shape.prompts // k} --config.num_micro={shape.num_micro // k} "
-                        f"(a smaller step: changes the recipe)", mesh_sizes,
-                        dataclasses.replace(shape, prompts=shape.prompts // k, num_micro=shape.num_micro // k)))
+    for k in (2, 4, 8):  # as many rows per micro-batch and per update as before: num_micro, num_mini shrink too
+        if shape.prompts % k == 0 and shape.num_micro % k == 0 and shape.num_mini % k == 0:
+            mini = f" --config.num_mini={shape.num_mini // k}" if shape.num_mini > 1 else ""
+            out.append((f"--config.prompts_per_step={shape.prompts // k} --config.num_micro={shape.num_micro // k}"
+                        f"{mini} (a smaller step: changes the recipe)", mesh_sizes,
+                        dataclasses.replace(shape, prompts=shape.prompts // k, num_micro=shape.num_micro // k,
+                                            num_mini=shape.num_mini // k)))
     return out
 
 
 def suggestions(model_config: ModelConfig, shape: RunShape, mesh_sizes: tuple[int, int, int],
-                device_memory: int) -> list[tuple[str, Plan]]:
+                device_memory: int, accepts=lambda flags: True) -> list[tuple[str, Plan]]:
     """Changes that make the run fit, each with its plan: every single change that does (`_changes` order),
-    else one combination, built greedily (each round adds the change that lowers the peak most)."""
+    else one combination, built greedily (each round adds the change that lowers the peak most). accepts:
+    whether the run's config with a suggestion's flags (text) is valid (`plan.config_accepts`); others are
+    never suggested."""
     single = [(text, plan) for text, sizes, s in _changes(shape, mesh_sizes)
-              if (plan := make_plan(model_config, s, sizes, device_memory)).fits]
+              if (plan := make_plan(model_config, s, sizes, device_memory)).fits and accepts(text)]
     if single:
         return single
     chosen: list[str] = []
     sizes, current = mesh_sizes, shape
     best = make_plan(model_config, shape, mesh_sizes, device_memory)
     while not best.fits:
-        options = [(make_plan(model_config, s, z, device_memory), text, z, s) for text, z, s in _changes(current, sizes)]
+        options = [(make_plan(model_config, s, z, device_memory), text, z, s) for text, z, s in _changes(current, sizes)
+                   if accepts(combined(chosen + [text]))]
         options = [o for o in options if o[0].peak < best.peak]
         if not options:
             return []

@@ -14,6 +14,7 @@ devices as the mesh). Exits 0 when the run fits (or no device memory was given),
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -91,6 +92,36 @@ def parse_mesh(text: str | None, c) -> tuple[int, int, int]:
     return tuple(sizes[a] for a in shd.AXES)
 
 
+def config_accepts(c, num_devices: int):
+    """`accepts(text)`: whether config `c` with the `--config.key=value` flags of a suggestion's text
+    validates (`configs.validate`), so the planner never suggests a change the trainer would refuse."""
+    import ast
+
+    from vrl_jax import configs
+
+    def accepts(text: str) -> bool:
+        changed = c.copy_and_resolve_references()
+        with changed.unlocked():
+            for flag in text.split(" (")[0].split():
+                key, _, value = flag[len("--config."):].partition("=")
+                try:
+                    value = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    pass  # a string such as bfloat16
+                parent = changed
+                *path, last = key.split(".")
+                for part in path:
+                    parent = parent[part]
+                parent[last] = value
+        try:
+            configs.validate(changed, num_devices)
+        except configs.ConfigValidationError:
+            return False
+        return True
+
+    return accepts
+
+
 def check_fits(c, num_devices: int, device_memory: int | None) -> None:
     """The training CLI's check before anything compiles: raises UserError with the plan and a change that
     would fit when the run's peak exceeds `device_memory` (no check when it is None)."""
@@ -103,7 +134,7 @@ def check_fits(c, num_devices: int, device_memory: int | None) -> None:
     plan = memory.make_plan(model_config, shape, sizes, device_memory)
     if plan.fits:
         return
-    fixes = memory.suggestions(model_config, shape, sizes, device_memory)
+    fixes = memory.suggestions(model_config, shape, sizes, device_memory, config_accepts(c, num_devices))
     hint = (f"this change would fit (peak {fixes[0][1].peak / memory.GiB:.2f} GiB): {fixes[0][0]}" if fixes else
             "no change of mesh, micro-batches, remat, precision or step size makes it fit; use more devices or "
             "shorter prompts and responses")
@@ -160,7 +191,7 @@ def main(argv: list[str]) -> int:
           f"({source})")
     print(plan.table())
     if plan.fits is False:
-        fixes = memory.suggestions(model_config, shape, sizes, limit)
+        fixes = memory.suggestions(model_config, shape, sizes, limit, config_accepts(c, math.prod(sizes)))
         print("changes that would fit:" if fixes else "no change of mesh, micro-batches, remat, precision or step "
               "size makes it fit: use more devices or shorter prompts and responses")
         for text, fixed in fixes:
