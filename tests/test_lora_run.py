@@ -23,8 +23,8 @@ LORA = ["--config.model.lora.rank=4", "--config.model.lora.alpha=8.0", "--config
 VOLATILE = ("time/", "speed/", "compile/", "timestamp", "time")
 
 
-def run_train(workdir, cache_dir, *overrides):
-    cmd = [sys.executable, "-m", "vrl_jax.train", f"--config={SMOKE}", f"--workdir={workdir}", *LORA, *overrides]
+def run_train(workdir, cache_dir, *overrides, base=LORA):
+    cmd = [sys.executable, "-m", "vrl_jax.train", f"--config={SMOKE}", f"--workdir={workdir}", *base, *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": cache_dir,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -115,3 +115,18 @@ def test_the_exports_load_in_transformers_and_peft_with_the_same_logits(uninterr
     peft = logits(PeftModel.from_pretrained(load(base_dir), os.path.join(uninterrupted, "adapter")).eval())
     assert np.abs(merged - base).max() > 1e-4  # the adapters moved the policy
     assert np.abs(peft - merged).max() < 1e-4  # float32: the same weights, merged or not
+
+
+def test_a_dyme_run_memorizes_through_the_adapters(tmp_path, session_jax_cache):
+    """DyME with LoRA (no KL: DyME has no reference): a random model is always wrong, so every group memorizes
+    its reference through the NLL term, and what trains, is saved and exported is the adapters."""
+    from tests.test_recipe_fidelity import DYME
+    wd = str(tmp_path / "dyme")
+    run_train(wd, session_jax_cache, *DYME, "--config.rl_steps=2", "--config.model.lora.rank=4",
+              "--config.optim.train_vit=False", "--config.optim.train_connector=False",
+              "--config.eval.splits=('val',)", "--config.eval.settings=('low',)", "--report=false", base=())
+    train = rows(wd)
+    assert len(train) == 2 and all(r["dyme/memorize_share"] == 1.0 and r["loss/sft_loss"] > 0 for r in train)
+    paths = saved_params(os.path.join(wd, "checkpoints", "2", "state"))
+    assert paths and all(p.endswith(("_lora_a", "_lora_b")) for p in paths)
+    assert sorted(os.listdir(os.path.join(wd, "adapter"))) == ["adapter_config.json", "adapter_model.safetensors"]
