@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     # dropout: the share of the adapters' inputs dropped in the update's forward (PEFT's lora_dropout; the
     # sampler and the old / reference log-probs run without). quantize: none | int8 | nf4: the language
     # model's frozen projection weights stored quantized (QLoRA, `models/quantize.py`), widened for each matmul.
-    c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=r"^language\.layers\.(q|k|v|o|gate|up|down)_w$",
+    c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0,
+                                                  targets=r"^language\.layers\.(q|k|v|o|gate|up|down)_w$",
                                                   dropout=0.0, quantize="none"))
     # family: the architecture of the tiny offline model (`models.tiny.TINY_FAMILIES`: qwen2_5_vl | qwen3_vl |
     # llava_onevision)

@@ -299,8 +299,8 @@ LORA_RANK = 64  # what the planner suggests (a common rank for 7B-scale RL; its 
 def _changes(shape: RunShape, mesh_sizes: tuple[int, int, int]) -> list[tuple[str, tuple[int, int, int], RunShape]]:
     """Single changes worth trying, in order: shard parameters and moments more (fsdp), fewer rows per
     micro-batch, remat, bfloat16 moments, bfloat16 parameters, then those that change the recipe: LoRA
-    adapters in place of the language model's weights (and then their base in NF4), and fewer prompts per step (the rollout's KV cache
-    holds every sample of a step)."""
+    adapters in place of the language model's weights (and then their base in NF4), and fewer prompts per
+    step (the rollout's KV cache holds every sample of a step)."""
     data, fsdp, tensor = mesh_sizes
     out: list[tuple[str, tuple[int, int, int], RunShape]] = []
     if data > 1:
