@@ -1,10 +1,13 @@
 """Low-rank adapters (LoRA) on chosen projections of the language model, the vision tower and the connector,
 written by hand.
 
-qwix (Tunix's LoRA/QLoRA library) is not installed in this environment and was not evaluated; the
-models keep their weights as raw arrays (stacked on a leading block axis under `lax.scan`) and multiply
-them with `@` (no `nnx.Linear` to wrap), so the adapters are plain parameters next to the weights they adapt,
-on the same module:
+Why not qwix (Tunix's LoRA/QLoRA library; its 0.1.8 source read): its `LoraProvider` intercepts each
+`dot_general`/`einsum` call site inside a module's method and creates one adapter per call site, chosen by
+module path. Our models keep their weights as raw arrays stacked on a leading block axis and run every
+block through one `lax.scan`, so the q projection of all 28 layers is one call site: qwix would give all
+layers one shared adapter (and would see the attention matmuls as candidates too). Restructuring the models
+into per-layer `nnx.Linear`s would lose the scan. So the adapters are plain parameters next to the weights
+they adapt, on the same module:
 
     P_lora_a [..., in, r], P_lora_b [..., r, out]   for each chosen projection P [..., in, out]
 
