@@ -13,10 +13,11 @@ test_iid problems under MAYE's three settings after SFT and at the end. Variants
   experiments/default.py:grpo    GRPO only        experiments/default.py:sft    SFT only
   experiments/default.py:dyme    DyME             experiments/default.py:smoke  a few seconds, for tests
   experiments/default.py:grpo_qwen3  GRPO only, on a tiny Qwen3-VL (`model.tiny.family`) instead
-  experiments/default.py:lora    SFT + GRPO training LoRA adapters (rank 16 on every projection of the
-                                 language model, dropout 0.05) and nothing else, with a KL term to the SFT policy: the
-                                 reference is the adapters as SFT left them, over the same base weights
-  experiments/default.py:qlora   the same with the frozen base weights of the language model in NF4
+  experiments/default.py:qlora   SFT + GRPO training LoRA adapters (rank 16 on every projection of the
+                                 language model, dropout 0.05) over its frozen weights in NF4, and nothing
+                                 else, with a KL term to the SFT policy: the reference is the adapters as
+                                 SFT left them, over the same base weights (without `model.lora.quantize`:
+                                 plain LoRA, run end to end in tests/test_lora_run.py)
 """
 
 from vrl_jax.configs import base_config
@@ -85,9 +86,9 @@ def get_config(arg: str | None = None):
         c.data.template = "dyme_answer"
         c.data.length_buckets = (128, 192)  # DyME's instruction adds ~40 tokens
         c.dyme.answer_format = "flag"
-    elif arg in ("lora", "qlora"):
+    elif arg == "qlora":
         c.model.lora.rank = 16
-        c.model.lora.quantize = "nf4" if arg == "qlora" else "none"
+        c.model.lora.quantize = "nf4"
         c.model.lora.alpha = 32.0
         c.model.lora.dropout = 0.05
         c.optim.train_vit = False
@@ -118,5 +119,5 @@ def get_config(arg: str | None = None):
         c.checkpoint.every_steps = 1
     else:
         raise ValueError(f"experiments/default.py: unknown variant {arg!r}; expected sft_grpo, grpo, grpo_qwen3, "
-                         "sft, dyme, lora, qlora, smoke")
+                         "sft, dyme, qlora, smoke")
     return c
