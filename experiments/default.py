@@ -13,11 +13,9 @@ test_iid problems under MAYE's three settings after SFT and at the end. Variants
   experiments/default.py:grpo    GRPO only        experiments/default.py:sft    SFT only
   experiments/default.py:dyme    DyME             experiments/default.py:smoke  a few seconds, for tests
   experiments/default.py:grpo_qwen3  GRPO only, on a tiny Qwen3-VL (`model.tiny.family`) instead
-  experiments/default.py:qlora   SFT + GRPO training LoRA adapters (rank 16 on every projection of the
-                                 language model, dropout 0.05) over its frozen weights in NF4, and nothing
-                                 else, with a KL term to the SFT policy: the reference is the adapters as
-                                 SFT left them, over the same base weights (without `model.lora.quantize`:
-                                 plain LoRA, run end to end in tests/test_lora_run.py)
+
+LoRA or QLoRA on any of them: --config.model.lora.rank=16 [--config.model.lora.quantize=nf4] (README, "LoRA
+and QLoRA"; both run end to end on the smoke variant in tests/test_lora_run.py).
 """
 
 from vrl_jax.configs import base_config
@@ -86,16 +84,6 @@ def get_config(arg: str | None = None):
         c.data.template = "dyme_answer"
         c.data.length_buckets = (128, 192)  # DyME's instruction adds ~40 tokens
         c.dyme.answer_format = "flag"
-    elif arg == "qlora":
-        c.model.lora.rank = 16
-        c.model.lora.quantize = "nf4"
-        c.model.lora.alpha = 32.0
-        c.model.lora.dropout = 0.05
-        c.optim.train_vit = False
-        c.optim.train_connector = False
-        c.sft.learning_rate = 1e-2  # adapters start at B = 0 and move the weights through a rank-16 product
-        c.optim.learning_rate = 5e-4
-        c.loss.kl_coef = 0.01
     elif arg == "smoke":  # a few seconds end to end: tests and first contact
         c.data.synthgeo.train = 64
         c.data.synthgeo.val = 8
@@ -119,5 +107,5 @@ def get_config(arg: str | None = None):
         c.checkpoint.every_steps = 1
     else:
         raise ValueError(f"experiments/default.py: unknown variant {arg!r}; expected sft_grpo, grpo, grpo_qwen3, "
-                         "sft, dyme, qlora, smoke")
+                         "sft, dyme, smoke")
     return c

@@ -345,10 +345,6 @@ def check_trainable_parts(c, root, workdir):
         changed[part(name)] |= not np.array_equal(start[name], end[name])
     o = c.optim
     assert changed == {"vit": bool(o.train_vit), "connector": bool(o.train_connector), "llm": bool(o.train_llm)}
-    if c.model.lora.rank:  # LoRA (merged into the export): the adapted projections moved, no other LLM tensor
-        moved = {n for n in start if part(n) == "llm" and not np.array_equal(start[n], end[n])}
-        projections = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
-        assert moved and all(projections.search(n) for n in moved), sorted(moved)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,5 +1,6 @@
-"""A LoRA run end to end on the tiny default (`experiments/default.py:smoke` with `model.lora`): SFT then
-GRPO with a KL term, training the language model's adapters alone, with adapter dropout. Checkpoints and the KL reference hold the
+"""LoRA runs end to end on the tiny default (`experiments/default.py:smoke` with `model.lora`): SFT then
+GRPO with a KL term, training the language model's adapters alone, with adapter dropout; and DyME over an
+NF4 base (QLoRA). Checkpoints and the KL reference hold the
 trained parameters only, a run resumed from a checkpoint equals the uninterrupted one, and the run's exports
 (the merged HF model, the PEFT adapter directory) load in transformers and peft with the policy's logits."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -115,18 +117,32 @@ def test_the_exports_load_in_transformers_and_peft_with_the_same_logits(uninterr
     peft = logits(PeftModel.from_pretrained(load(base_dir), os.path.join(uninterrupted, "adapter")).eval())
     assert np.abs(merged - base).max() > 1e-4  # the adapters moved the policy
     assert np.abs(peft - merged).max() < 1e-4  # float32: the same weights, merged or not
+    # The merged export moved exactly the adapted tensors: the language model's projections, nothing else.
+    from safetensors.numpy import load_file
+    start, end = (load_file(os.path.join(d, "model.safetensors")) for d in (base_dir, os.path.join(uninterrupted,
+                                                                                                   "export")))
+    moved = {k for k in start if not np.array_equal(start[k], end[k])}
+    assert moved and all(re.search(r"layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$", k)
+                         and "visual" not in k for k in moved), sorted(moved)
 
 
-def test_a_dyme_run_memorizes_through_the_adapters(tmp_path, session_jax_cache):
-    """DyME with LoRA (no KL: DyME has no reference): a random model is always wrong, so every group memorizes
-    its reference through the NLL term, and what trains, is saved and exported is the adapters."""
+def test_a_dyme_run_with_qlora_memorizes_through_the_adapters(tmp_path, session_jax_cache):
+    """DyME with QLoRA (NF4 base; no KL: DyME has no reference): a random model is always wrong, so every group
+    memorizes its reference through the NLL term; what trains and is saved is the adapters (the NF4 codes are
+    frozen and read again from the model directory), and the merged export holds float weights again."""
+    from safetensors.numpy import load_file
+
     from tests.test_recipe_fidelity import DYME
     wd = str(tmp_path / "dyme")
     run_train(wd, session_jax_cache, *DYME, "--config.rl_steps=2", "--config.model.lora.rank=4",
-              "--config.optim.train_vit=False", "--config.optim.train_connector=False",
-              "--config.eval.splits=('val',)", "--config.eval.settings=('low',)", "--report=false", base=())
+              "--config.model.lora.quantize=nf4", "--config.optim.train_vit=False",
+              "--config.optim.train_connector=False", "--config.eval.splits=('val',)",
+              "--config.eval.settings=('low',)", "--report=false", base=())
     train = rows(wd)
     assert len(train) == 2 and all(r["dyme/memorize_share"] == 1.0 and r["loss/sft_loss"] > 0 for r in train)
     paths = saved_params(os.path.join(wd, "checkpoints", "2", "state"))
     assert paths and all(p.endswith(("_lora_a", "_lora_b")) for p in paths)
     assert sorted(os.listdir(os.path.join(wd, "adapter"))) == ["adapter_config.json", "adapter_model.safetensors"]
+    exported = load_file(os.path.join(wd, "export", "model.safetensors"))
+    q_proj = next(v for k, v in exported.items() if k.endswith("layers.0.self_attn.q_proj.weight"))
+    assert q_proj.dtype == "float32"
