@@ -1,7 +1,10 @@
-"""Test-wide settings: 8 virtual CPU devices for sharding tests, float32 matmuls for parity."""
+"""Test-wide settings: 8 virtual CPU devices for sharding tests, fast compiling (`tests/xla_flags.py`),
+float32 matmuls for parity."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests.xla_flags import xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -12,6 +12,8 @@ import pickle
 import sys
 import time
 
+from tests.xla_flags import xla_flags
+
 START = time.time()
 
 
@@ -20,7 +22,7 @@ def log(message: str) -> None:
 
 
 def main(process_id: int, port: int, work_dir: str, local_devices: int, mesh_shape: tuple[int, ...]) -> None:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+    os.environ["XLA_FLAGS"] = xla_flags(local_devices)
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 

@@ -25,6 +25,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from vrl_jax.checkpointing import (Checkpointer, ConfigMismatchError, DamagedCheckpointError, PreemptionGuard,
                                    abstract_like, config_diff, config_fingerprint)
 from vrl_jax.errors import UserError
+from tests.xla_flags import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -406,7 +407,7 @@ _TRAINER = textwrap.dedent("""
 
 
 def test_sigterm_subprocess_saves_and_exits_zero(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(), PYTHONPATH=REPO)
     proc = subprocess.Popen([sys.executable, "-c", _TRAINER, str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:

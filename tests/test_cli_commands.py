@@ -22,6 +22,8 @@ from importlib import metadata
 import numpy as np
 import pytest
 
+from tests.xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 HF_PLACEHOLDER = "/path/to/Qwen2.5-VL-3B-Instruct"
@@ -133,7 +135,7 @@ def with_options(command: str, **values) -> list[str]:
 def run(words, cwd, env=None, timeout=900):
     """Runs a README command: `python` is this interpreter and `vrl_jax` this checkout's."""
     words = [sys.executable, *words[1:]] if words[0] == "python" else list(words)
-    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **(env or {})}
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run(words, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -32,6 +32,7 @@ import pytest
 
 from tests.experiment_worker import RESULT_PREFIX
 from vrl_jax import configs, standin
+from tests.xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
@@ -123,7 +124,7 @@ def test_apply_overrides_refuses_recipe_keys(tmp_path):
 
 def cli_env(cache_dir: str) -> dict:
     """One CPU device (conftest's 8 would need batches of 8), and the module's compilation cache."""
-    return {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+    return {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
             "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 

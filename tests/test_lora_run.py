@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from tests.xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "default.py") + ":smoke"
 LORA = ["--config.model.lora.rank=4", "--config.model.lora.alpha=8.0", "--config.model.lora.dropout=0.1",
@@ -27,7 +29,7 @@ VOLATILE = ("time/", "speed/", "compile/", "timestamp", "time")
 
 def run_train(workdir, cache_dir, *overrides, base=LORA):
     cmd = [sys.executable, "-m", "vrl_jax.train", f"--config={SMOKE}", f"--workdir={workdir}", *base, *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": cache_dir,
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": xla_flags(), "JAX_COMPILATION_CACHE_DIR": cache_dir,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -20,6 +20,7 @@ from vrl_jax import memory, sharding as shd
 from vrl_jax.models import lora, quantize
 from vrl_jax.plan import main as plan_main
 from vrl_jax.rl.train_state import OptimizerConfig, create_train_state, trainable_params
+from tests.xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEVEN_B = os.path.join(ROOT, "benchmarks", "configs", "qwen2_5_vl_7b.json")
@@ -164,7 +165,7 @@ def test_training_refuses_a_run_that_cannot_fit_before_building_anything(tmp_pat
     """config.memory.device_gib below the smoke run's peak: one paragraph naming the key, the largest part
     and the plan command, exit 2, before any model or data is generated."""
     wd = tmp_path / "w"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one device, as a user's laptop
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}  # one device, as a user's laptop
     out = subprocess.run([sys.executable, "-m", "vrl_jax.train", "--config", "experiments/default.py:smoke",
                           f"--workdir={wd}", "--config.memory.device_gib=0.001"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)

@@ -23,6 +23,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = ("time/", "speed/", "compile/", "timestamp", "time")
 
@@ -80,7 +82,7 @@ def start(processes: int, devices: int, workdir: str, config: str, cache: str, *
     procs = []
     for i in range(processes):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+               "XLA_FLAGS": xla_flags(devices),
                "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
         if processes > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),

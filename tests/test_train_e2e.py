@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_checkpointing import damage
+from tests.xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "default.py") + ":smoke"
@@ -36,7 +37,7 @@ def run_train(workdir, *overrides, wait=True, env=None, preexec_fn=None):
     cmd = [sys.executable, "-m", "vrl_jax.train", f"--config={SMOKE}", f"--workdir={workdir}", *FAST, *overrides]
     # One device: the smoke batch is too small to split over conftest's 8 virtual devices (the
     # sharded step itself is tested in test_train_step.py).
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": CACHE["dir"],
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": xla_flags(), "JAX_COMPILATION_CACHE_DIR": CACHE["dir"],
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -151,7 +152,7 @@ def test_two_device_mesh_run_equals_the_single_device_run(uninterrupted, tmp_pat
     rows every 4 steps and at the end (log.every_steps=4: steps 4 and 6 of 6), each equal to the
     single-device run's row of that step (whose device metrics were fetched every step)."""
     wd = str(tmp_path / "mesh")
-    out = run_train(wd, *RUN, "--config.log.every_steps=4", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    out = run_train(wd, *RUN, "--config.log.every_steps=4", env={"XLA_FLAGS": xla_flags(2)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sharded = rows(wd)
     assert [r["step"] for r in sharded] == [4, 6]
@@ -206,7 +207,7 @@ def test_evaluate_cli_scores_an_exported_policy(uninterrupted, tmp_path):
            "--data", os.path.join(uninterrupted, "data", "maye_val.jsonl"), "--template", "plain",
            "--settings", "low,high", "--k", "2", "--max-new-tokens", "8", "--batch-size", "4",
            "--max-examples", "6", "--split-name", "val", "--out", str(out)]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": CACHE["dir"]}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_COMPILATION_CACHE_DIR": CACHE["dir"]}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "eval val 4/4 (100.0%)" in run.stdout and "ETA" in run.stdout  # 2 batches x 2 settings

@@ -25,6 +25,7 @@ from tests.test_train_e2e import CACHE, ROOT, SMOKE, compilation_cache, rows, ru
 from vrl_jax import configs, train
 from vrl_jax.train import load_config_file as load_config
 from vrl_jax.errors import UserError, run_cli
+from tests.xla_flags import xla_flags
 
 PROG = "python -m vrl_jax.train"
 
@@ -284,7 +285,7 @@ def test_a_workdir_that_is_a_file(tmp_path):
 
 def cli_subprocess(*args, preexec_fn=None, timeout=300):
     cmd = [sys.executable, "-m", "vrl_jax.train", *args]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": CACHE["dir"]}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_COMPILATION_CACHE_DIR": CACHE["dir"]}
     env.pop("VRL_JAX_DEBUG", None)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           preexec_fn=preexec_fn)
@@ -310,7 +311,7 @@ def test_a_read_only_workdir(tmp_path):
         pytest.skip("cannot mount a read-only tmpfs here (unshare/mount not permitted)")
     cmd = " ".join([sys.executable, "-m", "vrl_jax.train", f"--config={SMOKE}", f"--workdir={workdir}"])
     out = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro,size=1m tmpfs {workdir} && {cmd}"],
-                         cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, env={**os.environ, "XLA_FLAGS": xla_flags()}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert_one_paragraph(out.stderr, f"--workdir {workdir}: cannot write there: the file system is read-only")
 
