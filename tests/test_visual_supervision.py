@@ -22,7 +22,8 @@ from vrl_jax.rewards.formatting import answer_flag_format
 from vrl_jax.rewards.visual import (DEFAULT_KIND, Checker, HttpConfig, IdentityRefiner, Refiner, RuleBasedChecker,
                                     RuleBasedConfig, RuleBasedRefiner, VisualSupervision, as_visual_example,
                                     assess, flatten_facts, make_visual_supervision, strip_final_answer)
-from vrl_jax.rewards.visual.http_client import parse_score
+from vrl_jax.rewards.visual.base import SupervisionStats
+from vrl_jax.rewards.visual.http_client import ChatClient, ItemFailure, parse_score
 from vrl_jax.rewards.visual.rule_based import find_mentions, normalize_text
 
 needs_lemminflect = pytest.mark.skipif(importlib.util.find_spec("lemminflect") is None,
@@ -467,6 +468,19 @@ def test_http_timeout_returns_within_budget_with_fallbacks(stub):
         assert len(server.requests) == 4 + 2 + 1
     finally:
         vs2.close()
+
+
+def test_a_request_cut_by_the_budget_fails_as_budget_not_timeout(stub):
+    """A request's timeout is min(timeout_s, budget left); when the budget is what cut it, the item's
+    reason is the budget, whichever of the socket's timeout and the batch's wait fires first."""
+    server = stub(lambda payload, n: (200, chat("Score: high"), 5.0))
+    message = [{"role": "user", "content": "x"}]
+    for timeout_s, budget_s, reason in ((5.0, 0.2, "budget"), (0.2, 3.0, "timeout")):
+        client = ChatClient(HttpConfig(base_url=server.url, model="stub-model", timeout_s=timeout_s, max_retries=0),
+                            SupervisionStats())
+        with pytest.raises(ItemFailure) as failure:
+            client.complete(message, 8, time.monotonic() + budget_s)
+        assert failure.value.reason == reason
 
 
 def test_http_connection_refused_is_retried_then_counted():

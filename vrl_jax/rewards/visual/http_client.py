@@ -174,12 +174,15 @@ class ChatClient:
             if left <= 0:
                 raise ItemFailure(BUDGET)
             self.stats.add("requests")
+            timeout = min(self.config.timeout_s, left)
             try:
-                raw = self._post(body, min(self.config.timeout_s, left))
+                raw = self._post(body, timeout)
             except Exception as err:  # noqa: BLE001 - classified; never propagates raw
                 if isinstance(err, urllib.error.HTTPError):
                     err.close()
                 reason, retryable = _classify(err)
+                if reason == TIMEOUT and timeout < self.config.timeout_s:
+                    reason = BUDGET  # cut by the batch's budget, not by the server's slowness
                 if not retryable or attempt == self.config.max_retries:
                     raise ItemFailure(reason, repr(err)) from None
                 if deadline - time.monotonic() <= delay:
