@@ -232,6 +232,33 @@ def test_images_packed_per_row_shard_are_encoded_where_their_rows_are(setups):
     assert flops[1] < 0.5 * flops[0], flops
 
 
+def test_attention_with_a_shared_prefix_equals_attention_over_the_repeated_prefix():
+    """The decode step's attention (rows in groups of n sharing their prompt's keys, held once), against
+    a NumPy softmax over [the group's prefix keys; the row's own keys]: grouped query heads, left-padded
+    prefixes, a masked own slot, two query columns."""
+    from vrl_jax.models.layers import attention_with_prefix
+    rs = np.random.RandomState(0)
+    g, n, t, heads, kv, d, length, own = 3, 4, 2, 4, 2, 8, 5, 6
+    q = rs.randn(g * n, t, heads, d).astype(np.float32)
+    kp, vp = rs.randn(g, kv, length, d).astype(np.float32), rs.randn(g, kv, d, length).astype(np.float32)
+    k, v = rs.randn(g * n, kv, own, d).astype(np.float32), rs.randn(g * n, kv, d, own).astype(np.float32)
+    prefix_valid = np.arange(length)[None, :] >= np.array([0, 2, 4])[:, None]  # left padding per group
+    mask = rs.rand(g * n, t, own) < 0.7
+    got = np.asarray(attention_with_prefix(q, kp, vp, prefix_valid, k, v, mask, d**-0.5))
+    want = np.zeros_like(q)
+    for r in range(g * n):
+        for h in range(heads):
+            j = h // (heads // kv)  # the kv head serving query head h
+            keys = np.concatenate([kp[r // n, j], k[r, j]])  # [L + S, d]
+            values = np.concatenate([vp[r // n, j].T, v[r, j].T])
+            for c in range(t):
+                ok = np.concatenate([prefix_valid[r // n], mask[r, c]])
+                scores = np.where(ok, keys @ q[r, c, h] * d**-0.5, -np.inf)
+                p = np.exp(scores - scores.max())
+                want[r, c, h] = (p / p.sum()) @ values
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="stop_token_ids"):
         SamplerConfig(max_new_tokens=4)

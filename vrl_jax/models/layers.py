@@ -152,6 +152,34 @@ def attention(q, k, v, mask, scale: float):
     return out.reshape(b, t, n, d)
 
 
+def attention_with_prefix(q, kp, vp, prefix_valid, k, v, mask, scale: float):
+    """`attention` of rows that come in groups sharing a prefix (a GRPO group's prompt): every row's
+    queries attend to its group's prefix keys, held once per group, and then to its own keys.
+
+    q: [R, T, N, D] with R = G * n (the n rows of a group consecutive); kp: [G, K, L, D] and
+    vp: [G, K, D, L] the groups' prefix keys and values; prefix_valid: bool [G, L] (the prefix comes
+    before every query, so validity is the whole mask); k: [R, K, S, D], v: [R, K, D, S], mask:
+    bool [R, T, S] the rows' own keys, as in `attention`. Returns [R, T, N, D] in q's dtype.
+
+    One softmax over [prefix; own] keys, so it equals `attention` over the prefix repeated n times
+    and concatenated with the rows' keys. The prefix product is one GEMM per (group, kv head) with the
+    n rows' queries as its columns, reading the prefix once instead of n times.
+    """
+    r, t, n, d = q.shape
+    g, kv, length = kp.shape[0], kp.shape[1], kp.shape[2]
+    reps, h = r // g, n // kv
+    qg = q.reshape(g, reps, t, kv, h, d)
+    sp = jnp.einsum("gntkhd,gksd->gnkhts", qg, kp).astype(jnp.float32) * scale
+    sp = jnp.where(prefix_valid[:, None, None, None, None, :], sp, MASK_VALUE)
+    sr = jnp.einsum("btkhd,bksd->bkhts", q.reshape(r, t, kv, h, d), k).astype(jnp.float32) * scale
+    sr = jnp.where(mask[:, None, None, :, :], sr, MASK_VALUE)
+    probs = jax.nn.softmax(jnp.concatenate([sp.reshape(r, kv, h, t, length), sr], axis=-1), axis=-1)
+    pp = probs[..., :length].reshape(g, reps, kv, h, t, length).astype(vp.dtype)
+    out = (jnp.einsum("gnkhts,gkds->gntkhd", pp, vp).reshape(r, t, kv, h, d)
+           + jnp.einsum("bkhts,bkds->btkhd", probs[..., length:].astype(v.dtype), v))
+    return out.reshape(r, t, n, d).astype(q.dtype)
+
+
 def causal_mask(kv_valid, query_slots):
     """Which key slots each query may attend to.
 

@@ -93,25 +93,33 @@ def _queries_keys_values(w: dict, x, cos, sin, *, cfg: TextConfig):
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
 
 
-def _attend_and_mlp(w: dict, x, q, k, v, mask, *, cfg: TextConfig):
-    """The rest of the block: attention of q over k/v (mask bool [B, T, S]), output projection, MLP."""
+def _attend_and_mlp(w: dict, x, q, k, v, mask, *, cfg: TextConfig, prefix=None):
+    """The rest of the block: attention of q over k/v (mask bool [B, T, S]), after the groups' shared
+    prefix keys when `prefix` = (kp [G, K, L, hd], vp [G, K, hd, L], valid bool [G, L]) is given
+    (`layers.attention_with_prefix`), then the output projection and the MLP."""
     b, t, _ = x.shape
     dt = x.dtype
-    attn = layers.attention(q, k, v, mask, cfg.head_dim**-0.5).reshape(b, t, -1)
+    scale = cfg.head_dim**-0.5
+    attn = (layers.attention(q, k, v, mask, scale) if prefix is None else
+            layers.attention_with_prefix(q, prefix[0], prefix[1], prefix[2], k, v, mask, scale)).reshape(b, t, -1)
     x = x + lora.project(attn, w, "o_w")
     y = layers.rms_norm(x, w["post_norm"].astype(dt), cfg.rms_norm_eps)
     mlp = jax.nn.silu(lora.project(y, w, "gate_w")) * lora.project(y, w, "up_w")
     return x + lora.project(mlp, w, "down_w")
 
 
-def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, write_index, *, cfg: TextConfig):
+def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, write_index, *, cfg: TextConfig,
+                  prefix: KVCache | None = None, prefix_valid=None):
     """One decoder block.
 
     w: this layer's parameters (unstacked); x: [B, T, H]; cos/sin: [B, T, hd]; mask: bool [B, T, S];
     cache: the whole stack's KVCache (k [layers, B, K, S, hd], v [layers, B, K, hd, S]) or None (then
     S == T and the block attends to its own keys); layer: int scalar, this block's index; write_index:
     int scalar slot where this call's T tokens go. Only those T slots of this layer are written, so a decode step moves one token's keys,
-    not the cache. Returns x [B, T, H] and the updated cache.
+    not the cache. prefix: a read-only stack of the row groups' shared keys and values (k [layers, G, K,
+    L, hd], v [layers, G, K, hd, L], the B = G * n rows of a group consecutive), which every query attends
+    to before the cache, where prefix_valid bool [G, L] says; or None. Returns x [B, T, H] and the updated
+    cache.
     """
     dt = x.dtype
     q, k, v = _queries_keys_values(w, x, cos, sin, cfg=cfg)
@@ -122,7 +130,10 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
                                                      (layer, 0, 0, 0, write_index)))
         k = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False).astype(dt)
         v = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False).astype(dt)
-    return _attend_and_mlp(w, x, q, k, v, mask, cfg=cfg), cache
+    shared = None if prefix is None else (
+        jax.lax.dynamic_index_in_dim(prefix.k, layer, keepdims=False).astype(dt),
+        jax.lax.dynamic_index_in_dim(prefix.v, layer, keepdims=False).astype(dt), prefix_valid)
+    return _attend_and_mlp(w, x, q, k, v, mask, cfg=cfg, prefix=shared), cache
 
 
 def shared_prompt_block(w: dict, xp, xr, rope_p, rope_r, mask_p, mask_r, *, cfg: TextConfig):
@@ -179,7 +190,8 @@ class Qwen2Decoder(nnx.Module):
         return self.embed.value.T if self.lm_head is None else self.lm_head.value
 
     def __call__(self, x, positions, kv_valid, cache: KVCache | None = None, write_index=0,
-                 remat: bool | str = False, deepstack=None, lora_scale=1.0, lora_dropout=None):
+                 remat: bool | str = False, deepstack=None, lora_scale=1.0, lora_dropout=None,
+                 prefix: KVCache | None = None, prefix_valid=None):
         """Runs the decoder stack.
 
         x: [B, T, H] input embeddings; positions: int [3, B, T] rotary positions (M-RoPE axes);
@@ -188,7 +200,8 @@ class Qwen2Decoder(nnx.Module):
         deepstack: a `qwen3_vl.DeepStack` or None: Qwen3-VL's image features added to the hidden states
         at image positions after each of the first D layers; lora_scale: multiplies the adapters'
         update (1.0 = the adapted model, 0.0 = the base model; ignored without adapters); lora_dropout: a
-        key to drop the adapters' inputs with (training forwards), or None.
+        key to drop the adapters' inputs with (training forwards), or None; prefix, prefix_valid: the row
+        groups' shared keys and values, attended to before `kv_valid`'s slots (`decoder_block`), or None.
         Returns (hidden [B, T, H] after the final norm, updated cache or None).
         """
         cfg = self.config
@@ -201,7 +214,8 @@ class Qwen2Decoder(nnx.Module):
         def body(carry, xs):
             h, c = carry
             w, layer = xs
-            h, c = decoder_block(w, h, cos, sin, mask, c, layer, write_index, cfg=cfg)
+            h, c = decoder_block(w, h, cos, sin, mask, c, layer, write_index, cfg=cfg, prefix=prefix,
+                                 prefix_valid=prefix_valid)
             if deepstack is not None:
                 h = deepstack.add(h, layer)
             return (h, c), None

@@ -136,20 +136,23 @@ class QwenVL(nnx.Module):
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None,
                       cache: KVCache | None = None, write_index=0, kv_valid=None, remat: bool = False,
-                      lora_scale=1.0, lora_dropout=None):
+                      lora_scale=1.0, lora_dropout=None, prefix: KVCache | None = None, prefix_valid=None):
         """Final-norm hidden states [B, T, H] and the updated cache.
 
         input_ids: int [B, T]; positions: int [3, B, T]; attention_mask: [B, T] (1 = real token).
         With a cache, `kv_valid` [B, S] says which cache slots are real once this call's tokens are
         written at `write_index`; without one it is `attention_mask`. lora_scale: 1.0 the adapted model,
         0.0 the base model; lora_dropout: a key for the adapters' input dropout, or None (`Qwen2Decoder.__call__`;
-        the vision tower and connector draw from `lora.sub_key(lora_dropout, VISION_KEY)`).
+        the vision tower and connector draw from `lora.sub_key(lora_dropout, VISION_KEY)`). prefix,
+        prefix_valid: keys and values shared by groups of rows, attended to before the cache (the sampler's
+        prompt cache, held once per GRPO group; `Qwen2Decoder.__call__`), or None.
         """
         x, deepstack = self.embed_rows(input_ids, vision, remat, lora_scale, lora.sub_key(lora_dropout, VISION_KEY))
         if kv_valid is None:
             kv_valid = attention_mask.astype(bool)
         return self.language(x, positions, kv_valid, cache=cache, write_index=write_index, remat=remat,
-                             deepstack=deepstack, lora_scale=lora_scale, lora_dropout=lora_dropout)
+                             deepstack=deepstack, lora_scale=lora_scale, lora_dropout=lora_dropout, prefix=prefix,
+                             prefix_valid=prefix_valid)
 
     def shared_prompt_hidden_states(self, input_ids, positions, attention_mask, prompt_mask,
                                     vision: VisionInputs | None = None, remat: bool = False, lora_scale=1.0,

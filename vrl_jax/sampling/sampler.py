@@ -1,12 +1,15 @@
 """The rollout engine: prefill once, decode in one compiled loop over a preallocated KV cache.
 
 `generate` is a pure function of (params, prompt arrays, key, temperature, top_p) and is jitted
-whole: no host round trip per token. The n samples of a prompt share its prefill and its image
-encoding (the prompt's cache is repeated to the group after prefill). Decoding stops early once
+whole: no host round trip per token. The n samples of a prompt share its prefill, its image
+encoding and its keys and values: the prompt cache [layers, B, K, L, hd] is held once per prompt
+and every decode step's queries of its n rows attend to it together
+(`layers.attention_with_prefix`), next to a response cache of B * n rows. Decoding stops early once
 every row has produced a stop token, inside `lax.while_loop`.
 
-Cache slots: the prompt occupies slots [0, L) (left padded); generated token i is written at slot
-L + i. M-RoPE positions continue per row at `next_position + i` on all three axes.
+Cache slots: the prompt occupies the prompt cache's slots [0, L) (left padded); generated token i
+is written at slot i of its row's response cache. M-RoPE positions continue per row at
+`next_position + i` on all three axes.
 """
 
 from __future__ import annotations
@@ -77,22 +80,21 @@ def generate(model: QwenVL, input_ids, attention_mask, positions, next_position,
     """
     b, length = input_ids.shape
     n, steps = cfg.num_samples, cfg.max_new_tokens
-    total = length + steps
     text = model.config.text
     cache_dtype = jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else model.dtype
     stop_ids = jnp.asarray(cfg.stop_token_ids, jnp.int32)
 
-    # pad (not a scatter into fresh zeros) keeps the batch sharding of the mask under explicit meshes.
-    kv_valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (0, steps)))
-    hidden, cache = model.hidden_states(input_ids, positions, attention_mask, vision,
-                                        cache=KVCache.zeros(text, b, total, cache_dtype), write_index=0,
-                                        kv_valid=kv_valid)
+    prompt_valid = attention_mask.astype(bool)
+    hidden, prompt_cache = model.hidden_states(input_ids, positions, attention_mask, vision,
+                                               cache=KVCache.zeros(text, b, length, cache_dtype), write_index=0,
+                                               kv_valid=prompt_valid)
     last_logits = model.logits(hidden[:, -1:])[:, 0]  # the last slot is always a real token (left padding)
 
-    cache = KVCache(_repeat_rows(cache.k, n, axis=1), _repeat_rows(cache.v, n, axis=1))
-    kv_valid = _repeat_rows(kv_valid, n)
     next_position = _repeat_rows(next_position, n)
     rows = b * n
+    cache = KVCache.zeros(text, rows, steps, cache_dtype)
+    # pad (not fresh zeros) keeps the mask's rows split like the prompts' under explicit meshes.
+    kv_valid = jnp.pad(_repeat_rows(prompt_valid, n), ((0, 0), (0, steps)))[:, length:]
     first, first_lp = choose_tokens(jax.random.fold_in(key, 0), _repeat_rows(last_logits, n), temperature,
                                     cfg.top_k, top_p)
     tokens = jnp.full((rows, steps), cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
@@ -106,12 +108,12 @@ def generate(model: QwenVL, input_ids, attention_mask, positions, next_position,
 
     def body(state):
         i, tokens, logprobs, lengths, done, cache, kv_valid = state
-        slot = length + i - 1
+        slot = i - 1
         kv_valid = kv_valid.at[:, slot].set(True)
         pos = jnp.broadcast_to((next_position + i - 1)[None, :, None], (3, rows, 1))
         prev = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)
         hidden, cache = model.hidden_states(prev, pos, None, None, cache=cache, write_index=slot,
-                                            kv_valid=kv_valid)
+                                            kv_valid=kv_valid, prefix=prompt_cache, prefix_valid=prompt_valid)
         tok, lp = choose_tokens(jax.random.fold_in(key, i), model.logits(hidden)[:, 0], temperature, cfg.top_k,
                                 top_p)
         tok = jnp.where(done, cfg.pad_token_id, tok)
