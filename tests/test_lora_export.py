@@ -196,6 +196,38 @@ def test_peft_round_trip_llava_onevision(llava_ov):
     assert diff <= TOL
 
 
+def test_llava_onevision_vision_and_projector_adapters_forward_equals_merged_weights(llava_ov):
+    """LLaVA-OneVision's SigLIP tower and projector take adapters too: with a tiled image next to a
+    text row, the adapted forward equals `merge_adapters`'s (float32, 1e-5), and the vision and
+    projector adapters move the logits on their own."""
+    from tests.test_lora_vision import randomise_adapters
+    from vrl_jax.models.config import ModelConfig
+    d = llava_ov[0]
+    model = load_model(d)
+    cfg = lora.LoraConfig(rank=4, alpha=8.0, targets_regex=r"^language\.layers\.q_w$|^visual\.layers\.(q|v|fc1|fc2)_w$|"
+                                                          r"^projector\.linear(1|2)_w$")
+    assert sorted(lora.add_adapters(model, cfg, jax.random.key(0))) == sorted(
+        ["language.layers.q_w", "visual.layers.q_w", "visual.layers.v_w", "visual.layers.fc1_w", "visual.layers.fc2_w",
+         "projector.linear1_w", "projector.linear2_w"])
+    randomise_adapters(model)
+    config = ModelConfig.from_pretrained(d)
+    processor = llava.LlavaProcessor(tokenizer=None, image_processor=llava.LlavaProcessor.load_image_processor(d, config),
+                                     config=config)
+    batch = llava.make_batch(processor, [[5, 6, ("img", 0), 7, 8], [9, 10, 11]],
+                             [random_image(np.random.RandomState(3), 150, 60)])
+    got = llava.forward(model, batch)
+    diff = max_diff(got, llava.forward(merge_adapters(model), batch), batch["attention_mask"])
+    for part in ("visual", "projector"):  # the language model's adapters alone
+        for name in lora.adapted_names(getattr(model, part) if part == "projector" else model.visual.layers):
+            module = model.projector if part == "projector" else model.visual.layers
+            b = getattr(module, name + lora.B_SUFFIX)
+            b.value = jnp.zeros_like(b.value)
+    vision_effect = max_diff(got, llava.forward(model, batch), batch["attention_mask"])
+    print(f"llava_onevision: adapted vs merged {diff:.1e}; the vision/projector adapters move the logits by "
+          f"{vision_effect:.1e}")
+    assert diff <= 1e-5 and vision_effect > 1e-2
+
+
 def test_in_memory_names_are_transformers_module_names(qwen, llava_ov):
     """The in-memory names of the vrl_jax parameters (every layer) are exactly the parameters of the model
     transformers builds (the names the PEFT keys are made of), for both families."""
