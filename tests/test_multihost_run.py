@@ -5,9 +5,9 @@ JAX_PROCESS_ID set (jax.distributed over localhost, CPU devices, gloo collective
 Against 1 process x 4 devices, on the smoke default with images: 2 processes x 2 devices run SFT steps,
 GRPO steps, evaluations, checkpoints and the HF export, stopped by SIGTERM to one process during GRPO
 and resumed; 4 processes x 1 device run REINFORCE++ (whitened over the whole batch) with DAPO's
-dynamic sampling (extra rounds decided on the whole batch). The metrics rows are equal within 1e-5
-(relative; collectives across processes may sum in another order), and the exported parameters
-within 1e-6.
+dynamic sampling (extra rounds decided on the whole batch) on LoRA adapters. The metrics rows are
+equal within 1e-5 (relative; collectives across processes may sum in another order), and the exported
+parameters (the merged export, and the PEFT adapter of the LoRA run) within 1e-6.
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ def get_config(arg=None):
         c.dapo.max_rounds = 2
         c.eval.at_start = False
         c.eval.splits = ()
+        c.model.lora.rank = 4  # LoRA on the language model, nothing else trains: export/ and adapter/
+        c.model.lora.alpha = 8.0
+        c.optim.learning_rate = 5e-3  # B starts at 0: a step that moves the policy visibly
+        c.optim.train_vit = False
+        c.optim.train_connector = False
     return c
 '''
 
@@ -131,10 +136,10 @@ def assert_same_rows(got_dir: str, want_dir: str, split: str) -> None:
                 assert a[key] == value, (split, b["step"], key)
 
 
-def assert_same_export(got_dir: str, want_dir: str) -> None:
+def assert_same_export(got_dir: str, want_dir: str, file: str = "export/model.safetensors") -> None:
     from safetensors.numpy import load_file
-    got = load_file(os.path.join(got_dir, "export", "model.safetensors"))
-    want = load_file(os.path.join(want_dir, "export", "model.safetensors"))
+    got = load_file(os.path.join(got_dir, file))
+    want = load_file(os.path.join(want_dir, file))
     assert got.keys() == want.keys()
     for key in want:
         np.testing.assert_allclose(got[key], want[key], atol=1e-6, err_msg=key)
@@ -189,7 +194,8 @@ def test_reinforce_pp_with_dynamic_sampling_on_four_processes_equals_one(experim
     """4 x 1: REINFORCE++ whitens over the whole batch and DAPO decides its extra rounds on the whole
     batch's rewards: the same rounds, fillers and updates as 1 x 4. The zero-advantage fillers train
     (the entropy bonus, the KL loss); pi_old, recomputed by a training forward, gives a first-update
-    ratio of 1."""
+    ratio of 1. The policy is LoRA adapters split over the 4 processes: the merged export and the PEFT
+    adapter, each gathered tensor by tensor and written by process 0, equal the 1-process run's."""
     config = experiment + ":reinforce_pp"
     one, four = str(tmp_path / "rpp1x4"), str(tmp_path / "rpp4x1")
     run(1, 4, one, config, session_jax_cache, "--config.rl_steps=2")
@@ -202,3 +208,6 @@ def test_reinforce_pp_with_dynamic_sampling_on_four_processes_equals_one(experim
     assert all(np.isfinite(r["training/sampler_max_abs_ratio_minus_1"]) for r in train)
     assert_same_rows(four, one, "train")
     assert_same_export(four, one)
+    assert_same_export(four, one, "adapter/adapter_model.safetensors")
+    with open(os.path.join(one, "adapter", "adapter_config.json")) as f:
+        assert json.load(f)["r"] == 4
