@@ -39,10 +39,16 @@ def reference_int8(w):
 
 
 def reference_nf4(w, block):
-    """Per block of `block` inputs and output channel: the nearest NF4 level of w / absmax, times absmax."""
+    """Per block of `block` inputs and output channel: the nearest NF4 level of w / absmax, times absmax,
+    where absmax is the block's |w| maximum quantized again: 256 levels from the channel's smallest block
+    absmax to its largest."""
     n, d_in, d_out = w.shape
     blocks = w.reshape(n, d_in // block, block, d_out)
-    absmax = np.abs(blocks).max(axis=2, keepdims=True)
+    exact = np.abs(blocks).max(axis=2, keepdims=True)  # [n, blocks, 1, out]
+    low, high = exact.min(axis=1, keepdims=True), exact.max(axis=1, keepdims=True)
+    step = (high - low) / 255
+    absmax = low + np.round((exact - low) / np.where(step > 0, step, 1)) * step
+    assert np.all(np.abs(absmax - exact) <= step / 2 + 1e-6)
     levels = nf4_levels()
     nearest = levels[np.abs((blocks / absmax)[..., None] - levels).argmin(-1)]
     return (nearest * absmax).reshape(w.shape)
@@ -51,18 +57,31 @@ def reference_nf4(w, block):
 @pytest.mark.parametrize("scheme,d_in", [("int8", 96), ("nf4", 128), ("nf4", 32)])
 def test_quantized_weights_widen_to_the_reference(scheme, d_in):
     w = np.random.RandomState(0).randn(3, d_in, 10).astype(np.float32)
-    codes, scale = quantize.QUANTIZERS[scheme](jnp.asarray(w))
-    got = np.asarray(quantize.dequantize(codes, scale, jnp.float32))
+    parts = quantize.QUANTIZERS[scheme](jnp.asarray(w))
+    codes, scale = parts["_codes"], parts["_scale"]
+    got = np.asarray(quantize.dequantize(parts, jnp.float32))
     if scheme == "int8":
+        assert set(parts) == {"_codes", "_scale"}
         assert codes.dtype == jnp.int8 and codes.shape == w.shape and scale.shape == (3, 1, 10)
         want = reference_int8(w)
-    else:  # two codes per byte; one absmax per block of 64 inputs (all of them when 64 does not divide)
+    else:  # two codes per byte; one absmax per block of 64 inputs (all of them when 64 does not divide), in 8 bits
         block = 64 if d_in % 64 == 0 else d_in
-        assert codes.dtype == jnp.uint8 and codes.shape == (3, d_in // 2, 10) and scale.shape == (3, d_in // block, 10)
+        assert codes.dtype == jnp.uint8 and codes.shape == (3, d_in // 2, 10)
+        assert scale.dtype == jnp.uint8 and scale.shape == (3, d_in // block, 10)
+        assert parts["_scale_min"].shape == parts["_scale_step"].shape == (3, 1, 10)
         want = reference_nf4(w, block)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     # One layer's slice (what the decoder's scan hands each block) widens to the same weight.
-    np.testing.assert_array_equal(np.asarray(quantize.dequantize(codes[1], scale[1], jnp.float32)), got[1])
+    one = {k: v[1] for k, v in parts.items()}
+    np.testing.assert_array_equal(np.asarray(quantize.dequantize(one, jnp.float32)), got[1])
+
+
+def test_nf4_storage_is_about_4_14_bits_per_weight_at_7b_widths():
+    """QLoRA's double quantization: 4-bit codes, an 8-bit absmax per 64 inputs, two float32 constants per
+    output channel (Qwen2.5-7B's q projection, 3584 x 3584: 4 + 1/8 + 64/3584 bits)."""
+    shapes = jax.eval_shape(quantize.quantize_nf4, jax.ShapeDtypeStruct((1, 3584, 3584), jnp.float32))
+    bits = 8 * sum(np.prod(x.shape) * x.dtype.itemsize for x in shapes.values()) / 3584**2
+    assert abs(bits - (4 + 1 / 8 + 64 / 3584)) < 1e-9 and bits < 4.15
 
 
 def logits(model, rows):

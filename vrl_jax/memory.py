@@ -28,6 +28,7 @@ from jax.sharding import AbstractMesh
 from vrl_jax import sharding as shd
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.layers import remat_policy_name
+from vrl_jax.sampling.sampler import kv_caches
 
 GiB = 1024 ** 3
 # High-bandwidth memory per chip, GiB.
@@ -145,19 +146,20 @@ def state_items(model_config: ModelConfig, shape: RunShape, mesh) -> list[Item]:
 
 
 def rollout_items(model_config: ModelConfig, shape: RunShape, mesh) -> list[Item]:
-    """The sampler's KV cache (prompt + response slots for every sample, rows over the batch axes, kv
-    heads over "tensor" when they divide) and one prompt batch's packed image buffer."""
+    """The sampler's KV caches (each prompt's slots once, each sample's response slots; rows over the batch
+    axes, kv heads over "tensor" when they divide) and one prompt batch's packed image buffer."""
     t = model_config.text
     rows = shape.prompts * shape.samples
     local_rows = rows // shd.row_shards(rows, mesh)
+    local_prompts = shape.prompts // shd.row_shards(shape.prompts, mesh)
     tensor = mesh.shape["tensor"]
-    kv_heads = t.num_kv_heads // tensor if t.num_kv_heads % tensor == 0 else t.num_kv_heads
-    head_dim = t.explicit_head_dim or t.hidden_size // t.num_heads
-    slots = shape.prompt_len + shape.new_tokens
-    cache = 2 * t.num_layers * local_rows * slots * kv_heads * head_dim * jnp.dtype(shape.dtype).itemsize
+    local = dataclasses.replace(t, num_kv_heads=t.num_kv_heads // tensor if t.num_kv_heads % tensor == 0
+                                else t.num_kv_heads)  # kv heads split over "tensor" when they divide
+    caches = jax.eval_shape(lambda: kv_caches(local, local_prompts, shape.prompt_len, local_rows, shape.new_tokens,
+                                              jnp.dtype(shape.dtype)))
+    cache = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(caches))
     # One buffer per device's prompts (`processor.encode(shards=S)`), at most one image per prompt within the
     # largest bucket, and one vision layer's activations at a time during the prefill.
-    local_prompts = shape.prompts // shd.row_shards(shape.prompts, mesh)
     p = min(shape.patches, local_prompts * shape.image_patches)
     v = model_config.vision
     images = _bytes((p, v.patch_dim), jnp.float32) + _vision_layer_bytes(model_config, shape, p)

@@ -47,10 +47,11 @@ PARAM_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     (r"^language\.layers\.(q|k|v)_b$", (None, "tensor")),  # [L, out]
     (r"^language\.layers\.(o|down)_w$", (None, "tensor", "fsdp")),  # [L, in, H]
     # LoRA adapters follow their weight's rule (`adapter_spec`).
-    # QLoRA's quantized weights (`models/quantize.py`): codes [L, in or in/2, out] and scales [L, 1 or in/64,
-    # out] as their weight (a dimension that does not divide, such as int8's single scale row, stays whole).
-    (r"^language\.layers\.(q|k|v|gate|up)_w_(codes|scale)$", (None, "fsdp", "tensor")),
-    (r"^language\.layers\.(o|down)_w_(codes|scale)$", (None, "tensor", "fsdp")),
+    # QLoRA's quantized weights (`models/quantize.py`): codes [L, in or in/2, out], scales [L, 1 or in/64, out]
+    # and NF4's second-level constants [L, 1, out] as their weight (a dimension that does not divide, such as
+    # a single scale row, stays whole).
+    (r"^language\.layers\.(q|k|v|gate|up)_w_(codes|scale|scale_min|scale_step)$", (None, "fsdp", "tensor")),
+    (r"^language\.layers\.(o|down)_w_(codes|scale|scale_min|scale_step)$", (None, "tensor", "fsdp")),
     # Vision blocks, stacked [depth, ...].
     (r"^visual\.blocks\.(qkv|fc1|gate|up)_w$", (None, "fsdp", "tensor")),
     (r"^visual\.blocks\.(qkv|fc1|gate|up)_b$", (None, "tensor")),

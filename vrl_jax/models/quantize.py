@@ -4,16 +4,22 @@ Under LoRA the decoder's projection weights never change, so they can be held in
 for each matmul (`dense`), while the adapters, norms, embeddings and everything that trains stay in the
 parameter dtype. A quantized projection `P` ("q_w", "down_w", ...) of shape [L, in, out] is stored as
 
-    int8:  P_codes int8 [L, in, out],       P_scale [L, 1, out]       W = codes * scale
+    int8:  P_codes int8 [L, in, out],       P_scale float32 [L, 1, out]        W = codes * scale
            (one absmax scale per output channel: scale = max_in |W| / 127)
-    nf4:   P_codes uint8 [L, in / 2, out],  P_scale [L, in / 64, out] W = NF4[code] * scale
-           (two 4-bit codes per byte along `in`; one absmax scale per block of 64 inputs, QLoRA's layout;
-           one block of all inputs where `in` is not a multiple of 64, as in the tiny test models)
+    nf4:   P_codes uint8 [L, in / 2, out],  P_scale uint8 [L, in / 64, out],  W = NF4[code] * absmax
+           P_scale_min, P_scale_step float32 [L, 1, out]                    absmax = min + scale * step
+           (two 4-bit codes per byte along `in`; one absmax per block of 64 inputs, QLoRA's layout; one
+           block of all inputs where `in` is not a multiple of 64, as in the tiny test models)
 
-with scales in float32. NF4 (Dettmers et al., QLoRA, 2023) is the 4-bit code whose 16 levels are the
-quantiles of a standard normal scaled to [-1, 1], with an exact 0: the nearest level is chosen. QLoRA's
-second quantization of the scales (8-bit, ~0.37 bit per weight) is not done: float32 scales cost
-0.5 bit per weight.
+NF4 (Dettmers et al., QLoRA, 2023) is the 4-bit code whose 16 levels are the quantiles of a standard
+normal scaled to [-1, 1], with an exact 0: the nearest level is chosen. The block absmaxes are
+quantized again, as QLoRA's "double quantization" does: 8-bit codes between each output channel's
+smallest and largest absmax, so they cost 8 / 64 bits per weight instead of float32's 32 / 64
+(with the two float32 constants per channel, 4 + 1/8 + 64 / in bits per weight: 4.14 at Qwen2.5-7B's
+widths; QLoRA's layout gives 4.127). QLoRA quantizes them with an 8-bit float code in
+blocks of 256 after subtracting their mean; here the second-level constants run along the output
+channels instead, so every array of a quantized weight splits over the mesh exactly as the weight
+does (`sharding.PARAM_RULES`). The absmax error this adds is at most step / 2 = (max - min) / 510.
 
 Dequantizing is elementwise and sits right before the dot, so XLA fuses it into the matmul's operand
 where the backend can; at worst one layer's weight is widened at a time (the decoder scans its layers).
@@ -26,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-CODES, SCALE = "_codes", "_scale"
+CODES, SCALE, SCALE_MIN, SCALE_STEP = "_codes", "_scale", "_scale_min", "_scale_step"
+PARTS = (CODES, SCALE, SCALE_MIN, SCALE_STEP)  # the suffixes a quantized weight's arrays may carry
 BLOCK = 64  # NF4: inputs per absmax block
 SCHEMES = ("int8", "nf4")
 
@@ -37,12 +44,12 @@ NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 0.7229568362236023, 1.0], np.float32)
 
 
-def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """w [L, in, out] -> (codes int8 [L, in, out], scale float32 [L, 1, out])."""
+def quantize_int8(w: jax.Array) -> dict[str, jax.Array]:
+    """w [L, in, out] -> {CODES: int8 [L, in, out], SCALE: float32 [L, 1, out]}."""
     w = w.astype(jnp.float32)
     scale = jnp.max(jnp.abs(w), axis=1, keepdims=True) / 127.0
     safe = jnp.where(scale > 0, scale, 1.0)
-    return jnp.clip(jnp.round(w / safe), -127, 127).astype(jnp.int8), scale
+    return {CODES: jnp.clip(jnp.round(w / safe), -127, 127).astype(jnp.int8), SCALE: scale}
 
 
 def nf4_block(d_in: int) -> int:
@@ -50,24 +57,43 @@ def nf4_block(d_in: int) -> int:
     return BLOCK if d_in % BLOCK == 0 else d_in
 
 
-def quantize_nf4(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """w [L, in, out] (in even) -> (codes uint8 [L, in / 2, out], scale float32 [L, in / block, out])."""
+def quantize_absmax(absmax: jax.Array) -> dict[str, jax.Array]:
+    """The second quantization: absmax float32 [L, blocks, out] -> {SCALE: uint8 [L, blocks, out],
+    SCALE_MIN, SCALE_STEP: float32 [L, 1, out]}, absmax ~ min + code * step."""
+    low = jnp.min(absmax, axis=1, keepdims=True)
+    step = (jnp.max(absmax, axis=1, keepdims=True) - low) / 255.0
+    codes = jnp.round((absmax - low) / jnp.where(step > 0, step, 1.0))
+    return {SCALE: jnp.clip(codes, 0, 255).astype(jnp.uint8), SCALE_MIN: low, SCALE_STEP: step}
+
+
+def quantize_nf4(w: jax.Array) -> dict[str, jax.Array]:
+    """w [L, in, out] (in even) -> {CODES: uint8 [L, in / 2, out], and the block absmaxes [L, in / block, out]
+    quantized again (`quantize_absmax`)}. The codes are chosen against the absmaxes as they will be widened
+    (after the second quantization), so their rounding does not add to the codes' error."""
     n, d_in, d_out = w.shape
     block = nf4_block(d_in)
     blocks = w.astype(jnp.float32).reshape(n, d_in // block, block, d_out)
-    scale = jnp.max(jnp.abs(blocks), axis=2)
+    second = quantize_absmax(jnp.max(jnp.abs(blocks), axis=2))
+    scale = absmax_of(second)
     unit = blocks / jnp.where(scale > 0, scale, 1.0)[:, :, None]
     # The nearest level: the levels are ascending, so count the midpoints below each value.
     midpoints = jnp.asarray((NF4[1:] + NF4[:-1]) / 2)
     codes = jnp.sum(unit[..., None] > midpoints, axis=-1).astype(jnp.uint8).reshape(n, d_in, d_out)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4), scale
+    return {CODES: codes[:, 0::2] | (codes[:, 1::2] << 4), **second}
 
 
-def dequantize(codes: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """The weight [L, in, out] (or one layer's [in, out]) in `dtype`; the scheme is read off the codes' dtype
-    (int8 or packed NF4 uint8)."""
+def absmax_of(parts: dict) -> jax.Array:
+    """The NF4 block absmaxes [..., blocks, out] float32 from their 8-bit codes."""
+    return parts[SCALE_MIN] + parts[SCALE].astype(jnp.float32) * parts[SCALE_STEP]
+
+
+def dequantize(parts: dict, dtype) -> jax.Array:
+    """The weight [L, in, out] (or one layer's [in, out]) in `dtype` from its arrays {CODES: ..., SCALE: ...,
+    ...} (stacked or one layer's); the scheme is read off the codes' dtype (int8 or packed NF4 uint8)."""
+    codes = parts[CODES]
     if codes.dtype == jnp.int8:
-        return (codes.astype(jnp.float32) * scale).astype(dtype)
+        return (codes.astype(jnp.float32) * parts[SCALE]).astype(dtype)
+    scale = absmax_of(parts)
     low, high = codes & 0xF, codes >> 4
     unpacked = jnp.stack([low, high], axis=-2)  # [..., in / 2, 2, out]
     unpacked = unpacked.reshape(*codes.shape[:-2], 2 * codes.shape[-2], codes.shape[-1])
@@ -84,26 +110,32 @@ def weight(w: dict, name: str, dtype):
     """Projection `name` of the per-layer dict `w` in `dtype`: stored as is, or widened from its codes."""
     if name in w:
         return w[name].astype(dtype)
-    return dequantize(w[name + CODES], w[name + SCALE], dtype)
+    return dequantize(parts_of(w, name), dtype)
+
+
+def parts_of(w: dict, name: str) -> dict:
+    """{suffix: array} of quantized weight `name` in the dict `w` of a module's parameters."""
+    return {suffix: w[name + suffix] for suffix in PARTS if name + suffix in w}
 
 
 def is_quantized(path: str) -> bool:
-    return path.endswith((CODES, SCALE))
+    return path.endswith(PARTS)
 
 
 def quantize_layers(layers: nnx.Module, names: tuple[str, ...], scheme: str) -> None:
     """Replaces each stacked weight `names` of a `DecoderLayers` by its codes and scales, in place."""
     for name in names:
-        codes, scale = QUANTIZERS[scheme](getattr(layers, name).value)
+        parts = QUANTIZERS[scheme](getattr(layers, name).value)
         delattr(layers, name)
-        setattr(layers, name + CODES, nnx.Param(codes))
-        setattr(layers, name + SCALE, nnx.Param(scale))
+        for suffix, array in parts.items():
+            setattr(layers, name + suffix, nnx.Param(array))
 
 
 def dequantize_layers(layers: nnx.Module, dtype) -> None:
     """The inverse of `quantize_layers` (in place): each quantized projection back as a `dtype` weight."""
-    for name in [n[:-len(CODES)] for n in layers.names() if n.endswith(CODES)]:
-        w = dequantize(getattr(layers, name + CODES).value, getattr(layers, name + SCALE).value, dtype)
-        delattr(layers, name + CODES)
-        delattr(layers, name + SCALE)
-        setattr(layers, name, nnx.Param(w))
+    params = {n: getattr(layers, n).value for n in layers.names()}
+    for name in [n[:-len(CODES)] for n in params if n.endswith(CODES)]:
+        parts = parts_of(params, name)
+        for suffix in parts:
+            delattr(layers, name + suffix)
+        setattr(layers, name, nnx.Param(dequantize(parts, dtype)))

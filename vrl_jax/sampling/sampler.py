@@ -71,6 +71,13 @@ def _repeat_rows(x, n: int, axis: int = 0):
     return x if n == 1 else jnp.repeat(x, n, axis=axis)
 
 
+def kv_caches(text, prompts: int, prompt_len: int, rows: int, steps: int, dtype) -> tuple[KVCache, KVCache]:
+    """The sampler's two caches, zeroed: the prompts' ([layers, prompts, K, prompt_len, hd], written by the
+    prefill, then read by every sample of the prompt) and the samples' ([layers, rows, K, steps, hd]).
+    `memory.rollout_items` sizes the rollout from this."""
+    return KVCache.zeros(text, prompts, prompt_len, dtype), KVCache.zeros(text, rows, steps, dtype)
+
+
 def generate(model: QwenVL, input_ids, attention_mask, positions, next_position, vision: VisionInputs | None,
              key, temperature, top_p, *, cfg: SamplerConfig) -> SampleOutput:
     """Samples `cfg.num_samples` continuations of each prompt.
@@ -84,15 +91,14 @@ def generate(model: QwenVL, input_ids, attention_mask, positions, next_position,
     cache_dtype = jnp.dtype(cfg.cache_dtype) if cfg.cache_dtype else model.dtype
     stop_ids = jnp.asarray(cfg.stop_token_ids, jnp.int32)
 
+    rows = b * n
     prompt_valid = attention_mask.astype(bool)
-    hidden, prompt_cache = model.hidden_states(input_ids, positions, attention_mask, vision,
-                                               cache=KVCache.zeros(text, b, length, cache_dtype), write_index=0,
-                                               kv_valid=prompt_valid)
+    prompt_cache, cache = kv_caches(text, b, length, rows, steps, cache_dtype)
+    hidden, prompt_cache = model.hidden_states(input_ids, positions, attention_mask, vision, cache=prompt_cache,
+                                               write_index=0, kv_valid=prompt_valid)
     last_logits = model.logits(hidden[:, -1:])[:, 0]  # the last slot is always a real token (left padding)
 
     next_position = _repeat_rows(next_position, n)
-    rows = b * n
-    cache = KVCache.zeros(text, rows, steps, cache_dtype)
     # pad (not fresh zeros) keeps the mask's rows split like the prompts' under explicit meshes.
     kv_valid = jnp.pad(_repeat_rows(prompt_valid, n), ((0, 0), (0, steps)))[:, length:]
     first, first_lp = choose_tokens(jax.random.fold_in(key, 0), _repeat_rows(last_logits, n), temperature,
