@@ -51,8 +51,7 @@ def main(process_id: int, port: int, work_dir: str, local_devices: int, mesh_sha
     batch = inputs["batch"]
     b_sh = batch_shardings(batch, mesh)
     step = make_train_step(graphdef, inputs["opt_cfg"], inputs["step_cfg"], mesh=mesh,
-                           state_shardings=train_state_shardings(state), batch_shardings=b_sh,
-                           compiler_options=inputs["compiler_options"])
+                           state_shardings=train_state_shardings(state), batch_shardings=b_sh)
     placed = shd.put(batch, b_sh)
     log("state and batch placed")
     new_state, metrics = step(state, placed)

@@ -211,8 +211,8 @@ def test_llava_onevision_vision_and_projector_adapters_forward_equals_merged_wei
          "projector.linear1_w", "projector.linear2_w"])
     randomise_adapters(model)
     config = ModelConfig.from_pretrained(d)
-    processor = llava.LlavaProcessor(tokenizer=None, image_processor=llava.LlavaProcessor.load_image_processor(d, config),
-                                     config=config)
+    images = llava.LlavaProcessor.load_image_processor(d, config)
+    processor = llava.LlavaProcessor(tokenizer=None, image_processor=images, config=config)
     batch = llava.make_batch(processor, [[5, 6, ("img", 0), 7, 8], [9, 10, 11]],
                              [random_image(np.random.RandomState(3), 150, 60)])
     got = llava.forward(model, batch)

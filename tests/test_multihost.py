@@ -25,7 +25,6 @@ from vrl_jax.rl.train_step import StepConfig, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 540
-FAST = {"xla_backend_optimization_level": 0}  # same HLO, half the CPU compile time
 
 # Rows for the host-side share-and-gather check (each process judges its share of a step's rows).
 TEXTS = ["Wait, re-check: the side is 4. Answer 16.", "Let me verify: 5 + 7 = 12.", "The angle is 40°.",
@@ -46,7 +45,7 @@ def test_two_processes_equal_one(tmp_path):
     graphdef, _ = nnx.split(model, nnx.Param)
     host = jax.tree.map(np.asarray, jax.device_get(nnx.state(model, nnx.Param).to_pure_dict()))
     rollouts = make_rollouts(config, 16, seed=21)
-    logprob_fn = make_logprob_fn(graphdef, chunk_size=256, compiler_options=FAST)
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=256)
     current = flat_rows(logprob_fn(host, train_batch(rollouts, config, 2)).logprobs)
     rs = np.random.RandomState(22)
     old = np.asarray(current) + 0.1 * rs.randn(*current.shape).astype(np.float32) * rollouts["loss_mask"]
@@ -57,7 +56,7 @@ def test_two_processes_equal_one(tmp_path):
                           loss=PolicyLossConfig(kl_coef=0.05, agg_mode="seq_mean_token_mean"))
     with open(tmp_path / "inputs.pkl", "wb") as f:
         pickle.dump(dict(model_config=config, params=host, batch=batch, opt_cfg=opt_cfg, step_cfg=step_cfg,
-                         compiler_options=FAST, texts=TEXTS, correct=CORRECT, values=VALUES), f)
+                         texts=TEXTS, correct=CORRECT, values=VALUES), f)
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -83,7 +82,7 @@ def test_two_processes_equal_one(tmp_path):
 
     # One process, one device.
     state, _, _ = create_train_state(nnx.merge(graphdef, jax.tree.map(np.array, host)), opt_cfg, seed=3)
-    want_state, want_metrics = make_train_step(graphdef, opt_cfg, step_cfg, compiler_options=FAST)(state, batch)
+    want_state, want_metrics = make_train_step(graphdef, opt_cfg, step_cfg)(state, batch)
     got_leaves = jax.tree_util.tree_leaves_with_path(result["params"])
     want_leaves = jax.tree.leaves(jax.device_get(want_state.params))
     assert len(got_leaves) == len(want_leaves)

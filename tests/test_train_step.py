@@ -4,8 +4,6 @@ References: a loss written out from full-vocabulary logits (`model(...)`, log_so
 entropy/NLL formulas and the seq-mean-token-mean aggregation spelled out here), central finite
 differences of that loss, Adam's closed-form first update, and the same step run unsharded or as
 successive single-update steps.
-
-Programs compile with XLA's LLVM backend at -O0 (`FAST`): the same HLO, half the compile time.
 """
 
 from __future__ import annotations
@@ -28,8 +26,6 @@ from vrl_jax.rl.train_state import OptimizerConfig, create_train_state, lr_sched
 from vrl_jax.rl.train_step import (StepConfig, TrainBatch, batch_gradients, batch_shardings, make_train_step,
                                    micro_batch_order, recompute_old_logprobs)
 
-# XLA's LLVM backend at -O0: the same HLO program (fusion, SPMD partitioning), half the CPU compile time.
-FAST = {"xla_backend_optimization_level": 0}
 CHUNK = 256  # vocabulary 1024 -> 4 chunks: the chunked log-softmax path is exercised
 # No entropy bonus here so that an on-policy memorization row is pure NLL (the bonus is checked in
 # the gradient test); KL is on. MAYE's freezing: ViT frozen, connector and LLM train.
@@ -43,7 +39,7 @@ def get_step(graphdef, opt_cfg, cfg, **kwargs):
     """One jitted step per configuration for the whole module (each compile costs ~10 s on CPU)."""
     key = (opt_cfg, cfg, tuple(sorted((k, id(v)) for k, v in kwargs.items())))
     if key not in _STEPS:
-        _STEPS[key] = make_train_step(graphdef, opt_cfg, cfg, compiler_options=FAST, **kwargs)
+        _STEPS[key] = make_train_step(graphdef, opt_cfg, cfg, **kwargs)
     return _STEPS[key]
 
 
@@ -99,7 +95,7 @@ def setup():
     graphdef, _ = nnx.split(model, nnx.Param)
     host = to_host(nnx.state(model, nnx.Param).to_pure_dict())
     both = make_rollouts(config, 2 * ROWS, seed=1)
-    logprob_fn = make_logprob_fn(graphdef, chunk_size=CHUNK, compiler_options=FAST)
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=CHUNK)
     current = np.asarray(flat_rows(logprob_fn(host, train_batch(both, config, 2)).logprobs))
     old = with_noise(current, both["loss_mask"], 0.1, seed=2)  # off-policy: some ratios clip
     ref = with_noise(old, both["loss_mask"], 0.1, seed=3)
@@ -150,7 +146,7 @@ def test_gradient_matches_reference_and_finite_differences():
     params = nnx.state(model, nnx.Param).to_pure_dict()
     rollouts = make_rollouts(config, 6, seed=6)
     rollouts["sft_weights"][3] = 1.0  # a DyME memorization row on top of the RL rows
-    logprob_fn = make_logprob_fn(graphdef, chunk_size=CHUNK, compiler_options=FAST)
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=CHUNK)
     current = flat_rows(logprob_fn(params, train_batch(rollouts, config, 1)).logprobs)
     old = with_noise(current, rollouts["loss_mask"], 0.02, seed=7)  # ratios in ~[0.95, 1.05]: no clip edge
     ref = with_noise(old, rollouts["loss_mask"], 0.2, seed=8)
@@ -159,11 +155,10 @@ def test_gradient_matches_reference_and_finite_differences():
     cfg = StepConfig(batch_size=6, num_micro=2, loss=loss_cfg, chunk_size=CHUNK)
     opt = dataclasses.replace(OPT, train_vit=True)
 
-    grads, loss, metrics = jax.jit(lambda p, b: batch_gradients(p, b, graphdef=graphdef, opt_cfg=opt, cfg=cfg),
-                                   compiler_options=FAST)(params, batch)
-    ref_fn = jax.jit(lambda p: reference_loss(graphdef, p, batch, loss_cfg), compiler_options=FAST)
-    ref_value, ref_grads = jax.jit(jax.value_and_grad(lambda p: reference_loss(graphdef, p, batch, loss_cfg)),
-                                   compiler_options=FAST)(params)
+    grads, loss, metrics = jax.jit(lambda p, b: batch_gradients(p, b, graphdef=graphdef, opt_cfg=opt,
+                                                                cfg=cfg))(params, batch)
+    ref_fn = jax.jit(lambda p: reference_loss(graphdef, p, batch, loss_cfg))
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(lambda p: reference_loss(graphdef, p, batch, loss_cfg)))(params)
     np.testing.assert_allclose(loss, ref_value, rtol=1e-5, atol=1e-6)
     g, rg = flat(grads), flat(ref_grads)
     assert g.keys() == rg.keys()  # every parameter trains here
@@ -196,10 +191,10 @@ def test_logprobs_match_full_logits_without_building_them(setup):
     """`make_logprob_fn` == log_softmax of the full logits; its program has no [mb, T, V] float32 buffer."""
     config, graphdef, host = setup["config"], setup["graphdef"], setup["host"]
     batch = train_batch(setup["rollouts"], config, 2)
-    fn = make_logprob_fn(graphdef, chunk_size=CHUNK, with_entropy=True, compiler_options=FAST)
+    fn = make_logprob_fn(graphdef, chunk_size=CHUNK, with_entropy=True)
     compiled = fn.lower(host, batch).compile()
     stats = compiled(host, batch)
-    forward = jax.jit(nnx.merge(graphdef, host).__call__, compiler_options=FAST)
+    forward = jax.jit(nnx.merge(graphdef, host).__call__)
     for i in range(2):
         vision = jax.tree.map(lambda x: x[i], batch.vision)
         logits = forward(batch.input_ids[i], batch.positions[i], batch.attention_mask[i], vision)
@@ -238,7 +233,7 @@ def test_sharded_step_equals_single_device(setup, single_device_steps, mesh_shap
     state = fresh_state(setup["graphdef"], setup["host"], OPT, mesh)
     b_sh = batch_shardings(batch, mesh)
     step = make_train_step(setup["graphdef"], OPT, cfg, mesh=mesh, state_shardings=train_state_shardings(state),
-                           batch_shardings=b_sh, compiler_options=FAST)
+                           batch_shardings=b_sh)
     new_state, metrics = step(state, shd.put(batch, b_sh))
     if mesh_shape[1] > 1:  # FSDP really splits the weights and their Adam moments
         assert new_state.params["language"]["layers"]["gate_w"].sharding.spec[1] == "fsdp"
@@ -329,7 +324,7 @@ def test_first_update_gap_over_rl_tokens_and_recomputed_old_logprobs(setup):
     assert 0.05 < want < np.abs(np.expm1(setup["current"] - old))[rollouts["loss_mask"] > 0].max()
     assert float(m["max_abs_ratio_minus_1_first_update"]) == pytest.approx(want, rel=1e-3)
 
-    logprob_fn = make_logprob_fn(graphdef, chunk_size=CHUNK, compiler_options=FAST)
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=CHUNK)
     recomputed = recompute_old_logprobs(logprob_fn, host, batch)
     counted = rollouts["loss_mask"] > 0
     np.testing.assert_allclose(flat_rows(recomputed.old_logprobs)[counted], setup["current"][counted], atol=2e-5)
@@ -381,7 +376,7 @@ def test_dyme_memorization_row_gives_nll_gradient(setup):
         m = b.loss_mask[0][row]
         return -(lp * m).sum() / m.sum() / ROWS
 
-    g = {k: np.asarray(v) for k, v in flat(jax.jit(jax.grad(nll), compiler_options=FAST)(host)).items()}
+    g = {k: np.asarray(v) for k, v in flat(jax.jit(jax.grad(nll))(host)).items()}
     trainable = [k for k in g if not k.startswith("visual.") or k.startswith("visual.merger_")]
     # AdamW's first update in closed form: clip to norm 1, m_hat = g, v_hat = g^2, decoupled decay.
     norm = math.sqrt(sum(float((g[k] ** 2).sum()) for k in trainable))

@@ -311,7 +311,8 @@ def test_a_read_only_workdir(tmp_path):
         pytest.skip("cannot mount a read-only tmpfs here (unshare/mount not permitted)")
     cmd = " ".join([sys.executable, "-m", "vrl_jax.train", f"--config={SMOKE}", f"--workdir={workdir}"])
     out = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro,size=1m tmpfs {workdir} && {cmd}"],
-                         cwd=ROOT, env={**os.environ, "XLA_FLAGS": xla_flags()}, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, env={**os.environ, "XLA_FLAGS": xla_flags()}, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert_one_paragraph(out.stderr, f"--workdir {workdir}: cannot write there: the file system is read-only")
 
