@@ -369,7 +369,7 @@ def test_one_training_step_updates_the_trainable_parts(checkpoints):
     from flax import traverse_util
 
     from tests.rl_batches import make_rollouts, train_batch
-    from tests.test_train_step import FAST, LOSS
+    from tests.test_train_step import LOSS
     from vrl_jax.rl.train_state import OptimizerConfig, create_train_state
     from vrl_jax.rl.train_step import StepConfig, make_train_step
     d, _ = checkpoints[False]
@@ -383,8 +383,7 @@ def test_one_training_step_updates_the_trainable_parts(checkpoints):
     opt = OptimizerConfig(learning_rate=1e-3, total_steps=2, train_vit=False, train_connector=True)
     state, _, graphdef = create_train_state(model, opt, seed=0)
     before = traverse_util.flatten_dict(jax.tree.map(np.asarray, jax.device_get(state.params)), sep=".")
-    step = make_train_step(graphdef, opt, StepConfig(batch_size=8, num_micro=2, loss=LOSS, chunk_size=256),
-                           compiler_options=FAST)
+    step = make_train_step(graphdef, opt, StepConfig(batch_size=8, num_micro=2, loss=LOSS, chunk_size=256))
     state, metrics = step(state, batch)
     metrics = jax.device_get(metrics)
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(metrics))
