@@ -1,12 +1,17 @@
 """Rollout throughput: vrl_jax's compiled sampler vs transformers `generate`, same model, same run.
 
-  python benchmarks/sampler.py [--batch 32] [--prompt 64] [--new 128] [--repeats 3]
+  python benchmarks/sampler.py [--batch 32] [--prompt 64] [--new 128] [--repeats 3] [--devices 2]
 
 A randomly initialised Qwen2.5-VL-shaped model of ~3.7 M parameters (text hidden 256, 4 layers,
 vocabulary 1024; performance.md's peer figure is ~455 tokens/s for transformers on 2 cores),
 text-only prompts, sampling at temperature 1 with top-k and top-p off on both sides. Both see the
 same weights. Compilation is timed separately; steady state is the median of the repeats. The last
 line is the ratio vrl_jax tokens/s / transformers tokens/s.
+
+`--devices N` (CPU only) splits the batch over N host devices, data-parallel, as a run on N accelerators
+would (`mesh.data=N`): XLA:CPU runs a decode step's small GEMMs on one core, while each device runs on its
+own thread, so N devices use N cores; `generate` uses every core through PyTorch's threads either way.
+The single-device sampler is timed in the same run, interleaved, and printed too.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import tempfile
 
 from common import (build_models, matmul_flops_per_s, set_torch_threads, text_prompts,  # benchmarks/common.py
-                    time_generate, time_sampler)
+                    time_generate, time_samplers)
 
 
 def main():
@@ -26,7 +31,14 @@ def main():
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--devices", type=int, default=1,
+                        help="CPU devices to split the batch over (one per core); 1: one device")
     args = parser.parse_args()
+    if args.devices < 1 or args.batch % args.devices:
+        parser.error(f"--devices {args.devices} must be >= 1 and divide --batch {args.batch}")
+    if args.devices > 1:  # before jax starts its CPU backend
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
 
     import jax
 
@@ -38,18 +50,36 @@ def main():
         hf, model, n_params = build_models(d)
     ids, inputs = text_prompts(args.batch, args.prompt)
 
-    sampler, params = Sampler.for_model(model, SamplerConfig(max_new_tokens=args.new, stop_token_ids=(stop,)))
-    ours = time_sampler(sampler, params, inputs, args.repeats)
+    cfg = SamplerConfig(max_new_tokens=args.new, stop_token_ids=(stop,))
+    samplers = {"1 device": Sampler.for_model(model, cfg)}
+    if args.devices > 1:
+        if jax.devices()[0].platform != "cpu" or jax.device_count() < args.devices:
+            raise SystemExit(f"--devices {args.devices}: needs a CPU backend (found {jax.device_count()} "
+                             f"{jax.devices()[0].platform} devices)")
+        from jax.sharding import NamedSharding, PartitionSpec
+        from flax import nnx
+
+        from vrl_jax import sharding
+        mesh = sharding.make_mesh(sharding.MeshConfig(data=args.devices), jax.devices()[:args.devices])
+        graphdef, params = nnx.split(model)
+        samplers[f"{args.devices} devices"] = (Sampler(graphdef, cfg, mesh=mesh),
+                                               jax.device_put(params, NamedSharding(mesh, PartitionSpec())))
+    timed = time_samplers(samplers, inputs, args.repeats)
+    ours = timed[f"{args.devices} devices" if args.devices > 1 else "1 device"]
     theirs = time_generate(hf, ids, args.new, stop, args.repeats)
 
     jax_tps, hf_tps = ours.tokens_per_s, theirs.tokens_per_s
-    figures = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new, lm_params=n_params,
+    figures = dict(batch=args.batch, prompt=args.prompt, new_tokens=args.new, lm_params=n_params, devices=args.devices,
                    vrl_jax_tokens_per_s=round(jax_tps, 1), transformers_tokens_per_s=round(hf_tps, 1),
                    vrl_jax_compile_s=round(ours.compile_s, 2), vrl_jax_step_s=[round(t, 3) for t in ours.step_s],
-                   transformers_step_s=[round(t, 3) for t in theirs.step_s], devices=str(jax.devices()[0].platform),
+                   transformers_step_s=[round(t, 3) for t in theirs.step_s], platform=str(jax.devices()[0].platform),
                    matmul_gflops=round(matmul_flops_per_s() / 1e9, 1),
                    cpu_count=os.cpu_count())
-    print(f"vrl_jax:      {jax_tps:10.1f} tokens/s   (compile {ours.compile_s:.1f} s, once per bucket)")
+    if args.devices > 1:
+        figures["vrl_jax_1_device_tokens_per_s"] = round(timed["1 device"].tokens_per_s, 1)
+        print(f"vrl_jax, 1 device: {timed['1 device'].tokens_per_s:10.1f} tokens/s")
+    print(f"vrl_jax:      {jax_tps:10.1f} tokens/s   (compile {ours.compile_s:.1f} s, once per bucket"
+          f"{f'; {args.devices} devices' if args.devices > 1 else ''})")
     print(f"transformers: {hf_tps:10.1f} tokens/s")
     print(json.dumps(figures))
     print(f"ratio vrl_jax/transformers tokens/s: {jax_tps / hf_tps:.2f}")

@@ -357,6 +357,14 @@ def test_readme_benchmarks():
         assert inline in inline_commands()
         out = ok(run(shlex.split(inline) + args, ROOT, timeout=600)).stdout
         assert out.splitlines()[-1].startswith(last), out[-2000:]
+    # The sampler split over two CPU devices (one per core), timed beside the one-device sampler.
+    small = ["--batch", "2", "--prompt", "8", "--new", "4", "--repeats", "1"]
+    out = ok(run(["python", "benchmarks/sampler.py", *small, "--devices", "2"], ROOT, timeout=600)).stdout
+    figures = json.loads(out.splitlines()[-2])
+    assert figures["devices"] == 2 and figures["vrl_jax_1_device_tokens_per_s"] > 0, out[-2000:]
+    assert out.splitlines()[-1].startswith("ratio vrl_jax/transformers"), out[-2000:]
+    bad = run(["python", "benchmarks/sampler.py", *small, "--devices", "3"], ROOT, timeout=600)
+    assert bad.returncode == 2 and "--devices 3 must be >= 1 and divide --batch 2" in bad.stderr, bad.stderr[-2000:]
 
 
 # ---- install_requires --------------------------------------------------------------------------
