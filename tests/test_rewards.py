@@ -158,6 +158,20 @@ def test_plugin_rewards_with_params_and_context():
     np.testing.assert_allclose(out["total"], [2 * 1.0 + 7, 2 * 2.0 + 9])
 
 
+def test_plugins_name_reward_functions_for_configs_whose_keys_cannot_hold_dots():
+    spec = {"weights": {"bonus": 2.0, "accuracy": 0.0}, "params": {"bonus": {"scale": 0.5}},
+            "plugins": {"bonus": f"{__name__}:length_bonus"}}
+    out = compute_rewards(["ab", "abcd"], [{"answer": "1"}, {"answer": "2"}], spec)
+    np.testing.assert_allclose(out["bonus"], [1.0, 2.0])
+    np.testing.assert_allclose(out["total"], [2.0, 4.0])
+    with pytest.raises(ValueError, match=r"plugins\['bonus'\]: expected 'package.module:function'"):
+        RewardSet({**spec, "plugins": {"bonus": "no_colon"}})
+    with pytest.raises(ValueError, match=r"plugins\['bonus'\]: reward .*has no attribute 'nothing'"):
+        RewardSet({**spec, "plugins": {"bonus": f"{__name__}:nothing"}})
+    with pytest.raises(ValueError, match=r"plugins: \['accuracy'\] are built-in reward names"):
+        RewardSet({**spec, "plugins": {"bonus": f"{__name__}:length_bonus", "accuracy": f"{__name__}:length_bonus"}})
+
+
 def test_reward_set_reuses_its_judge_and_closes_it():
     rewards = RewardSet({"weights": {"accuracy": 1.0}, "judge": {"mode": "chartqa"}})
     assert rewards.judge.config.mode == "chartqa"

@@ -218,3 +218,44 @@ def test_evaluate_cli_scores_an_exported_policy(uninterrupted, tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "eval.samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and {s["setting"] for s in samples} == {samples[0]["setting"]}
     assert metrics[low] == pytest.approx(sum(s["correct"] for s in samples) / 6)
+
+
+TOY_CONFIG = """
+import importlib.util
+spec = importlib.util.spec_from_file_location("default_experiment", {path!r})
+default = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(default)
+
+
+def get_config(arg=None):
+    c = default.get_config("smoke")
+    c.sft.steps = 0
+    c.rl_steps = 20
+    c.prompts_per_step, c.rollout.num_samples, c.num_micro = 4, 8, 1
+    c.rollout.max_new_tokens = 16  # more letters a completion: a less noisy reward
+    c.optim.learning_rate = 3e-2
+    c.rewards.plugins = {{"early": "tests.toy_rewards:early_letters"}}
+    c.rewards.weights = {{"accuracy": 0.0, "early": 1.0}}
+    c.eval.at_start = False
+    c.checkpoint.every_steps = 0
+    c.checkpoint.export_hf = False
+    return c
+"""
+
+
+def test_grpo_moves_the_policy_toward_a_reward_it_can_reach(tmp_path):
+    """The whole loop learns: 20 GRPO steps on a plugin reward (`rewards.plugins`) that the tiny random model
+    can reach, the share of its letters from a-m (about half at random), raise the mean reward well above where
+    it starts (0.53 -> 0.94 here; seeds 1 and 2: 0.52 -> 0.88, 0.56 -> 0.91). A sign error anywhere between the reward and the update (credit, batching,
+    the loss) makes it fall instead."""
+    config = tmp_path / "toy.py"
+    config.write_text(TOY_CONFIG.format(path=os.path.join(ROOT, "experiments", "default.py")))
+    cmd = [sys.executable, "-m", "vrl_jax.train", f"--config={config}", f"--workdir={tmp_path / 'run'}", *FAST]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": xla_flags(), "JAX_COMPILATION_CACHE_DIR": CACHE["dir"],
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    scores = [r["rews/scores"] for r in rows(tmp_path / "run")]
+    assert len(scores) == 20
+    first, last = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
+    assert last > first + 0.25, [round(s, 2) for s in scores]

@@ -154,6 +154,21 @@ def test_an_unknown_reward_name_is_rejected_before_the_run():
         configs.validate(c, num_devices=1)
 
 
+@pytest.mark.parametrize("plugins,key,expected", [
+    ({"mine": "tests.toy_rewards:no_such_function"}, "config.rewards.plugins.mine", "has no attribute"),
+    ({"mine": "tests/toy_rewards.py"}, "config.rewards.plugins.mine", "expected 'package.module:function'"),
+    ({"accuracy": "tests.toy_rewards:early_letters"}, "config.rewards.plugins.accuracy", "built-in reward name"),
+    ({}, "config.rewards.weights", "reward 'mine': unknown name"),
+])
+def test_a_bad_reward_plugin_is_rejected_before_the_run_naming_it(plugins, key, expected):
+    c = smoke_config()
+    c.rewards.plugins = plugins
+    c.rewards.weights = {"accuracy": 0.0, "mine": 1.0}
+    with pytest.raises(configs.ConfigValidationError) as e:
+        configs.validate(c, num_devices=1)
+    assert key in str(e.value) and expected in str(e.value), str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Missing inputs
 

@@ -113,6 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rewards.weights = {"accuracy": 1.0}
     c.rewards.params = ml_collections.ConfigDict()
     c.rewards.overrides = ml_collections.ConfigDict()
+    # Your own reward functions by name: {"name": "package.module:function"}, then weights {"name": w}.
+    c.rewards.plugins = ml_collections.ConfigDict()
     c.rewards.judge = ml_collections.ConfigDict(dict(mode="default", timeout_s=2.0))
     # DAPO's dynamic sampling: groups whose `filter_on` reward is the same for every sample are dropped and
     # more prompts drawn (at most max_rounds rounds). fill: a batch still short after that is completed with
@@ -364,14 +366,22 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
 
 
 def _check_rewards(c) -> None:
-    from vrl_jax.rewards.compose import resolve_reward
+    from vrl_jax.rewards.compose import BUILTINS, resolve_reward
     from vrl_jax.rewards.judge import JudgeConfig
     if not c.rewards.weights:
         _fail("rewards.weights", "no reward components")
+    plugins = c.rewards.plugins.to_dict()
+    for name in plugins:
+        if name in BUILTINS:
+            _fail(f"rewards.plugins.{name}", "is a built-in reward name; give your function another name")
+        try:
+            resolve_reward(name, plugins)
+        except ValueError as e:
+            _fail(f"rewards.plugins.{name}", str(e).removeprefix(f"plugins[{name!r}]: "))
     for section in ("weights", "params", "overrides"):
         for name in c.rewards[section].keys():
             try:
-                resolve_reward(name)
+                resolve_reward(name, plugins)
             except ValueError as e:
                 _fail(f"rewards.{section}", str(e))
     _typed(lambda: JudgeConfig.from_mapping(c.rewards.judge.to_dict()))

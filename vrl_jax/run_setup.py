@@ -236,7 +236,7 @@ def reward_spec(c) -> dict:
     weights = dict(c.rewards.weights)
     weights.setdefault("accuracy", 0.0)  # correctness is always measured, whether or not it is rewarded
     return {"weights": weights, "params": c.rewards.params.to_dict(), "overrides": c.rewards.overrides.to_dict(),
-            "judge": c.rewards.judge.to_dict()}
+            "judge": c.rewards.judge.to_dict(), "plugins": c.rewards.plugins.to_dict()}
 
 
 def eval_reward_spec(c) -> dict:

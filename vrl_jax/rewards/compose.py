@@ -7,8 +7,10 @@ mapping with these keys (all plain values, so an ``ml_collections.ConfigDict`` w
     params:    {name: {keyword: value}}  # keyword arguments of that reward function
     overrides: {name: value}             # where component `name` is non-zero, total := value
     judge:     {JudgeConfig fields}      # for "accuracy"
+    plugins:   {name: "package.module:function"}  # names for your own reward functions
 
-``name`` is a built-in (``BUILTINS``) or ``"package.module:function"``. A reward function is
+``name`` is a built-in (``BUILTINS``), a name given in ``plugins`` (the way to use your own reward from a
+config file, whose keys cannot hold dots), or ``"package.module:function"``. A reward function is
 ``fn(completions: list[str], examples: list[dict], **kw) -> array [B]``; it also receives, if its
 signature names them, the context ``judge`` (an ``AnswerJudge``), ``lengths`` (int [B], response
 tokens) and ``truncated`` (bool [B], no stop token).
@@ -26,7 +28,7 @@ from vrl_jax.rewards.formatting import answer_flag_format, maye_format, r1_forma
 from vrl_jax.rewards.judge import AnswerJudge
 from vrl_jax.rewards.penalties import language_penalty, maye_penalty, soft_overlong
 
-_SPEC_KEYS = ("weights", "params", "overrides", "judge")
+_SPEC_KEYS = ("weights", "params", "overrides", "judge", "plugins")
 CONTEXT_KEYS = ("judge", "lengths", "truncated")
 
 
@@ -64,10 +66,19 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def resolve_reward(name: str) -> Callable[..., Any]:
-    """A built-in by name, or a function imported from ``"package.module:attr.path"``."""
+def resolve_reward(name: str, plugins: Mapping[str, str] | None = None) -> Callable[..., Any]:
+    """A built-in by name, a function `plugins` names (``{name: "package.module:attr.path"}``), or a function
+    imported from ``"package.module:attr.path"``."""
     if name in BUILTINS:
         return BUILTINS[name]
+    if plugins and name in plugins:
+        path = plugins[name]
+        if not isinstance(path, str) or ":" not in path:
+            raise ValueError(f"plugins[{name!r}]: expected 'package.module:function', got {path!r}")
+        try:
+            return resolve_reward(path)
+        except ValueError as exc:
+            raise ValueError(f"plugins[{name!r}]: {exc}") from None
     if ":" not in name:
         raise ValueError(f"reward {name!r}: unknown name; built-ins are {sorted(BUILTINS)}, "
                          "or give a plugin as 'package.module:function'")
@@ -116,12 +127,13 @@ def _weights(raw: Any, where: str) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True)
 class RewardSpec:
-    """A parsed spec: weighted components, their parameters, overrides and judge options."""
+    """A parsed spec: weighted components, their parameters, overrides, judge options and plugin names."""
 
     weights: dict[str, float]
     params: dict[str, dict[str, Any]]
     overrides: dict[str, float]
     judge: dict[str, Any]
+    plugins: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, spec: Any) -> "RewardSpec":
@@ -130,8 +142,9 @@ class RewardSpec:
             weights = _weights(spec.get("weights", {}), "weights")
             overrides = _weights(spec.get("overrides", {}), "overrides")
             params, judge = spec.get("params", {}) or {}, spec.get("judge", {}) or {}
+            plugins = spec.get("plugins", {}) or {}
         else:
-            weights, overrides, params, judge = _weights(spec, "rewards"), {}, {}, {}
+            weights, overrides, params, judge, plugins = _weights(spec, "rewards"), {}, {}, {}, {}
         if not weights and not overrides:
             raise ValueError("reward spec: no rewards given (expected at least one {name: weight})")
         if not isinstance(params, Mapping) or not all(isinstance(v, Mapping) for v in params.values()):
@@ -141,7 +154,12 @@ class RewardSpec:
             raise ValueError(f"params: {stray} are not in weights or overrides ({sorted({**weights, **overrides})})")
         if not isinstance(judge, Mapping):
             raise ValueError(f"judge: expected a mapping of JudgeConfig options, got {judge!r}")
-        return cls(weights, {k: dict(v) for k, v in params.items()}, overrides, dict(judge))
+        if not isinstance(plugins, Mapping):
+            raise ValueError(f"plugins: expected {{name: 'package.module:function'}}, got {plugins!r}")
+        shadowed = sorted(set(plugins) & set(BUILTINS))
+        if shadowed:
+            raise ValueError(f"plugins: {shadowed} are built-in reward names; give your functions other names")
+        return cls(weights, {k: dict(v) for k, v in params.items()}, overrides, dict(judge), dict(plugins))
 
 
 class RewardSet:
@@ -156,7 +174,7 @@ class RewardSet:
         self._fns: dict[str, Callable[..., Any]] = {}
         self._context_names: dict[str, tuple[str, ...]] = {}
         for name in {**self.spec.weights, **self.spec.overrides}:
-            fn = resolve_reward(name)
+            fn = resolve_reward(name, self.spec.plugins)
             try:
                 sig = inspect.signature(fn)
                 sig.bind_partial(None, None, **self.spec.params.get(name, {}))
