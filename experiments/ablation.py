@@ -19,7 +19,9 @@ random model never answers correctly, so reward-only RL would have nothing to le
 is every arm's step-0 point, so the arms skip their own.
 
 The variant is `algorithm,seed`: every arm takes BUDGET optimizer steps (SFT then GRPO splits them
-2:1), with the prompt template, data, rewards and hyperparameters of `default.py`. DyME memorizes the
+2:1), with the prompt template, data, rewards and hyperparameters of `default.py` as they were when the
+README's ablation figures were measured (3000 training problems, RL at 1e-4 without a KL term; `_common`
+pins them). DyME memorizes the
 hint followed by `\boxed{X}` (`dyme.answer_format = "boxed"`), the answer format SFT's solutions and
 the accuracy judge use, so no arm is scored on a format another was not taught. Every arm is evaluated
 on all 200 test_iid and 200 test_ood problems at pass@1, T=0.6 (MAYE's "medium" setting). The seed varies the
@@ -41,6 +43,10 @@ ALGORITHMS = ("sft", "grpo", "sft_grpo", "dyme")
 
 def _common(c):
     c.data.synthgeo.seed = 0  # the same data for every run
+    # default.py's settings when the README's figures were measured (it has since moved to more data and RL
+    # at 3e-4 with a KL term)
+    c.data.synthgeo.train = 3000
+    c.optim.learning_rate, c.loss.kl_coef = 1e-4, 0.0
     c.data.template = "plain"
     c.eval.splits = ("test_iid", "test_ood")
     c.eval.max_examples = 200  # all of each test split
