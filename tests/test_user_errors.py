@@ -423,9 +423,9 @@ def test_a_config_change_is_refused_without_touching_config_json(finished_run, t
     out = run_train(wd, "--config.checkpoint.every_steps=0",
                     "--config.rl_steps=4", "--config.optim.learning_rate=0.001")
     assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
-    assert_one_paragraph(out.stderr, "written with a different config", "optim.learning_rate: 0.0001 -> 0.001",
+    assert_one_paragraph(out.stderr, "written with a different config", "optim.learning_rate: 0.0003 -> 0.001",
                          "rl_steps: 2 -> 4", "--allow_config_change")
-    assert "\n  optim.learning_rate: 0.0001 -> 0.001\n  rl_steps: 2 -> 4\n" in out.stderr  # one key a line
+    assert "\n  optim.learning_rate: 0.0003 -> 0.001\n  rl_steps: 2 -> 4\n" in out.stderr  # one key a line
     assert open(os.path.join(wd, "config.json")).read() == before
 
 
