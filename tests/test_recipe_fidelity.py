@@ -113,7 +113,8 @@ def test_dyme_memorizes_its_hint_in_the_runs_answer_format(name, variant, fmt):
 
 DYME = ["--config.algorithm=dyme", "--config.data.template=dyme_answer", "--config.data.length_buckets=(128,192)",
         "--config.dyme.answer_format=flag", "--config.sft.steps=0", "--config.dyme.thinking_weight=1.0",
-        "--config.rollout.old_logprobs=forward", "--config.rollout.max_new_tokens=4"]
+        "--config.rollout.old_logprobs=forward", "--config.rollout.max_new_tokens=4",
+        "--config.loss.kl_coef=0.0"]  # DyME has no reference model (the default RL has a KL term)
 
 
 def test_dyme_run_scores_thinking_and_keeps_whole_targets(tmp_path):
