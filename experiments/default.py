@@ -13,8 +13,8 @@ test_iid problems under MAYE's three settings after SFT and at the end.
 Why these RL settings (README, "Measured figures"): 12000 training problems, so SFT's 8000 samples see most
 of them once and GRPO draws prompts SFT did not memorize (with 3000, SFT's 2.7 epochs left the rollouts
 scoring on memorized answers and RL moved nothing); a learning rate of 3e-4 held near the SFT policy by a KL
-term (0.05, k3, to the policy SFT left), since 1e-4 alone barely moved the rollout accuracy and 3e-4 or 1e-3
-alone collapsed it. Variants:
+term (0.05, k3, to the policy SFT left), since 1e-4 alone barely moved the rollout accuracy, 3e-4 alone lost
+half of it midway and most of its pass@4, and 1e-3 collapsed it. Variants:
 
   experiments/default.py:grpo    GRPO only        experiments/default.py:sft    SFT only
   experiments/default.py:dyme    DyME             experiments/default.py:smoke  a few seconds, for tests
