@@ -142,8 +142,8 @@ class _Packer:
     def __init__(self, config):
         self.config = config
 
-    def pack(self, images, buckets):
-        return pack_images(images, buckets, self.config.vision.window_size)
+    def pack(self, images, buckets, pixels=True):
+        return pack_images(images, buckets, self.config.vision.window_size, pixels=pixels)
 
 
 @pytest.mark.parametrize("num_micro", [1, 2])

@@ -1,5 +1,6 @@
 """Host-side image processing against transformers' Qwen2VLImageProcessorPil and vision_utils."""
 import json
+import pickle
 
 import numpy as np
 import PIL.Image
@@ -10,6 +11,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from vrl_jax.models.image_processing import (
+    DeferredPatches,
     ImageProcessor,
     ProcessedImage,
     choose_bucket,
@@ -75,6 +77,28 @@ def test_smart_resize_hand_checked():
 def test_rgb_pixels_and_grid_match_reference(processors, height, width):
     hf_proc, proc = processors
     _assert_same_as_hf(PIL.Image.fromarray(_noise(height, width)), hf_proc, proc)
+
+
+@pytest.mark.parametrize("height, width", [(90, 130), (28, 700), (333, 97)])
+def test_deferred_processing_knows_its_grid_and_computes_once_when_read(height, width):
+    """`defer`: the grid and patch shape from the image's size alone (nothing computed), then, when read,
+    the patches `proc(image)` gives, computed once and counted."""
+    proc = ImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    image = PIL.Image.fromarray(_noise(height, width, seed=height))
+    eager, before = proc(image), DeferredPatches.computed()
+    deferred = pickle.loads(pickle.dumps(proc.defer(image)))  # grain's worker processes pickle batches
+    assert deferred.grid_thw == eager.grid_thw and deferred.patches.shape == eager.patches.shape
+    assert DeferredPatches.computed() == before
+    np.testing.assert_array_equal(np.asarray(deferred.patches), eager.patches)
+    buffer = np.zeros((eager.patches.shape[0] + 4, eager.patches.shape[1]), np.float32)
+    buffer[2:-2] = deferred.patches  # how pack_images reads it
+    np.testing.assert_array_equal(buffer[2:-2], eager.patches)
+    assert DeferredPatches.computed() == before + 1
+    packed = pack_images([deferred], [1024], 112)
+    np.testing.assert_array_equal(packed.pixel_values, pack_images([eager], [1024], 112).pixel_values)
+    layout = pack_images([proc.defer(image)], [1024], 112, pixels=False)
+    assert not layout.pixel_values.any() and DeferredPatches.computed() == before + 1
+    np.testing.assert_array_equal(layout.window_ids, packed.window_ids)
 
 
 def _pil_variants():

@@ -219,6 +219,9 @@ def test_image_processing_equals_transformers(pil_images):
         for tiled in (True, False):
             ref = ip(images=[img] if tiled else [[img, img]], return_tensors="np")
             got = ours(img, tiled=tiled)
+            deferred = ours.defer(img, tiled=tiled)  # the tile count from the size alone, the pixels when read
+            assert deferred[1:] == got[1:] and deferred.patches.shape == got.patches.shape
+            np.testing.assert_array_equal(np.asarray(deferred.patches), got.patches)
             n = got.grid_thw[0]
             ref_pixels = ref["pixel_values"][0][:n]
             assert len(ref_pixels) == n and (tiled or n == 1)

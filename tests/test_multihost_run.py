@@ -7,13 +7,15 @@ GRPO steps, evaluations, checkpoints and the HF export, stopped by SIGTERM to on
 and resumed; 4 processes x 1 device run REINFORCE++ (whitened over the whole batch) with DAPO's
 dynamic sampling (extra rounds decided on the whole batch) on LoRA adapters. The metrics rows are
 equal within 1e-5 (relative; collectives across processes may sum in another order), and the exported
-parameters (the merged export, and the PEFT adapter of the LoRA run) within 1e-6.
+parameters (the merged export, and the PEFT adapter of the LoRA run) within 1e-6, while each process
+preprocesses only its own devices' images.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -145,6 +147,13 @@ def assert_same_export(got_dir: str, want_dir: str, file: str = "export/model.sa
         np.testing.assert_allclose(got[key], want[key], atol=1e-6, err_msg=key)
 
 
+def preprocessed(outputs: list[str]) -> list[int]:
+    """Per process, how many images it resized and patchified (its last line saying so)."""
+    found = [re.findall(r"data: (\d+) images preprocessed by process", out) for out in outputs]
+    assert all(found), [out[-2000:] for out, f in zip(outputs, found) if not f]
+    return [int(f[-1]) for f in found]
+
+
 GRPO = ("--config.rl_steps=4", "--config.checkpoint.every_steps=2", "--config.eval.splits=('val',)",
         "--config.eval.settings=('low','high')")
 
@@ -195,11 +204,16 @@ def test_reinforce_pp_with_dynamic_sampling_on_four_processes_equals_one(experim
     batch's rewards: the same rounds, fillers and updates as 1 x 4. The zero-advantage fillers train
     (the entropy bonus, the KL loss); pi_old, recomputed by a training forward, gives a first-update
     ratio of 1. The policy is LoRA adapters split over the 4 processes: the merged export and the PEFT
-    adapter, each gathered tensor by tensor and written by process 0, equal the 1-process run's."""
+    adapter, each gathered tensor by tensor and written by process 0, equal the 1-process run's. Each process
+    preprocessed (resized, patchified) only the images of its own device's rows: a quarter of them."""
     config = experiment + ":reinforce_pp"
     one, four = str(tmp_path / "rpp1x4"), str(tmp_path / "rpp4x1")
-    run(1, 4, one, config, session_jax_cache, "--config.rl_steps=2")
-    run(4, 1, four, config, session_jax_cache, "--config.rl_steps=2")
+    single = preprocessed(run(1, 4, one, config, session_jax_cache, "--config.rl_steps=2"))
+    per_host = preprocessed(run(4, 1, four, config, session_jax_cache, "--config.rl_steps=2"))
+    print(f"images preprocessed: 1 x 4 {single}, 4 x 1 {per_host}")
+    # Each host resized and patchified only its own device's rows' images (DAPO's chosen groups may land on
+    # another host than the one that sampled them, which then computes them too).
+    assert all(0 < n <= 0.4 * single[0] for n in per_host) and sum(per_host) >= single[0]
     train = rows(one, "train")
     assert all(r["dapo/sampling_rounds"] == 2 for r in train)  # every group ties: both rounds run
     assert all(r["update/tokens"] > 0 and "loss/kl_loss" in r for r in train)  # the fillers train

@@ -9,7 +9,7 @@ import torch
 
 from tests.tiny_models import build_hf_model, random_image
 from vrl_jax.data.synthgeo.tokenizer import build_tokenizer, special_token_ids
-from vrl_jax.models.image_processing import ImageProcessor
+from vrl_jax.models.image_processing import DeferredPatches, ImageProcessor
 from vrl_jax.models.processor import VLProcessor
 from vrl_jax.models.qwen_vl import VisionInputs
 from vrl_jax.models.weights import load_hf_params
@@ -62,6 +62,37 @@ def test_encode_matches_transformers_end_to_end(model_dir):
                  mm_token_type_ids=torch.tensor(types)).logits.numpy()
     valid = batch.attention_mask.astype(bool)
     assert np.abs(ours - ref)[valid].max() <= 1e-4
+
+
+def test_only_the_local_row_shards_images_are_preprocessed(model_dir):
+    """`encode(shards=S, local=...)`, as a host of a multi-host run calls it: the images of row shards another
+    host's devices hold are laid out (tokens, positions, patch metadata, buckets: the same on every host) but
+    never resized or patchified, and their pixels stay zero; the local shard's buffer equals a full encode's."""
+    d, _ = model_dir
+    proc = VLProcessor.from_pretrained(d, length_buckets=(64, 128), patch_buckets=(128, 256))
+    proc.image_processor = ImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    rs = np.random.RandomState(1)
+    images = [[random_image(rs, 90, 130)], [random_image(rs, 60, 60)], [random_image(rs, 130, 70)],
+              [random_image(rs, 80, 80)]]
+    prompts = [user("Count the circles in the picture.", 1)] * 4
+    full = proc.encode(prompts, images, shards=2)
+    before = DeferredPatches.computed()
+    host = proc.encode(prompts, images, shards=2, local=[True, False])
+    assert DeferredPatches.computed() - before == 2  # rows 0 and 1: shard 0
+    assert [isinstance(row[0].patches, DeferredPatches) for row in host.row_images] == [True] * 4
+    assert [row[0].patches._value is not None for row in host.row_images] == [True, True, False, False]
+    for name in ("input_ids", "attention_mask", "positions", "next_position"):
+        np.testing.assert_array_equal(getattr(host, name), getattr(full, name))
+    for name, want in full.vision._asdict().items():
+        got = getattr(host.vision, name)
+        if name == "pixel_values":
+            np.testing.assert_array_equal(got[0], want[0])
+            assert got.shape == want.shape and not got[1].any() and want[1].any()
+        elif want is not None:
+            np.testing.assert_array_equal(got, want)
+    # a later layout that puts shard 1's rows on this host computes them then, equal to an eager processing
+    np.testing.assert_array_equal(np.asarray(host.row_images[3][0].patches), proc.image_processor(images[3][0]).patches)
+    assert DeferredPatches.computed() - before == 3
 
 
 def test_text_only_batch_keeps_the_same_vision_shape(model_dir):

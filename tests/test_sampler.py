@@ -198,7 +198,8 @@ def test_images_packed_per_row_shard_are_encoded_where_their_rows_are(setups):
         pass
 
     packer = Packer()
-    packer.config, packer.pack = config, lambda ims, buckets: pack_images(ims, buckets, config.vision.window_size)
+    packer.config = config
+    packer.pack = lambda ims, buckets, pixels=True: pack_images(ims, buckets, config.vision.window_size, pixels=pixels)
     per_shard = pack_row_blocks(packer, [[im] for im in b["images"]], np.arange(2), 2, [256])
     assert per_shard.pixel_values.shape[:2] == (2, 256)
     cfg = SamplerConfig(max_new_tokens=8, num_samples=2, stop_token_ids=(NEVER,))

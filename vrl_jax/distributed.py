@@ -11,7 +11,9 @@ collectives the loop needs.
   - otherwise: one process, nothing to join.
 
 The loop's contract across processes (see `trainer.py`): every process builds the same global host
-batch from the same seed (prompts, images, shape buckets), so no two hosts can disagree on a shape;
+batch from the same seed (prompts, decoded images, shape buckets), so no two hosts can disagree on a
+shape, while each image's pixels are preprocessed only by the hosts whose devices hold its rows
+(`image_processing.DeferredPatches`);
 device work (sampling, the reference forward, the update, evaluation) runs once over the global mesh,
 each device on its shard; host work that costs (judging rewards, DyME's checker and refiner) is split
 into per-process shares (`share`) and the results gathered (`gather_rows`) so every process again

@@ -316,17 +316,21 @@ def prepare_run(c, workdir: str, mesh=None) -> RunSetup:
     graphdef, params = nnx.split(model, nnx.Param)
     needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and c.advantage.kl_reward_coef))
     ref_params = reference_copy(c, params.to_pure_dict(), mesh) if needs_ref else None
-    # Batches the sampler reads have their images packed per row shard (each device encodes its own rows'
-    # images); SFT batches are re-packed per micro-batch by the trainer.
+    # Batches have their images packed per row shard (each device encodes its own rows' images; the trainer
+    # re-packs SFT and update batches per micro-batch), and each process computes the pixels of its own
+    # devices' shards only: the others' images stay deferred until a layout puts them on this host's devices.
     def encode(rows: int):
-        return functools.partial(processor.encode_examples, shards=sharding.row_shards(rows, mesh))
+        shards = sharding.row_shards(rows, mesh)
+        return functools.partial(processor.encode_examples, shards=shards,
+                                 local=sharding.local_blocks(shards, mesh))
 
-    # Configured batch sizes are global, and every process reads the whole global batch.
+    # Configured batch sizes are global, and every process reads (and decodes, so all agree on which samples
+    # are faulty) the whole global batch: the same prompts, shapes and buckets on every host.
     common = dict(template=c.data.template, process_index=0, process_count=1, faults=faults)
     rl_data = train_dataset(train, encode(c.prompts_per_step), batch_size=c.prompts_per_step, seed=c.seed,
                             shuffle=c.data.shuffle, **common) \
         if c.rl_steps or c.rl_epochs else None
-    sft_data = train_dataset(train, processor.encode_examples, batch_size=c.sft.batch_size, seed=c.seed + 1,
+    sft_data = train_dataset(train, encode(c.sft.batch_size), batch_size=c.sft.batch_size, seed=c.seed + 1,
                              shuffle=c.data.shuffle, **common) \
         if c.sft.steps else None
     eval_data = {split: (lambda ex=ex: eval_dataset(ex, encode(c.eval.batch_size), batch_size=c.eval.batch_size,

@@ -209,6 +209,19 @@ def row_shards(rows: int, mesh: Mesh | None) -> int:
     return d if d > 1 and rows % d == 0 else 1
 
 
+def local_blocks(blocks: int, mesh: Mesh | None) -> np.ndarray | None:
+    """bool [blocks]: which of `blocks` contiguous row blocks (split over the mesh as `batch_spec` splits
+    them) a device of this process holds, i.e. whose image pixels this host must compute; None when it
+    holds all of them (one process, no mesh)."""
+    if mesh is None or jax.process_count() == 1:
+        return None
+    spec = NamedSharding(mesh, batch_spec((blocks,), 0, mesh))
+    held = np.zeros(blocks, bool)
+    for index in spec.addressable_devices_indices_map((blocks,)).values():
+        held[index[0]] = True
+    return held
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

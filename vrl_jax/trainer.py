@@ -31,6 +31,7 @@ from vrl_jax.evaluation.progress import Progress
 from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
 from vrl_jax.evaluation.writers import MetricWriter
 from vrl_jax.memory import GiB, device_memory_limit
+from vrl_jax.models.image_processing import DeferredPatches
 from vrl_jax.plan import check_fits
 from vrl_jax.rewards.visual.base import hint_then_answer
 from vrl_jax.rl import algorithms, batching
@@ -134,7 +135,8 @@ class Loop:
         shards = sharding.row_shards(rows // c.num_micro, self.mesh)
         shards = shards if (rows // c.num_micro // shards) % group == 0 else 1
         vision = batching.pack_micro_batches(row_images, seqs.prompt_index, c.num_micro, self.s.processor,
-                                            self.s.processor.patch_buckets, group, shards)
+                                            self.s.processor.patch_buckets, group, shards,
+                                            local=sharding.local_blocks(shards, self.mesh))
         return batching.to_train_batch(seqs, advantages, sft_weights, c.num_micro, vision, ref_logprobs, group), seqs
 
     def response_logprobs(self, params, ro: batching.Rollouts, tokens, mask, logprobs):
@@ -479,6 +481,9 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
     writer.close()
     if setup.faults.num_faults:
         print(f"data: {setup.faults.brief()}", flush=True)
+    if DeferredPatches.computed():  # each host resizes and patchifies only its own devices' images
+        print(f"data: {DeferredPatches.computed()} images preprocessed by process {jax.process_index()} "
+              f"of {jax.process_count()}", flush=True)
     if stopped:
         setup.close()
         return TrainResult(last_eval, stopped)

@@ -15,6 +15,7 @@ newline column after each row. The device only gathers and sums, so no shape dep
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -23,8 +24,8 @@ from typing import NamedTuple
 import numpy as np
 import PIL.Image
 
-from vrl_jax.models.image_processing import (CONFIG_NAME, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, choose_bucket,
-                                             read_processor_config, to_rgb_array)
+from vrl_jax.models.image_processing import (CONFIG_NAME, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, DeferredPatches,
+                                             patches_of, choose_bucket, image_hw, read_processor_config, to_rgb_array)
 
 NEWLINE = -1  # a feature_map unit that stands for the image_newline vector
 TAPS = 4  # (unit, weight) pairs per placeholder: the four neighbours of a bilinear sample
@@ -154,6 +155,21 @@ class AnyResImageProcessor:
         grid = [canvas[i:i + s, j:j + s] for i in range(0, bh, s) for j in range(0, bw, s)]
         return [_resize(rgb, s, s)] + grid
 
+    def num_tiles(self, height: int, width: int, tiled: bool) -> int:
+        """How many tiles `tiles` cuts an image of that size into: the base tile, and the grid when tiled."""
+        if not tiled:
+            return 1
+        bh, bw = select_best_resolution(height, width, self.grid_pinpoints)
+        return 1 + -(-bh // self.tile_size) * -(-bw // self.tile_size)
+
+    def defer(self, image, tiled: bool = True) -> AnyResImage:
+        """`self(image, tiled)` with its patches computed when first read (`DeferredPatches`)."""
+        h, w = image_hw(image)
+        tiles = self.num_tiles(h, w, tiled)
+        shape = (tiles * self.grid * self.grid, 3 * self.patch_size ** 2)
+        return AnyResImage(DeferredPatches(shape, functools.partial(patches_of, self, image, tiled)),
+                           (tiles, self.grid, self.grid), (h, w), tiled)
+
     def __call__(self, image, tiled: bool = True) -> AnyResImage:
         rgb = to_rgb_array(image)
         tiles = self.tiles(rgb, tiled)
@@ -259,8 +275,9 @@ def check_buckets(buckets: Sequence[int], tile_tokens: int) -> None:
 
 
 def pack_tiles(images: Sequence[AnyResImage], maps: Sequence[tuple[np.ndarray, np.ndarray]], bucket: int,
-               patch_dim: int, grid: int) -> AnyResBatch:
-    """Packs the images' tiles into `bucket` rows; maps: each image's `feature_map`, in placeholder order."""
+               patch_dim: int, grid: int, pixels: bool = True) -> AnyResBatch:
+    """Packs the images' tiles into `bucket` rows; maps: each image's `feature_map`, in placeholder order.
+    `pixels=False`: all but the pixels (left zero; see `image_processing.pack_images`)."""
     t = grid * grid
     pixel_values = np.zeros((bucket, patch_dim), np.float32)
     hw_pos = np.zeros((bucket, 2), np.int32)
@@ -274,7 +291,8 @@ def pack_tiles(images: Sequence[AnyResImage], maps: Sequence[tuple[np.ndarray, n
         if n + start > bucket:
             raise ValueError(f"{start + n} patch rows do not fit in a bucket of {bucket}")
         tiles = n // t
-        pixel_values[start:start + n] = img.patches
+        if pixels:
+            pixel_values[start:start + n] = img.patches
         hw_pos[start:start + n] = np.tile(local, (tiles, 1))
         segment_ids[start:start + n] = n_tiles + np.repeat(np.arange(tiles, dtype=np.int32), t)
         index[placeholders:placeholders + len(idx)] = np.where(idx == NEWLINE, bucket, idx + start)
@@ -284,8 +302,9 @@ def pack_tiles(images: Sequence[AnyResImage], maps: Sequence[tuple[np.ndarray, n
     return AnyResBatch(pixel_values, hw_pos, segment_ids, segment_ids.copy(), grid_thw, index, weight)
 
 
-def pack_anyres(images: Sequence[AnyResImage], maps, buckets: Sequence[int], patch_dim: int, grid: int) -> AnyResBatch:
+def pack_anyres(images: Sequence[AnyResImage], maps, buckets: Sequence[int], patch_dim: int, grid: int,
+                pixels: bool = True) -> AnyResBatch:
     """Packs into the smallest bucket that fits (see `pack_tiles`)."""
     check_buckets(buckets, grid * grid)
     bucket = choose_bucket(max(sum(img.patches.shape[0] for img in images), 1), buckets)
-    return pack_tiles(images, maps, bucket, patch_dim, grid)
+    return pack_tiles(images, maps, bucket, patch_dim, grid, pixels)

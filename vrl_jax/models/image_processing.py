@@ -4,14 +4,20 @@ Reproduces transformers' ``Qwen2VLImageProcessorPil`` (resize to a multiple of `
 within a pixel budget, BICUBIC, rescale, normalise, patchify in merge-block-major order) and packs
 the patches of all images of a batch into one static-size buffer with the per-patch metadata the
 vision encoder needs: 2-D rotary positions, per-frame attention segments and Qwen2.5-VL windows.
+
+The processors' `defer` gives an image whose patch grid is known from its size while its pixels
+(resize, normalise, patchify: most of the host's cost per image) are computed the first time they are
+read (`DeferredPatches`): on several hosts each one computes only its own devices' images.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -102,9 +108,67 @@ def patchify(image: np.ndarray, patch_size: int, merge_size: int, temporal_patch
     return grid.reshape(n_patches, channels * temporal_patch_size * patch_size * patch_size)
 
 
+def image_hw(image: PIL.Image.Image | np.ndarray) -> tuple[int, int]:
+    """(height, width) of a PIL image or a channels-last array, without converting it."""
+    if isinstance(image, PIL.Image.Image):
+        return image.height, image.width
+    if isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        return int(image.shape[0]), int(image.shape[1])
+    raise TypeError(f"image must be a PIL.Image.Image or a [H, W(, C)] numpy array, got "
+                    f"{type(image).__name__}{'' if not hasattr(image, 'shape') else f' of shape {image.shape}'}")
+
+
+class DeferredPatches:
+    """An image's patch rows float32 `shape`, computed by `make()` the first time they are read (`np.asarray`,
+    an assignment into a buffer, `np.concatenate`) and kept. The shape is known before, from the image's size,
+    so tokens, positions and buffer layouts are built on every host while only the hosts whose devices hold
+    the image pay for its pixels. `computed()` counts the images computed in this process."""
+
+    __slots__ = ("shape", "_make", "_value", "_lock")
+    dtype = np.dtype(np.float32)
+    ndim = 2
+    _count = 0
+    _count_lock = threading.Lock()
+
+    def __init__(self, shape: tuple[int, int], make: Callable[[], np.ndarray]):
+        self.shape, self._make, self._value, self._lock = tuple(shape), make, None, threading.Lock()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        with self._lock:  # grain's reader threads and the loop may both read a batch's images
+            if self._value is None:
+                value = np.ascontiguousarray(self._make(), np.float32)
+                if value.shape != self.shape:
+                    raise ValueError(f"an image's patches came out {value.shape}, its grid promised {self.shape}")
+                self._value, self._make = value, None  # drop the source image
+                with DeferredPatches._count_lock:
+                    DeferredPatches._count += 1
+        return self._value if dtype is None else self._value.astype(dtype, copy=False)
+
+    def __getitem__(self, index):
+        return np.asarray(self)[index]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def reshape(self, *shape):
+        return np.asarray(self).reshape(*shape)
+
+    def __getstate__(self):  # grain's worker processes pickle batches
+        return {"shape": self.shape, "make": self._make, "value": self._value}
+
+    def __setstate__(self, state):
+        self.shape, self._make, self._value = state["shape"], state["make"], state["value"]
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def computed() -> int:
+        return DeferredPatches._count
+
+
 class ProcessedImage(NamedTuple):
-    """One image as encoder input: ``patches`` float32 [t*h*w, 3*T*P*P], ``grid_thw`` (t, h, w) in patches."""
-    patches: np.ndarray
+    """One image as encoder input: ``patches`` float32 [t*h*w, 3*T*P*P] (an array, or `DeferredPatches`),
+    ``grid_thw`` (t, h, w) in patches."""
+    patches: np.ndarray | DeferredPatches
     grid_thw: tuple[int, int, int]
 
 
@@ -191,6 +255,14 @@ class ImageProcessor:
         """Resized (height, width) in pixels for an input of that size."""
         return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
 
+    def defer(self, image: PIL.Image.Image | np.ndarray) -> ProcessedImage:
+        """`self(image)` with its patches computed when first read (`DeferredPatches`); the grid now."""
+        height, width = self.target_size(*image_hw(image))
+        grid = (1, height // self.patch_size, width // self.patch_size)
+        dim = 3 * self.temporal_patch_size * self.patch_size ** 2
+        return ProcessedImage(DeferredPatches((grid[1] * grid[2], dim), functools.partial(patches_of, self, image)),
+                              grid)
+
     def __call__(self, image: PIL.Image.Image | np.ndarray) -> ProcessedImage:
         rgb = to_rgb_array(image)
         height, width = self.target_size(*rgb.shape[:2])
@@ -201,6 +273,11 @@ class ImageProcessor:
         patches = patchify(normed, self.patch_size, self.merge_size, self.temporal_patch_size)
         grid = (1, height // self.patch_size, width // self.patch_size)
         return ProcessedImage(np.ascontiguousarray(patches, dtype=np.float32), grid)
+
+
+def patches_of(processor, image, *args) -> np.ndarray:
+    """`processor(image, *args).patches`: a deferred image's computation (picklable, for grain's workers)."""
+    return processor(image, *args).patches
 
 
 class VisionBatch(NamedTuple):
@@ -262,8 +339,11 @@ def patch_windows(grid_thw: Sequence[int], merge_size: int, merged_window: int) 
 
 
 def pack_images(images: Sequence[ProcessedImage], buckets: Sequence[int], window_size: int | None, *,
-                patch_size: int = 14, merge_size: int = 2) -> VisionBatch:
+                patch_size: int = 14, merge_size: int = 2, pixels: bool = True) -> VisionBatch:
     """Pack images into the smallest bucket that fits; see ``VisionBatch`` for the layout.
+
+    ``pixels=False`` lays out everything but the pixels (left zero, deferred images not computed): the
+    buffer of rows another host's devices hold, whose shape and metadata this host still needs.
 
     ``window_size`` (pixels, Qwen2.5-VL ``vision_config.window_size``) gives windows of
     ``window_size // merge_size // patch_size`` merged tokens a side; ``None`` (Qwen2-VL, no window
@@ -296,7 +376,8 @@ def pack_images(images: Sequence[ProcessedImage], buckets: Sequence[int], window
     for img in images:
         t, h, w = img.grid_thw
         rows = slice(start, start + t * h * w)
-        pixel_values[rows] = img.patches
+        if pixels:
+            pixel_values[rows] = img.patches
         hw_pos[rows] = patch_positions(img.grid_thw, merge_size)
         segment_ids[rows] = n_segments + np.repeat(np.arange(t, dtype=np.int32), h * w)
         if merged_window is None:

@@ -20,7 +20,7 @@ from flax import nnx
 from vrl_jax.models import anyres, layers, lora
 from vrl_jax.models.config import ModelConfig
 from vrl_jax.models.positions import text_positions
-from vrl_jax.models.processor import VLProcessor, left_pad
+from vrl_jax.models.processor import VLProcessor, left_pad, stack_pixels
 from vrl_jax.models.qwen2 import Qwen2Decoder, _param, _zeros
 from vrl_jax.models.qwen_vl import QwenVL, VisionInputs, merge_image_features
 from vrl_jax.models.siglip import SiglipTower
@@ -145,7 +145,8 @@ class LlavaProcessor(VLProcessor):
 
     def process_row(self, images: Sequence) -> list:
         tiled = len(images) == 1
-        return [im if isinstance(im, anyres.AnyResImage) else self.image_processor(im, tiled=tiled) for im in images]
+        return [im if isinstance(im, anyres.AnyResImage) else self.image_processor.defer(im, tiled=tiled)
+                for im in images]
 
     def feature_map(self, image: anyres.AnyResImage):
         return self._feature_map(image.image_size, image.tiled)
@@ -163,17 +164,17 @@ class LlavaProcessor(VLProcessor):
     def positions(self, input_ids, attention_mask, images):
         return text_positions(attention_mask)
 
-    def pack(self, images: list, buckets: Sequence[int] | None = None) -> anyres.AnyResBatch:
+    def pack(self, images: list, buckets: Sequence[int] | None = None, pixels: bool = True) -> anyres.AnyResBatch:
         """Packs a batch's tiles into the smallest bucket (an all-padding buffer when there are none)."""
         v = self.config.vision
         return anyres.pack_anyres(images, [self.feature_map(im) for im in images],
-                                  tuple(buckets or self.patch_buckets), v.patch_dim, v.grid)
+                                  tuple(buckets or self.patch_buckets), v.patch_dim, v.grid, pixels)
 
     def pack_micro_batches(self, row_images: Sequence[Sequence], prompt_index: np.ndarray, num_micro: int,
-                           buckets: Sequence[int], group: int = 1) -> VisionInputs:
+                           buckets: Sequence[int], group: int = 1, local: Sequence[bool] | None = None) -> VisionInputs:
         """`processor.pack_row_blocks` for tiles: each prompt's images once per block of rows, and every row's
         (with `group` > 1: every group's first row's) placeholders mapped onto them. VisionInputs of
-        [M, P, ...], feature_index/weight [M, U, TAPS]."""
+        [M, P, ...], feature_index/weight [M, U, TAPS]; only the `local` blocks' pixels (None: all)."""
         v = self.config.vision
         per = len(prompt_index) // num_micro
         micro = [list(prompt_index[m * per:(m + 1) * per:group]) for m in range(num_micro)]
@@ -183,8 +184,8 @@ class LlavaProcessor(VLProcessor):
         bucket = anyres.choose_bucket(max(max(rows(u) for u in unique), 1), buckets)
         units = anyres.max_placeholders(anyres.choose_bucket(max(max(rows(m) for m in micro), 1), buckets), v.grid)
         packed, index, weight = [], [], []
-        for prompts, u in zip(micro, unique):
-            batch = self.pack([im for p in u for im in row_images[p]], [bucket])
+        for m, (prompts, u) in enumerate(zip(micro, unique)):
+            batch = self.pack([im for p in u for im in row_images[p]], [bucket], pixels=local is None or bool(local[m]))
             maps, offset = {}, 0
             for p in u:  # each prompt's slice of the packed placeholder map
                 n = sum(self.num_tokens(im) for im in row_images[p])
@@ -194,8 +195,9 @@ class LlavaProcessor(VLProcessor):
             index.append(np.pad(idx, ((0, units - len(idx)), (0, 0))).astype(np.int32))
             weight.append(np.pad(w, ((0, units - len(w)), (0, 0))).astype(np.float32))
             packed.append(batch)
-        return VisionInputs(*(np.stack([getattr(p, f) for p in packed])
-                              for f in ("pixel_values", "hw_pos", "segment_ids", "window_ids")),
+        return VisionInputs(stack_pixels([p.pixel_values for p in packed], local),
+                            *(np.stack([getattr(p, f) for p in packed])
+                              for f in ("hw_pos", "segment_ids", "window_ids")),
                             feature_index=np.stack(index), feature_weight=np.stack(weight))
 
 

@@ -42,12 +42,24 @@ def _patches(images) -> int:
     return sum(int(np.prod(im.grid_thw)) for im in images)
 
 
+def stack_pixels(buffers: Sequence[np.ndarray], local: Sequence[bool] | None) -> np.ndarray:
+    """The blocks' pixel buffers [P, D] stacked [M, P, D], with only the `local` blocks' filled (the rest
+    stay zero pages never written: another host's devices hold them); local None: all."""
+    out = np.zeros((len(buffers), *np.shape(buffers[0])), np.float32)
+    for m, buffer in enumerate(buffers):
+        if local is None or local[m]:
+            out[m] = buffer
+    return out
+
+
 def pack_row_blocks(processor, row_images: Sequence[Sequence], prompt_index: np.ndarray, num_blocks: int,
-                    buckets: Sequence[int], group: int = 1) -> VisionInputs:
+                    buckets: Sequence[int], group: int = 1, local: Sequence[bool] | None = None) -> VisionInputs:
     """Packs the images of `num_blocks` contiguous blocks of rows into one shared patch bucket, so the
     buffers stack: VisionInputs [M, P, ...] with `feature_index` [M, U] (see `batching.pack_micro_batches`).
     Row r answers prompt `prompt_index[r]`, whose images are `row_images[prompt_index[r]]`; a prompt's
-    images are packed once per block. `processor`: anything with the model `config` and `pack`."""
+    images are packed once per block. `processor`: anything with the model `config` and `pack`.
+    `local` (bool [M], None: all): the blocks this process's devices hold; the others get their layout but
+    no pixels, so their deferred images are not computed here."""
     per = len(prompt_index) // num_blocks
     merge = processor.config.vision.merge_size ** 2
     micro = [list(prompt_index[m * per:(m + 1) * per:group]) for m in range(num_blocks)]
@@ -57,14 +69,16 @@ def pack_row_blocks(processor, row_images: Sequence[Sequence], prompt_index: np.
                           buckets) // merge
     packed, index = [], np.zeros((num_blocks, units), np.int32)
     for m, (prompts, u) in enumerate(zip(micro, unique)):
-        packed.append(processor.pack([im for p in u for im in row_images[p]], [bucket]))
+        packed.append(processor.pack([im for p in u for im in row_images[p]], [bucket],
+                                     pixels=local is None or bool(local[m])))
         start, offset = {}, 0
         for p in u:  # each prompt's first merged unit in the packed buffer
             start[p], offset = offset, offset + _patches(row_images[p]) // merge
         flat = [start[p] + k for p in prompts for k in range(_patches(row_images[p]) // merge)]
         index[m, :len(flat)] = flat
-    return VisionInputs(*(np.stack([getattr(p, f) for p in packed])
-                          for f in ("pixel_values", "hw_pos", "segment_ids", "window_ids")), feature_index=index)
+    return VisionInputs(stack_pixels([p.pixel_values for p in packed], local),
+                        *(np.stack([getattr(p, f) for p in packed]) for f in ("hw_pos", "segment_ids", "window_ids")),
+                        feature_index=index)
 
 
 def left_pad(rows: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0):
@@ -137,8 +151,9 @@ class VLProcessor:
         return image_processor
 
     def process_row(self, images: Sequence) -> list:
-        """One prompt's images (PIL / arrays, or already processed) -> processed images."""
-        return [im if isinstance(im, ProcessedImage) else self.image_processor(im) for im in images]
+        """One prompt's images (PIL / arrays, or already processed) -> processed images, their pixels computed
+        when first packed (`ImageProcessor.defer`)."""
+        return [im if isinstance(im, ProcessedImage) else self.image_processor.defer(im) for im in images]
 
     def num_tokens(self, image) -> int:
         """Image placeholder tokens of one processed image."""
@@ -180,10 +195,11 @@ class VLProcessor:
         return list(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
 
     def encode(self, prompts: Sequence[list[dict]], images: Sequence[Sequence] | None = None,
-               shards: int = 1) -> ModelInputs:
+               shards: int = 1, local: Sequence[bool] | None = None) -> ModelInputs:
         """prompts: chat messages per row; images: per row, PIL images or `ProcessedImage`s in prompt order.
         shards > 1: the rows' images packed per contiguous block of B / shards rows (the rows one
-        data-parallel device holds), `VisionInputs` [S, P, ...]; else one buffer for the batch."""
+        data-parallel device holds), `VisionInputs` [S, P, ...]; else one buffer for the batch. `local`
+        (bool [S]): the blocks this process's devices hold, the only ones whose pixels it computes."""
         images = images if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
@@ -196,25 +212,29 @@ class VLProcessor:
         flat = [im for row in processed for im in row]
         positions, next_position = self.positions(ids, mask, flat)
         vision = self.pack(flat) if shards == 1 else self.pack_micro_batches(
-            processed, np.arange(len(rows)), shards, self.patch_buckets)
+            processed, np.arange(len(rows)), shards, self.patch_buckets, local=local)
         return ModelInputs(ids, mask, positions, next_position, vision, tuple(map(tuple, processed)))
 
-    def encode_examples(self, examples: Sequence[dict], shards: int = 1) -> ModelInputs:
+    def encode_examples(self, examples: Sequence[dict], shards: int = 1,
+                        local: Sequence[bool] | None = None) -> ModelInputs:
         """The data pipeline's `encode_fn`: per-example dicts with `prompt_messages` and `images`."""
-        return self.encode([e["prompt_messages"] for e in examples], [e["images"] for e in examples], shards)
+        return self.encode([e["prompt_messages"] for e in examples], [e["images"] for e in examples], shards, local)
 
     def pack_micro_batches(self, row_images: Sequence[Sequence], prompt_index: np.ndarray, num_blocks: int,
-                           buckets: Sequence[int], group: int = 1) -> VisionInputs:
+                           buckets: Sequence[int], group: int = 1, local: Sequence[bool] | None = None) -> VisionInputs:
         """`pack_row_blocks` with this processor (a family whose placeholders are not its merged units in
         order, LLaVA-OneVision, overrides it)."""
-        return pack_row_blocks(self, row_images, prompt_index, num_blocks, buckets, group)
+        return pack_row_blocks(self, row_images, prompt_index, num_blocks, buckets, group, local)
 
-    def pack(self, images: list[ProcessedImage], buckets: Sequence[int] | None = None) -> VisionBatch:
-        """Packs a batch's images into the smallest patch bucket; an all-padding buffer when there are none."""
+    def pack(self, images: list[ProcessedImage], buckets: Sequence[int] | None = None,
+             pixels: bool = True) -> VisionBatch:
+        """Packs a batch's images into the smallest patch bucket; an all-padding buffer when there are none.
+        `pixels=False`: the layout alone (zero pixels, deferred images left uncomputed)."""
         v = self.config.vision
         buckets = tuple(buckets or self.patch_buckets)
         if images:
-            return pack_images(images, buckets, v.window_size, patch_size=v.patch_size, merge_size=v.merge_size)
+            return pack_images(images, buckets, v.window_size, patch_size=v.patch_size, merge_size=v.merge_size,
+                               pixels=pixels)
         p = min(buckets)
         return VisionBatch(np.zeros((p, v.patch_dim), np.float32), np.zeros((p, 2), np.int32),
                            np.full((p,), -1, np.int32), np.full((p,), -1, np.int32), np.zeros((0, 3), np.int32))

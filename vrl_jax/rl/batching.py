@@ -120,7 +120,8 @@ def insert_targets(tokens, mask, logprobs, rows: Sequence[int], targets: Sequenc
 
 
 def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray, num_micro: int, processor,
-                       buckets: Sequence[int], group: int = 1, shards: int = 1) -> VisionInputs:
+                       buckets: Sequence[int], group: int = 1, shards: int = 1,
+                       local: Sequence[bool] | None = None) -> VisionInputs:
     """Packs each micro-batch's images into one shared patch bucket, so the micro-batches stack:
     VisionInputs of [M, P, ...] with `feature_index` [M, U]; with `shards` > 1, one buffer per
     contiguous block of a micro-batch's rows (the rows one data-parallel device holds): [M, S, P, ...],
@@ -131,7 +132,8 @@ def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray,
     encodes a group's image once, not n times (its gradient sums over the rows, as n encodings would).
     U is the bucketed placeholder count of all rows, so shapes stay bucketed. group > 1
     (`shared_prompt_group`): placeholders are those of each group's first row only, the rows the train
-    step embeds when it computes a group's prompt once (`TrainBatch.prompt_mask`).
+    step embeds when it computes a group's prompt once (`TrainBatch.prompt_mask`). `local` (bool [shards],
+    None: all): the row shards this process's devices hold; the others' buffers get no pixels here.
     """
     pack = getattr(processor, "pack_micro_batches", None)
     if pack is None:  # a bare object with the processor's `config` and `pack`, as tests build
@@ -140,7 +142,8 @@ def pack_micro_batches(row_images: Sequence[Sequence], prompt_index: np.ndarray,
     if rows % (num_micro * shards) or (rows // (num_micro * shards)) % group:
         raise ValueError(f"{rows} rows do not split into {num_micro} micro-batches x {shards} shards of whole "
                          f"groups of {group}")
-    vision = pack(row_images, prompt_index, num_micro * shards, buckets, group)
+    blocks = None if local is None else np.tile(np.asarray(local, bool), num_micro)  # block m * S + s
+    vision = pack(row_images, prompt_index, num_micro * shards, buckets, group, local=blocks)
     if shards == 1:
         return vision
     return jax.tree.map(lambda x: x.reshape(num_micro, shards, *x.shape[1:]), vision)
