@@ -1,6 +1,7 @@
 """Rollout throughput: vrl_jax's compiled sampler vs transformers `generate`, same model, same run.
 
   python benchmarks/sampler.py [--batch 32] [--prompt 64] [--new 128] [--repeats 3] [--devices 2]
+                               [--decode-segments 4]
 
 A randomly initialised Qwen2.5-VL-shaped model of ~3.7 M parameters (text hidden 256, 4 layers,
 vocabulary 1024; performance.md's peer figure is ~455 tokens/s for transformers on 2 cores),
@@ -12,17 +13,23 @@ line is the ratio vrl_jax tokens/s / transformers tokens/s.
 would (`mesh.data=N`): XLA:CPU runs a decode step's small GEMMs on one core, while each device runs on its
 own thread, so N devices use N cores; `generate` uses every core through PyTorch's threads either way.
 The single-device sampler is timed in the same run, interleaved, and printed too.
+
+`--decode-segments K` (default 4, as in a run) decodes in K loops, each reading the response cache only up to
+its end; a one-loop sampler (the whole cache every step) is timed in the same run, interleaved, and printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
 
 from common import (build_models, matmul_flops_per_s, set_torch_threads, text_prompts,  # benchmarks/common.py
                     time_generate, time_samplers)
+
+SEGMENTS = 4  # vrl_jax's default (configs.base_config: rollout.decode_segments)
 
 
 def main():
@@ -33,7 +40,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--devices", type=int, default=1,
                         help="CPU devices to split the batch over (one per core); 1: one device")
+    parser.add_argument("--decode-segments", type=int, default=SEGMENTS,
+                        help=f"the sampler's decode loops (rollout.decode_segments, default {SEGMENTS}); a one-loop "
+                             "sampler is timed in the same run for comparison")
     args = parser.parse_args()
+    if args.decode_segments < 1:
+        parser.error(f"--decode-segments {args.decode_segments} must be >= 1")
     if args.devices < 1 or args.batch % args.devices:
         parser.error(f"--devices {args.devices} must be >= 1 and divide --batch {args.batch}")
     if args.devices > 1:  # before jax starts its CPU backend
@@ -50,8 +62,10 @@ def main():
         hf, model, n_params = build_models(d)
     ids, inputs = text_prompts(args.batch, args.prompt)
 
-    cfg = SamplerConfig(max_new_tokens=args.new, stop_token_ids=(stop,))
+    cfg = SamplerConfig(max_new_tokens=args.new, stop_token_ids=(stop,), decode_segments=args.decode_segments)
     samplers = {"1 device": Sampler.for_model(model, cfg)}
+    if args.decode_segments > 1:  # what the segments buy, interleaved with the rest
+        samplers["1 loop"] = Sampler.for_model(model, dataclasses.replace(cfg, decode_segments=1))
     if args.devices > 1:
         if jax.devices()[0].platform != "cpu" or jax.device_count() < args.devices:
             raise SystemExit(f"--devices {args.devices}: needs a CPU backend (found {jax.device_count()} "
@@ -75,6 +89,10 @@ def main():
                    transformers_step_s=[round(t, 3) for t in theirs.step_s], platform=str(jax.devices()[0].platform),
                    matmul_gflops=round(matmul_flops_per_s() / 1e9, 1),
                    cpu_count=os.cpu_count())
+    figures["decode_segments"] = args.decode_segments
+    if args.decode_segments > 1:
+        figures["vrl_jax_1_loop_tokens_per_s"] = round(timed["1 loop"].tokens_per_s, 1)
+        print(f"vrl_jax, 1 device, 1 decode loop: {timed['1 loop'].tokens_per_s:10.1f} tokens/s")
     if args.devices > 1:
         figures["vrl_jax_1_device_tokens_per_s"] = round(timed["1 device"].tokens_per_s, 1)
         print(f"vrl_jax, 1 device: {timed['1 device'].tokens_per_s:10.1f} tokens/s")

@@ -52,10 +52,13 @@ def hf_generate(hf, b, new=NEW):
     return g[:, b["input_ids"].shape[1]:].numpy()
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_greedy_is_token_identical_to_transformers_generate(setups, family):
+@pytest.mark.parametrize("family, segments", [("qwen2_vl", 1), ("qwen2_5_vl", 1), ("qwen2_5_vl", 7)])
+def test_greedy_is_token_identical_to_transformers_generate(setups, family, segments):
+    """One decode loop, and four of them (8 tokens each: seven would be shorter than the minimum) over a
+    response cache grown between them."""
     hf, model, b, inputs = setups[family]
-    sampler, params = Sampler.for_model(model, SamplerConfig(max_new_tokens=NEW, stop_token_ids=(NEVER,)))
+    sampler, params = Sampler.for_model(model, SamplerConfig(max_new_tokens=NEW, stop_token_ids=(NEVER,),
+                                                             decode_segments=segments))
     out = sampler(params, inputs, jax.random.key(0), temperature=0.0)
     ref = hf_generate(hf, b)
     assert ref.shape == (2, NEW) and not np.asarray(out.stopped).any()
@@ -90,7 +93,7 @@ def test_sampled_logprobs_equal_a_training_forward(setups):
     _, model, b, inputs = setups["qwen2_5_vl"]
     n, temperature = 2, 0.7
     sampler, params = Sampler.for_model(model, SamplerConfig(max_new_tokens=16, num_samples=n,
-                                                             stop_token_ids=(NEVER,)))
+                                                             stop_token_ids=(NEVER,), decode_segments=2))
     out = sampler(params, inputs, jax.random.key(3), temperature=temperature)
     ref = full_forward_logprobs(model, b, out, temperature, n)
     assert np.abs(np.asarray(out.logprobs) - ref).max() <= 1e-4
@@ -103,8 +106,9 @@ def test_stop_tokens_end_rows_and_mask_the_rest(setups):
     greedy = np.asarray(sampler(params, inputs, jax.random.key(0), temperature=0.0).tokens)
     stop = int(greedy[0, 5])
     first = int(np.flatnonzero(greedy[0] == stop)[0])
+    # 4 decode segments of 8 tokens: row 0 stops in the first, and the segments after it keep it stopped
     sampler2, _ = Sampler.for_model(model, SamplerConfig(max_new_tokens=NEW, stop_token_ids=(NEVER, stop),
-                                                         pad_token_id=0))
+                                                         pad_token_id=0, decode_segments=4))
     out = sampler2(params, inputs, jax.random.key(0), temperature=0.0)
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
     assert bool(out.stopped[0]) and int(out.lengths[0]) == first + 1
@@ -265,3 +269,8 @@ def test_config_errors():
         SamplerConfig(max_new_tokens=4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplerConfig(max_new_tokens=0, stop_token_ids=(1,))
+    with pytest.raises(ValueError, match="decode_segments"):
+        SamplerConfig(max_new_tokens=4, stop_token_ids=(1,), decode_segments=0)
+    ends = lambda new, k: SamplerConfig(max_new_tokens=new, stop_token_ids=(1,), decode_segments=k).segment_ends()  # noqa
+    assert ends(40, 3) == [14, 28, 40] and ends(40, 1) == [40] and ends(128, 4) == [32, 64, 96, 128]
+    assert ends(3, 4) == [3] and ends(10, 3) == [8, 10] and ends(32, 7) == [8, 16, 24, 32]  # 8 tokens at least

@@ -82,9 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     # old_logprobs: the ratio's pi_old: "sampler" (the rollout's log-probs), "recompute" (a training-forward
     # pass over the batch before the update), "forward" (the update's own forward, detached: the ratio is
-    # exactly 1, as in TRL/DyME with one update per step).
+    # exactly 1, as in TRL/DyME with one update per step). decode_segments: decode in this many loops, each
+    # reading the response cache only up to its end, so early tokens attend over fewer slots (1: one loop
+    # over the whole cache, the least compiling; see `SamplerConfig.decode_segments`).
     c.rollout = ml_collections.ConfigDict(dict(num_samples=8, max_new_tokens=256, temperature=1.0, top_p=1.0,
-                                               top_k=0, old_logprobs="sampler"))
+                                               top_k=0, old_logprobs="sampler", decode_segments=4))
     c.prompts_per_step = 8
     c.rl_steps = 100
     c.rl_epochs = 0.0  # > 0: rl_steps = ceil(rl_epochs * training prompts / prompts_per_step), once data is read
@@ -217,6 +219,7 @@ RULES: dict[str, tuple[Range, str]] = {
     "rollout.temperature": (NON_NEGATIVE, "0 samples greedily"),
     "rollout.top_p": (Range(0, 1, low_open=True), "1 keeps the whole distribution"),
     "rollout.top_k": (NON_NEGATIVE, "0 = off"),
+    "rollout.decode_segments": (POSITIVE, "1 = one decode loop"),
     "sft.steps": (NON_NEGATIVE, ""), "sft.batch_size": (POSITIVE, ""), "sft.learning_rate": (POSITIVE, ""),
     "sft.max_target_tokens": (POSITIVE, ""),
     "optim.learning_rate": (POSITIVE, ""), "optim.warmup_ratio": (UNIT, "the share of updates spent warming up"),

@@ -82,7 +82,7 @@ class Loop:
         n_new = c.rollout.max_new_tokens
         self.sampler = Sampler(setup.graphdef, SamplerConfig(
             max_new_tokens=n_new, num_samples=c.rollout.num_samples, top_k=c.rollout.top_k,
-            stop_token_ids=self.stop_ids, pad_token_id=self.pad_id), mesh=mesh)
+            stop_token_ids=self.stop_ids, pad_token_id=self.pad_id, decode_segments=c.rollout.decode_segments), mesh=mesh)
         loss = configs.loss_config(c, max_len=n_new)
         self.rl_cfg = StepConfig(batch_size=c.prompts_per_step * c.rollout.num_samples, num_micro=c.num_micro,
                                  num_mini=c.num_mini, ppo_epochs=c.ppo_epochs, loss=loss, remat=c.model.remat,
@@ -104,7 +104,7 @@ class Loop:
         self.evaluator = Evaluator(setup.graphdef, setup.processor, setup.eval_rewards,
                                    settings_from_names(c.eval.settings, c.eval.pass_k,
                                                        c.eval.max_new_tokens or n_new),
-                                   self.stop_ids, self.pad_id, mesh=mesh)
+                                   self.stop_ids, self.pad_id, mesh=mesh, decode_segments=c.rollout.decode_segments)
         self.key = jax.random.key(c.seed)
         self.thinking_info: dict = {}
         if setup.visual is not None and hasattr(setup.visual.checker, "impl") and c.dyme.thinking_weight:

@@ -50,7 +50,7 @@ class Evaluator:
     judges its share of the samples: every process ends with the metrics of the whole split."""
 
     def __init__(self, graphdef, processor, reward_set, settings: Sequence[GenerationSetting], stop_ids, pad_id,
-                 mesh=None):
+                 mesh=None, decode_segments: int = 4):
         self.processor = processor
         self.reward_set = reward_set
         self.settings = list(settings)
@@ -58,8 +58,8 @@ class Evaluator:
         for s in self.settings:
             if s.k not in self.samplers:
                 self.samplers[s.k] = Sampler(graphdef, SamplerConfig(
-                    max_new_tokens=s.max_tokens, num_samples=s.k, stop_token_ids=tuple(stop_ids), pad_token_id=pad_id),
-                    mesh=mesh)
+                    max_new_tokens=s.max_tokens, num_samples=s.k, stop_token_ids=tuple(stop_ids), pad_token_id=pad_id,
+                    decode_segments=decode_segments), mesh=mesh)
 
     def _accuracy(self, texts, examples, out) -> np.ndarray:
         """float [rows]: this process judges its share of the rows; the shares are gathered."""

@@ -32,6 +32,7 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape[:3] + shape[4:] + shape[3:4], dtype))
 
 
+
 def _param(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
 
@@ -112,9 +113,10 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
                   prefix: KVCache | None = None, prefix_valid=None):
     """One decoder block.
 
-    w: this layer's parameters (unstacked); x: [B, T, H]; cos/sin: [B, T, hd]; mask: bool [B, T, S];
+    w: this layer's parameters (unstacked); x: [B, T, H]; cos/sin: [B, T, hd]; mask: bool [B, T, S'];
     cache: the whole stack's KVCache (k [layers, B, K, S, hd], v [layers, B, K, hd, S]) or None (then
-    S == T and the block attends to its own keys); layer: int scalar, this block's index; write_index:
+    S' == T and the block attends to its own keys); with a cache the block reads its first S' <= S slots
+    only (a decode segment's, `sampler.generate`); layer: int scalar, this block's index; write_index:
     int scalar slot where this call's T tokens go. Only those T slots of this layer are written, so a decode step moves one token's keys,
     not the cache. prefix: a read-only stack of the row groups' shared keys and values (k [layers, G, K,
     L, hd], v [layers, G, K, hd, L], the B = G * n rows of a group consecutive), which every query attends
@@ -128,8 +130,10 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
                                                      (layer, 0, 0, write_index, 0)),
                         jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype),
                                                      (layer, 0, 0, 0, write_index)))
-        k = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False).astype(dt)
-        v = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False).astype(dt)
+        _, b, kv, slots, hd = cache.k.shape
+        read = mask.shape[-1]  # static: this layer's slots [0, read) are copied out and attended over
+        k = jax.lax.dynamic_slice(cache.k, (layer, 0, 0, 0, 0), (1, b, kv, read, hd))[0].astype(dt)
+        v = jax.lax.dynamic_slice(cache.v, (layer, 0, 0, 0, 0), (1, b, kv, hd, read))[0].astype(dt)
     shared = None if prefix is None else (
         jax.lax.dynamic_index_in_dim(prefix.k, layer, keepdims=False).astype(dt),
         jax.lax.dynamic_index_in_dim(prefix.v, layer, keepdims=False).astype(dt), prefix_valid)

@@ -5,7 +5,9 @@ whole: no host round trip per token. The n samples of a prompt share its prefill
 encoding and its keys and values: the prompt cache [layers, B, K, L, hd] is held once per prompt
 and every decode step's queries of its n rows attend to it together
 (`layers.attention_with_prefix`), next to a response cache of B * n rows. Decoding stops early once
-every row has produced a stop token, inside `lax.while_loop`.
+every row has produced a stop token, inside `lax.while_loop`. It runs in segments
+(`SamplerConfig.decode_segments`), one loop each, whose steps read the response cache only up to the
+segment's end: the slots written so far, rounded up, rather than all `max_new_tokens` of them.
 
 Cache slots: the prompt occupies the prompt cache's slots [0, L) (left padded); generated token i
 is written at slot i of its row's response cache. M-RoPE positions continue per row at
@@ -15,6 +17,7 @@ is written at slot i of its row's response cache. M-RoPE positions continue per 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -40,6 +43,10 @@ class SamplerConfig:
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     cache_dtype: str | None = None  # default: the model's compute dtype
+    # Decode in this many segments of equal length, each a loop whose steps read only the response cache's
+    # slots up to the segment's end, not all max_new_tokens: (k + 1) / (2k) of the reads for k segments.
+    # Each segment is its own loop in the program (compiled once each). 1: one loop over the whole cache.
+    decode_segments: int = 4
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -50,6 +57,16 @@ class SamplerConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not self.stop_token_ids:
             raise ValueError("stop_token_ids is empty: give at least the EOS token id")
+        if self.decode_segments < 1:
+            raise ValueError(f"decode_segments must be >= 1 (1 = one decode loop), got {self.decode_segments}")
+
+    MIN_SEGMENT = 8  # a shorter segment saves fewer reads than its loop costs to compile
+
+    def segment_ends(self) -> list[int]:
+        """The response cache's length in each decode segment (at most `decode_segments` of them, equal but
+        the last, and at least MIN_SEGMENT tokens long); the last is max_new_tokens."""
+        seg = max(-(-self.max_new_tokens // self.decode_segments), self.MIN_SEGMENT)
+        return list(range(seg, self.max_new_tokens, seg)) + [self.max_new_tokens]
 
 
 class SampleOutput(NamedTuple):
@@ -92,6 +109,7 @@ def generate(model: QwenVL, input_ids, attention_mask, positions, next_position,
     stop_ids = jnp.asarray(cfg.stop_token_ids, jnp.int32)
 
     rows = b * n
+    ends = cfg.segment_ends()
     prompt_valid = attention_mask.astype(bool)
     prompt_cache, cache = kv_caches(text, b, length, rows, steps, cache_dtype)
     hidden, prompt_cache = model.hidden_states(input_ids, positions, attention_mask, vision, cache=prompt_cache,
@@ -108,18 +126,19 @@ def generate(model: QwenVL, input_ids, attention_mask, positions, next_position,
     done = jnp.isin(first, stop_ids)
     lengths = jnp.ones((rows,), jnp.int32)
 
-    def cond(state):
+    def cond(state, end):  # step i writes token i-1's keys at slot i-1: the segment reads slots [0, end)
         i, _, _, _, done, _, _ = state
-        return (i < steps) & ~jnp.all(done)
+        return (i < steps) & (i <= end) & ~jnp.all(done)
 
-    def body(state):
+    def body(state, end):  # a step of the segment whose slots are [0, end): the attention reads those only
         i, tokens, logprobs, lengths, done, cache, kv_valid = state
         slot = i - 1
         kv_valid = kv_valid.at[:, slot].set(True)
         pos = jnp.broadcast_to((next_position + i - 1)[None, :, None], (3, rows, 1))
         prev = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)
         hidden, cache = model.hidden_states(prev, pos, None, None, cache=cache, write_index=slot,
-                                            kv_valid=kv_valid, prefix=prompt_cache, prefix_valid=prompt_valid)
+                                            kv_valid=kv_valid[:, :end], prefix=prompt_cache,
+                                            prefix_valid=prompt_valid)
         tok, lp = choose_tokens(jax.random.fold_in(key, i), model.logits(hidden)[:, 0], temperature, cfg.top_k,
                                 top_p)
         tok = jnp.where(done, cfg.pad_token_id, tok)
@@ -131,7 +150,9 @@ def generate(model: QwenVL, input_ids, attention_mask, positions, next_position,
         return i + 1, tokens, logprobs, lengths, done, cache, kv_valid
 
     state = (jnp.int32(1), tokens, logprobs, lengths, done, cache, kv_valid)
-    _, tokens, logprobs, lengths, done, _, _ = jax.lax.while_loop(cond, body, state)
+    for end in ends:  # each segment's steps attend over `end` response slots (a static length)
+        state = jax.lax.while_loop(functools.partial(cond, end=end), functools.partial(body, end=end), state)
+    _, tokens, logprobs, lengths, done, _, _ = state
     mask = (jnp.arange(steps)[None, :] < lengths[:, None]).astype(jnp.int32)
     return SampleOutput(tokens, logprobs * mask, mask, lengths, done)
 
