@@ -154,8 +154,10 @@ def preprocessed(outputs: list[str]) -> list[int]:
     return [int(f[-1]) for f in found]
 
 
-GRPO = ("--config.rl_steps=4", "--config.checkpoint.every_steps=2", "--config.eval.splits=('val',)",
-        "--config.eval.settings=('low','high')")
+# Two micro-batches: the update lays a step's rows out over the devices differently from the sampler, so a
+# host's devices get rows of prompts whose images the other host preprocessed for sampling (and compute them).
+GRPO = ("--config.rl_steps=4", "--config.num_micro=2", "--config.sft.batch_size=8", "--config.checkpoint.every_steps=2",
+        "--config.eval.splits=('val',)", "--config.eval.settings=('low','high')")
 
 
 @pytest.fixture(scope="module")

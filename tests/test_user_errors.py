@@ -147,6 +147,20 @@ def test_config_values_that_would_fail_later_are_rejected_naming_the_key(key, va
     assert f"config.{key}" in str(e.value), str(e.value)
 
 
+def test_batches_that_do_not_split_over_the_devices_are_rejected_naming_the_key():
+    """Caught before anything compiles, not as the train step's error: each RL micro-batch, each SFT
+    micro-batch, the prompts and the evaluation batch must split over the data-parallel devices."""
+    c = smoke_config()  # 2 prompts x 2 samples, 2 micro-batches; SFT batches of 4
+    configs.validate(c, num_devices=2)
+    for key, change, devices in (("mesh.data", dict(num_micro=4), 2), ("sft.batch_size", dict(prompts_per_step=4), 4),
+                                 ("eval.batch_size", dict(eval=dict(batch_size=3)), 2)):
+        bad = smoke_config()
+        bad.update(change)
+        with pytest.raises(configs.ConfigValidationError) as e:
+            configs.validate(bad, num_devices=devices)
+        assert f"config.{key}" in str(e.value), (key, str(e.value))
+
+
 def test_an_unknown_reward_name_is_rejected_before_the_run():
     c = smoke_config()
     c.rewards.weights = {"accuracy": 1.0, "language_penalty": 1.0}

@@ -346,6 +346,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if micro_rows % data_parallel:
         _fail("mesh.data", f"a micro-batch of {micro_rows} rows does not split over {data_parallel} data-parallel "
                            f"devices (mesh data x fsdp); change prompts_per_step, rollout.num_samples or num_micro")
+    if c.sft.steps and (c.sft.batch_size // c.num_micro) % data_parallel:
+        _fail("sft.batch_size", f"an SFT micro-batch of {c.sft.batch_size // c.num_micro} rows (sft.batch_size "
+                                f"{c.sft.batch_size} / num_micro {c.num_micro}) does not split over {data_parallel} "
+                                f"data-parallel devices (mesh data x fsdp)")
     if c.prompts_per_step % data_parallel:
         _fail("prompts_per_step", f"{c.prompts_per_step} prompts do not split over {data_parallel} devices")
     if c.eval.batch_size % data_parallel:
