@@ -135,7 +135,7 @@ def with_value(key: str, value):
     ("optim.warmup_ratio", 1.5), ("optim.final_lr_ratio", -1.0), ("optim.b2", 1.0), ("optim.eps", 0.0),
     ("optim.clip_grad_norm", -1.0), ("loss.clip_low", 1.0), ("loss.clip_high", -0.1), ("loss.clip_c", 0.5),
     ("loss.kl_coef", -1.0), ("loss.chunk_size", 0), ("rollout.top_p", 0.0),
-    ("rollout.top_p", 1.5), ("rollout.top_k", -1), ("advantage.gamma", 2.0),
+    ("rollout.top_p", 1.5), ("rollout.top_k", -1), ("rollout.decode_segments", 0), ("advantage.gamma", 2.0),
     ("data.synthgeo.text_fraction", 2.0), ("data.synthgeo.train", -1), ("model.tiny.hidden", 36),
     ("model.tiny.layers", 0), ("dapo.max_rounds", 0), ("eval.max_new_tokens", -1),
     ("rewards.judge.timeout_s", 0.0), ("eval.splits", ("val", "test")), ("optim.learning_rate", float("nan")),

@@ -25,7 +25,7 @@ import numpy as np
 import PIL.Image
 
 from vrl_jax.models.image_processing import (CONFIG_NAME, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, DeferredPatches,
-                                             patches_of, choose_bucket, image_hw, read_processor_config, to_rgb_array)
+                                             choose_bucket, image_hw, patches_of, read_processor_config, to_rgb_array)
 
 NEWLINE = -1  # a feature_map unit that stands for the image_newline vector
 TAPS = 4  # (unit, weight) pairs per placeholder: the four neighbours of a bilinear sample

@@ -142,7 +142,8 @@ class DeferredPatches:
                 self._value, self._make = value, None  # drop the source image
                 with DeferredPatches._count_lock:
                     DeferredPatches._count += 1
-        return self._value if dtype is None else self._value.astype(dtype, copy=False)
+        value = self._value if dtype is None else self._value.astype(dtype, copy=False)
+        return value.copy() if copy and value is self._value else value  # numpy's copy=True: not the cached one
 
     def __getitem__(self, index):
         return np.asarray(self)[index]

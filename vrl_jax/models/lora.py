@@ -63,7 +63,7 @@ def is_adapter(path: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """rank: r, the adapters' inner size; alpha: the update is scaled by alpha / r (so changing r
+    r"""rank: r, the adapters' inner size; alpha: the update is scaled by alpha / r (so changing r
     does not change the update's size at init-equivalent learning rates); targets_regex: `re.search`ed
     against the dotted path of each projection in `CANDIDATES` the model has ("language.layers.q_w",
     "visual.blocks.qkv_w", "visual.merger_fc1_w", "projector.linear1_w", ...), e.g. r"^language\.layers\.(q|v)_w$"."""

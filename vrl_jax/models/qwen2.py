@@ -32,7 +32,6 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape[:3] + shape[4:] + shape[3:4], dtype))
 
 
-
 def _param(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
 
@@ -130,7 +129,7 @@ def decoder_block(w: dict, x, cos, sin, mask, cache: KVCache | None, layer, writ
                                                      (layer, 0, 0, write_index, 0)),
                         jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype),
                                                      (layer, 0, 0, 0, write_index)))
-        _, b, kv, slots, hd = cache.k.shape
+        _, b, kv, _, hd = cache.k.shape
         read = mask.shape[-1]  # static: this layer's slots [0, read) are copied out and attended over
         k = jax.lax.dynamic_slice(cache.k, (layer, 0, 0, 0, 0), (1, b, kv, read, hd))[0].astype(dt)
         v = jax.lax.dynamic_slice(cache.v, (layer, 0, 0, 0, 0), (1, b, kv, hd, read))[0].astype(dt)
