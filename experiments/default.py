@@ -8,13 +8,16 @@ workdir and loaded through the same code as a real checkpoint. A random model ne
 correctly, so reward-only RL has nothing to learn from: the default runs a short SFT stage on the
 reference rationales (the hint and the boxed answer, at most 104 tokens), then 100 GRPO steps (8 prompts
 x 8 samples, 128 new tokens, the two-stage baseline of DyME's paper), and evaluates all 100 val and 200
-test_iid problems under MAYE's three settings after SFT and at the end.
+test_iid items under MAYE's three settings after SFT and at the end.
 
-Why these RL settings (README, "Measured figures"): 12000 training problems, so SFT's 8000 samples see most
-of them once and GRPO draws prompts SFT did not memorize (with 3000, SFT's 2.7 epochs left the rollouts
-scoring on memorized answers and RL moved nothing); a learning rate of 3e-4 held near the SFT policy by a KL
-term (0.05, k3, to the policy SFT left), since 1e-4 alone barely moved the rollout accuracy, 3e-4 alone lost
-half of it midway and most of its pass@4, and 1e-3 collapsed it. Variants:
+Why these RL settings (README, "Measured figures"): a learning rate of 3e-4 held near the SFT policy by a
+KL term (0.05, k3, to the policy SFT left), since 1e-4 alone barely moved the rollout accuracy, 3e-4 alone
+lost half of it midway and most of its pass@4, and 1e-3 collapsed it. 12000 training items were meant to
+keep GRPO's prompts fresh after SFT; they hold 2055 distinct problems (levels 0-1 have small parameter
+spaces), so SFT sees each about 4 times, and RL raises the training rollouts' accuracy without carrying
+over to test_iid, whose 76 distinct problems are disjoint from train (README, "Why RL does not carry over").
+
+Variants:
 
   experiments/default.py:grpo    GRPO only        experiments/default.py:sft    SFT only
   experiments/default.py:dyme    DyME             experiments/default.py:smoke  a few seconds, for tests
