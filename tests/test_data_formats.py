@@ -431,3 +431,22 @@ def test_tfds_builder_round_trip(tmp_path):
         np.testing.assert_array_equal(np.asarray(load_image(got.images[0])),
                                       np.asarray(load_image(want.images[0])))
     assert len(tfds_geometry3k.data_source(tmp_path / "tfds", "test")) == 3
+
+
+def test_the_data_line_counts_distinct_problems_where_the_data_names_them(tmp_path):
+    """Synthgeo repeats a problem with other pictures and wordings (its grid family has six at level 0), so
+    the run's data line says how many distinct problems a split holds; data that names no problem gets none."""
+    from vrl_jax.data.synthgeo import GeneratorConfig, export_dataset
+    from vrl_jax.run_setup import data_sizes
+    export_dataset(str(tmp_path), {"train": 30, "val": 0, "test_iid": 0, "test_ood": 0},
+                   GeneratorConfig(families=("grid",), levels=(0,)), formats=("maye",), progress=False)
+    path = tmp_path / "maye_train.jsonl"
+    keys = {json.loads(line)["meta"]["semantic_key"] for line in path.read_text().splitlines()}
+    assert 1 < len(keys) < 30
+    examples = load_examples(str(path))
+    assert data_sizes({"train": examples, "val": examples[:3]}) == (
+        f"30 train ({len(keys)} distinct problems), 3 val ({len({e.meta['semantic_key'] for e in examples[:3]})} "
+        "distinct problems)")
+    write_maye(tmp_path / "plain", n=3)
+    plain = load_examples(str(tmp_path / "plain" / "geometry3k_rl_v0.jsonl"))
+    assert data_sizes({"train": plain, "test": []}) == "3 train, 0 test"

@@ -283,6 +283,23 @@ def overlay(params, flat: dict):
     return traverse_util.unflatten_dict({**traverse_util.flatten_dict(params, sep="."), **flat}, sep=".")
 
 
+def distinct_problems(examples: list[Example]) -> int | None:
+    """How many distinct problems `examples` hold, where every one names its problem (synthgeo's
+    `semantic_key`: items repeat a problem with another picture or wording); None otherwise."""
+    keys = [e.meta.get("semantic_key") for e in examples]
+    return None if not keys or None in keys else len(set(keys))
+
+
+def data_sizes(splits: dict[str, list[Example]]) -> str:
+    """"12000 train (2055 distinct problems), 200 test_iid (76 distinct problems)": each split's examples, and
+    its distinct problems where the data names them (a model can memorize a problem it meets repeatedly)."""
+    parts = []
+    for name, examples in splits.items():
+        n = distinct_problems(examples)
+        parts.append(f"{len(examples)} {name}" + ("" if n is None else f" ({n} distinct problems)"))
+    return ", ".join(parts)
+
+
 def prepare_run(c, workdir: str, mesh=None) -> RunSetup:
     """Data, model, processor, rewards and pipelines for a run. Every process reads the same global
     batches (see `vrl_jax.distributed`); with a `mesh` the reference parameters are placed on it."""
@@ -303,8 +320,7 @@ def prepare_run(c, workdir: str, mesh=None) -> RunSetup:
     evals = {k: drop_long_prompts(v, processor, c.data.template, limit, faults) for k, v in evals.items()}
     if (c.rl_steps or c.rl_epochs or c.sft.steps) and not train:
         raise UserError(f"no training example is left to train on: {faults.brief()}")
-    sizes = ", ".join(f"{len(v)} {k}" for k, v in {"train": train, **evals}.items())
-    print(f"data: {sizes} examples; {faults.brief()}", flush=True)
+    print(f"data: {data_sizes({'train': train, **evals})} examples; {faults.brief()}", flush=True)
     model = load_model(model_dir, dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype))
     # No image of this run has more patches than the processor allows: vision attention stays within that.
     model.visual.max_segment = processor.image_processor.max_patches
