@@ -133,3 +133,23 @@ def test_train_state_on_a_mesh_shards_moments_like_their_parameters(checkpoint):
     assert jax.tree.structure(from_shapes) == jax.tree.structure(train_state_shardings(state))
     for want, got in zip(jax.tree.leaves(train_state_shardings(state)), jax.tree.leaves(from_shapes)):
         assert want == got
+
+
+def test_the_cpu_host_split_sets_the_device_count_unless_xla_flags_does():
+    """`mesh.cpu_devices` becomes XLA's host device count before JAX starts (the training command runs it
+    first; the two-device run in tests/test_train_e2e.py goes through it), and never overrides a count the
+    user's XLA_FLAGS give."""
+    from vrl_jax import distributed
+    from vrl_jax.configs import base_config
+    c = base_config()
+    env = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    assert distributed.split_cpu_host(c, env) is None and env["XLA_FLAGS"] == "--xla_backend_optimization_level=0"
+    c.mesh.cpu_devices = 2
+    assert distributed.split_cpu_host(c, env) == 2
+    assert env["XLA_FLAGS"] == "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=2"
+    given = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    assert distributed.split_cpu_host(c, given) is None
+    assert given == {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    empty = {}
+    assert distributed.split_cpu_host(c, empty) == 2 and empty == {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert shd.MeshConfig.of(c.mesh) == shd.MeshConfig(data=-1, fsdp=1, tensor=1)

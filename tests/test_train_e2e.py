@@ -150,10 +150,12 @@ def test_sigterm_saves_then_sigkill_then_restart_resumes_exactly(uninterrupted, 
 def test_two_device_mesh_run_equals_the_single_device_run(uninterrupted, tmp_path):
     """The whole loop on a (2, 1, 1) mesh: sampler, SFT and GRPO steps sharded over the data axis. Train
     rows every 4 steps and at the end (log.every_steps=4: steps 4 and 6 of 6), each equal to the
-    single-device run's row of that step (whose device metrics were fetched every step)."""
+    single-device run's row of that step (whose device metrics were fetched every step). The two devices
+    are the CPU host split by `mesh.cpu_devices`, as the default experiment does it."""
     wd = str(tmp_path / "mesh")
-    out = run_train(wd, *RUN, "--config.log.every_steps=4", env={"XLA_FLAGS": xla_flags(2)})
+    out = run_train(wd, *RUN, "--config.log.every_steps=4", "--config.mesh.cpu_devices=2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "devices: 2 cpu (mesh data=2 fsdp=1 tensor=1)" in out.stdout
     sharded = rows(wd)
     assert [r["step"] for r in sharded] == [4, 6]
     assert all("loss/loss" in r for r in sharded)  # RL steps' device metrics, fetched on logging steps

@@ -138,7 +138,10 @@ def base_config() -> ml_collections.ConfigDict:
     # trains on exact answers and evaluates with ChartQA's 5% relaxed accuracy.
     c.eval.judge = ml_collections.ConfigDict(dict(mode="", timeout_s=2.0))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=10, keep=3, best_metric="", export_hf=True))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # cpu_devices: on a CPU backend, the training command splits the host into this many devices (XLA's
+    # host platform device count), so the mesh's data axis runs on that many cores; XLA:CPU runs a decode
+    # step on one core per device. Ignored on GPU/TPU and where XLA_FLAGS already sets the count.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, cpu_devices=1))
     # Joining the processes of a multi-host run (`vrl_jax.distributed`): the environment variables
     # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID win over these; auto: let JAX detect
     # SLURM and Cloud TPU VMs when nothing is given.
@@ -220,6 +223,7 @@ RULES: dict[str, tuple[Range, str]] = {
     "rollout.top_p": (Range(0, 1, low_open=True), "1 keeps the whole distribution"),
     "rollout.top_k": (NON_NEGATIVE, "0 = off"),
     "rollout.decode_segments": (POSITIVE, "1 = one decode loop"),
+    "mesh.cpu_devices": (POSITIVE, "1 = the host is one CPU device"),
     "sft.steps": (NON_NEGATIVE, ""), "sft.batch_size": (POSITIVE, ""), "sft.learning_rate": (POSITIVE, ""),
     "sft.max_target_tokens": (POSITIVE, ""),
     "optim.learning_rate": (POSITIVE, ""), "optim.warmup_ratio": (UNIT, "the share of updates spent warming up"),
@@ -456,7 +460,7 @@ def _data_parallel(c, num_devices: int) -> int:
     """data x fsdp of the mesh `c.mesh` resolves to over `num_devices` (the trainer's own resolver)."""
     from vrl_jax.sharding import MeshConfig, mesh_shape
     try:
-        data, fsdp, _ = mesh_shape(MeshConfig(**c.mesh), num_devices)
+        data, fsdp, _ = mesh_shape(MeshConfig.of(c.mesh), num_devices)
     except (TypeError, ValueError) as e:
         _fail("mesh", str(e).replace("MeshConfig.", "mesh.").replace("MeshConfig", "mesh"))
     return data * fsdp

@@ -86,6 +86,24 @@ def join_spec(environ: dict | None = None, coordinator_address: str = "", num_pr
     return JoinSpec("none")
 
 
+HOST_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def split_cpu_host(config=None, environ: dict | None = None) -> int | None:
+    """Sets XLA's host platform device count to the config's `mesh.cpu_devices` (when above 1 and XLA_FLAGS
+    does not set it already), so that a run on a CPU backend has that many devices: XLA:CPU runs each
+    device's program on its own thread, and a decode step's small GEMMs on one core per device. The count
+    applies to the CPU backend only; a GPU or TPU run is unaffected. Call before JAX starts its backends.
+    Returns the count set, or None."""
+    environ = os.environ if environ is None else environ
+    count = config.mesh.get("cpu_devices", 1) if config is not None and "mesh" in config else 1
+    flags = environ.get("XLA_FLAGS", "")
+    if count <= 1 or HOST_DEVICE_COUNT in flags:
+        return None
+    environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICE_COUNT}={count}".strip()
+    return count
+
+
 _JOINED: list[JoinSpec] = []
 
 

@@ -130,7 +130,7 @@ def check_fits(c, num_devices: int, device_memory: int | None) -> None:
     from vrl_jax import memory, sharding as shd
     model_config = model_config_for(c)
     shape = memory.run_shape(c, image_patches_for(c)[0])
-    sizes = shd.mesh_shape(shd.MeshConfig(**c.mesh), num_devices)
+    sizes = shd.mesh_shape(shd.MeshConfig.of(c.mesh), num_devices)
     plan = memory.make_plan(model_config, shape, sizes, device_memory)
     if plan.fits:
         return

@@ -87,6 +87,12 @@ class MeshConfig:
     def sizes(self) -> tuple[int, int, int]:
         return (self.data, self.fsdp, self.tensor)
 
+    @classmethod
+    def of(cls, mesh) -> "MeshConfig":
+        """The axis sizes of a config's `mesh` section (which also holds `cpu_devices`, the host split
+        `distributed.split_cpu_host` applies before JAX starts)."""
+        return cls(**{axis: mesh[axis] for axis in AXES})
+
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     """Resolves -1 and checks the product against `num_devices`; errors name the field."""

@@ -228,6 +228,7 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     hide_logged_user_errors()  # a full disk is reported once below, not by every orbax thread
     from vrl_jax import distributed
+    distributed.split_cpu_host(command.config)  # mesh.cpu_devices, before JAX starts its CPU backend
     distributed.initialize(command.config)  # joins a multi-process run before anything asks for devices
     import jax
     workdir = command.workdir

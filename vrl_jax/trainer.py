@@ -351,7 +351,9 @@ def train(config, workdir: str, allow_config_change: bool = False) -> TrainResul
 
 
 def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> TrainResult:
-    mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh)) if jax.device_count() > 1 else None
+    mesh = sharding.make_mesh(sharding.MeshConfig.of(c.mesh)) if jax.device_count() > 1 else None
+    layout = "" if mesh is None else " (mesh " + " ".join(f"{k}={v}" for k, v in mesh.shape.items()) + ")"
+    print(f"devices: {jax.device_count()} {jax.devices()[0].platform}{layout}", flush=True)
     setup = prepare_run(c, workdir, mesh)
     loop = Loop(c, workdir, setup, mesh)
     total_steps = c.sft.steps + rl_steps(c, setup.num_train)
