@@ -151,5 +151,6 @@ def test_the_cpu_host_split_sets_the_device_count_unless_xla_flags_does():
     assert distributed.split_cpu_host(c, given) is None
     assert given == {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     empty = {}
-    assert distributed.split_cpu_host(c, empty) == 2 and empty == {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert distributed.split_cpu_host(c, empty) == 2
+    assert empty == {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert shd.MeshConfig.of(c.mesh) == shd.MeshConfig(data=-1, fsdp=1, tensor=1)

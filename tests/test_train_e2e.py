@@ -151,7 +151,7 @@ def test_two_device_mesh_run_equals_the_single_device_run(uninterrupted, tmp_pat
     """The whole loop on a (2, 1, 1) mesh: sampler, SFT and GRPO steps sharded over the data axis. Train
     rows every 4 steps and at the end (log.every_steps=4: steps 4 and 6 of 6), each equal to the
     single-device run's row of that step (whose device metrics were fetched every step). The two devices
-    are the CPU host split by `mesh.cpu_devices`, as the default experiment does it."""
+    are the CPU host split by `mesh.cpu_devices`, the option a user sets."""
     wd = str(tmp_path / "mesh")
     out = run_train(wd, *RUN, "--config.log.every_steps=4", "--config.mesh.cpu_devices=2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
