@@ -76,6 +76,7 @@ def get_config(arg: str | None = None):
     c.eval.batch_size = 50  # 50 images of 64 patches fill the largest patch bucket
     c.eval.settings = ("low", "medium", "high")
     c.eval.pass_k = 4
+    c.eval.breakdown = ("family", "modality")  # each family, and vision items apart from their text twins
     c.checkpoint.every_steps = 10
 
     if arg in (None, "", "sft_grpo"):

@@ -36,7 +36,7 @@ COVERAGE = {
     'pip install -e ".[test]" && python -m pytest -x -n 2 --dist loadfile --no-loadscope-reorder tests':
         "tests/test_cli_commands.py::test_ci_runs_the_readme_main_and_test_commands",
     "python -m vrl_jax.evaluate --model workdirs/default/export --data workdirs/default/data/maye_test_iid.jsonl "
-    "--template plain --k 4": "tests/test_cli_commands.py::test_readme_evaluate",
+    "--template plain --k 4 --breakdown family,modality": "tests/test_cli_commands.py::test_readme_evaluate",
     "python -m vrl_jax.report --workdir workdirs/default --out workdirs/default/report":
         "tests/test_cli_commands.py::test_readme_report",
     "python -m vrl_jax.data.synthgeo --out data/synthgeo --train 3000 --val 100 --test 200":
@@ -275,6 +275,8 @@ def test_readme_evaluate(model_dir, synthgeo_dir, tmp_path, cache_env):
     assert metrics["eval/test/num_problems"] == 3.0
     assert "acc/Test Set Epoch Accuracy pass@4 Temperature=1.0" in metrics and "pass@4" in proc.stdout
     assert len((tmp_path / "results/test_iid.samples.jsonl").read_text().splitlines()) == 3
+    assert sum(v for k, v in metrics.items() if k.startswith("eval/test/modality/") and k.endswith("/num_problems")) == 3
+    assert "test by family, pass@4 Temperature=1.0: " in proc.stdout
 
 
 def _write_run(workdir, seed):

@@ -85,6 +85,17 @@ def test_sft_then_grpo_runs_and_writes_everything(uninterrupted):
     rl = [r for r in train if r["stage"] == 1.0]
     assert epochs[0]["epoch_mean/response/response_lengths"] == pytest.approx(
         sum(r["response/response_lengths"] for r in rl[:3]) / 3)
+    # eval.breakdown (the default's family and modality): each field's values partition the split's
+    # problems, and their accuracies, weighted by their problems, give the split's accuracy.
+    for row in evals:
+        for field in ("family", "modality"):
+            for label in ("pass@1 Temperature=0.01", "pass@2 Temperature=1.0"):
+                parts = {k.split("/")[3]: row[k] for k in row if k.startswith(f"eval/val/{field}/")
+                         and k.endswith("/" + label)}
+                n = {v: row[f"eval/val/{field}/{v}/num_problems"] for v in parts}
+                assert parts and sum(n.values()) == row["eval/val/num_problems"]
+                whole = row[f"acc/Validation Set Epoch Accuracy {label}"]
+                assert sum(n[v] * parts[v] for v in parts) / sum(n.values()) == pytest.approx(whole)
 
 
 def wait_for_step(proc, wd, step):
@@ -185,6 +196,8 @@ def test_sft_alone_runs(tmp_path):
     ("--config.rollout.num_samples=1", "config.rollout.num_samples"),
     ("--config.model.remat=everything", "config.model.remat"),
     ("--config.optim.moments_dtype=float16", "config.optim.moments_dtype"),
+    ("--config.eval.breakdown=('family/level',)", "config.eval.breakdown"),
+    ("--config.eval.breakdown=('famly',)", "config.eval.breakdown"),  # not a field of the data: named with them
 ])
 def test_config_mistakes_fail_fast_naming_the_key(tmp_path, override, key):
     t0 = time.time()
@@ -192,6 +205,8 @@ def test_config_mistakes_fail_fast_naming_the_key(tmp_path, override, key):
     assert out.returncode != 0 and key in out.stderr, out.stderr[-2000:]
     assert not os.path.exists(tmp_path / "bad" / "model")  # nothing was built, loaded or compiled
     assert time.time() - t0 < 60
+    if "famly" in override:
+        assert "'famly'" in out.stderr and "'family'" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("override", ["--config.no_such_key=1", "--config.rl_steps=abc"])
@@ -208,7 +223,7 @@ def test_evaluate_cli_scores_an_exported_policy(uninterrupted, tmp_path):
     cmd = [sys.executable, "-m", "vrl_jax.evaluate", "--model", os.path.join(uninterrupted, "export"),
            "--data", os.path.join(uninterrupted, "data", "maye_val.jsonl"), "--template", "plain",
            "--settings", "low,high", "--k", "2", "--max-new-tokens", "8", "--batch-size", "4",
-           "--max-examples", "6", "--split-name", "val", "--out", str(out)]
+           "--max-examples", "6", "--split-name", "val", "--breakdown", "family", "--out", str(out)]
     env = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_COMPILATION_CACHE_DIR": CACHE["dir"]}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -220,6 +235,13 @@ def test_evaluate_cli_scores_an_exported_policy(uninterrupted, tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "eval.samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and {s["setting"] for s in samples} == {samples[0]["setting"]}
     assert metrics[low] == pytest.approx(sum(s["correct"] for s in samples) / 6)
+    # --breakdown family: each family's accuracy is its samples' (families read from the data file)
+    family = {r["id"]: r["family"] for r in map(json.loads, open(os.path.join(uninterrupted, "data", "maye_val.jsonl")))}
+    for name in {family[s["id"]] for s in samples}:
+        mine = [s["correct"] for s in samples if family[s["id"]] == name]
+        assert metrics[f"eval/val/family/{name}/pass@1 Temperature=0.01"] == pytest.approx(sum(mine) / len(mine))
+        assert metrics[f"eval/val/family/{name}/num_problems"] == len(mine)
+    assert f"val by family, {low.split('Accuracy ')[1]}: " in run.stdout
 
 
 TOY_CONFIG = """

@@ -133,7 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict(dict(every_steps=10, splits=("val", "test"), settings=EVAL_SETTINGS,
                                             max_examples=0, batch_size=16, pass_k=8, max_new_tokens=0,
-                                            at_start=True))
+                                            at_start=True, breakdown=()))
+    # breakdown: record fields (synthgeo's family and modality, MathVerse's problem_version, ...) whose
+    # values each get their own accuracy per setting, `eval/<split>/<field>/<value>/...`.
     # The evaluation's judge (JudgeConfig fields); mode "" = the training reward's (rewards.judge). DyME
     # trains on exact answers and evaluates with ChartQA's 5% relaxed accuracy.
     c.eval.judge = ml_collections.ConfigDict(dict(mode="", timeout_s=2.0))
@@ -305,6 +307,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     for s in c.eval.settings:
         if s not in EVAL_SETTINGS:
             _fail("eval.settings", f"{s!r} is not one of {EVAL_SETTINGS}")
+    if any(not isinstance(f, str) or not f or "/" in f for f in c.eval.breakdown):
+        _fail("eval.breakdown", f"expected record field names (no '/'), got {tuple(c.eval.breakdown)}")
     _check_rules(c)
     if any(not isinstance(s, int) or s < 1 for s in c.log.profile_steps):
         _fail("log.profile_steps", f"expected step numbers >= 1, got {tuple(c.log.profile_steps)}")

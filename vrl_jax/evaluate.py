@@ -1,6 +1,7 @@
 """Evaluate a model directory on a data file, MAYE's way (the scheme: `vrl_jax/evaluation/evaluator.py`).
 
   python -m vrl_jax.evaluate --model DIR --data FILE [--format maye] [--settings low,medium,high] [--k 8]
+                             [--breakdown family,modality]
 
 Settings: low = pass@1 at temperature 0.01, medium = pass@1 at 0.6, high = pass@k at 1.0.
 """
@@ -14,7 +15,8 @@ import sys
 import jax
 
 from vrl_jax.errors import UserError, run_cli
-from vrl_jax.evaluation.evaluator import SETTINGS, Evaluator, settings_from_names
+from vrl_jax.evaluation.evaluator import (SETTINGS, Evaluator, breakdown_lines, check_breakdown,
+                                          parse_breakdown_key, settings_from_names)
 
 PROG = "python -m vrl_jax.evaluate"
 
@@ -33,6 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-examples", type=int, default=0)
     parser.add_argument("--judge-mode", default="default", choices=["default", "maye_compat", "chartqa"])
+    parser.add_argument("--breakdown", default="",
+                        help="record fields to report accuracy by, comma-separated (e.g. family,modality)")
     parser.add_argument("--out", default=None, help="write metrics JSON and samples JSONL here")
     args = parser.parse_args(argv)
 
@@ -68,6 +72,8 @@ def main(argv=None) -> int:
         raise UserError(f"--data {args.data} holds no usable example. {DATA_HELP}")
     if args.max_examples:
         examples = examples[:args.max_examples]
+    breakdown = [f for f in args.breakdown.split(",") if f]
+    check_breakdown(breakdown, {args.split_name: examples}, "--breakdown")
     processor = VLProcessor.from_pretrained(args.model)
     with reading_model("--model"):
         model = load_model(args.model)
@@ -76,7 +82,7 @@ def main(argv=None) -> int:
     rewards = RewardSet({"weights": {"accuracy": 1.0}, "judge": {"mode": args.judge_mode}})
     stop = list(processor.config.eos_token_ids) or [processor.tokenizer.eos_token_id]
     evaluator = Evaluator(graphdef, processor, rewards, settings_from_names(names, args.k, args.max_new_tokens),
-                          stop, processor.pad_token_id)
+                          stop, processor.pad_token_id, breakdown=breakdown)
     batches = eval_dataset(examples, processor.encode_examples, batch_size=args.batch_size, template=args.template,
                            process_index=0, process_count=1)
     metrics, samples = evaluator.evaluate_split(params.to_pure_dict(), batches, jax.random.key(0), args.split_name,
@@ -84,7 +90,10 @@ def main(argv=None) -> int:
                                                 num_batches=eval_num_batches(len(examples), args.batch_size))
     rewards.close()
     for k, v in metrics.items():
-        print(f"{k}: {v:.4f}")
+        if parse_breakdown_key(k) is None:  # the per-field accuracies follow as one line per setting
+            print(f"{k}: {v:.4f}")
+    for line in breakdown_lines(metrics):
+        print(line)
     if args.out:
         with open(args.out + ".json", "w") as f:
             json.dump(metrics, f, indent=2)

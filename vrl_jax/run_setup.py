@@ -23,6 +23,7 @@ from vrl_jax.configs import SYNTHGEO_EVAL_SPLITS
 from vrl_jax.data.faults import FaultCounter
 from vrl_jax.data.formats import Example, SampleFault, load_examples, load_image
 from vrl_jax.data.pipeline import eval_dataset, eval_num_batches, train_dataset
+from vrl_jax.evaluation.evaluator import check_breakdown
 from vrl_jax.errors import UserError, ensure_writable_dir
 from vrl_jax.models import lora, quantize
 from vrl_jax.models.loading import check_model_dir, load_model
@@ -312,6 +313,7 @@ def prepare_run(c, workdir: str, mesh=None) -> RunSetup:
         train, evals = file_data(c, faults)
     if c.eval.max_examples:
         evals = {k: v[:c.eval.max_examples] for k, v in evals.items()}
+    check_breakdown(tuple(c.eval.breakdown), evals, "config.eval.breakdown")  # before the model is built
     model_dir = prepare_model(c, workdir, train)
     processor = VLProcessor.from_pretrained(model_dir, length_buckets=tuple(c.data.length_buckets),
                                             patch_buckets=tuple(c.data.patch_buckets))

@@ -241,8 +241,12 @@ def main(argv: list[str]) -> int:
     if result.stopped:
         print(result.stopped, flush=True)
         return 0
+    from vrl_jax.evaluation.evaluator import breakdown_lines, parse_breakdown_key
     for key, value in sorted(result.metrics.items()):
-        print(f"{key}: {value:.4f}")
+        if parse_breakdown_key(key) is None:  # the per-field accuracies follow as one line per setting
+            print(f"{key}: {value:.4f}")
+    for line in breakdown_lines(result.metrics):
+        print(line)
     if command.report and jax.process_index() == 0:
         from vrl_jax.evaluation.report import make_report
         print(f"report: {make_report([workdir])}")

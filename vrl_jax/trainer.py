@@ -104,7 +104,8 @@ class Loop:
         self.evaluator = Evaluator(setup.graphdef, setup.processor, setup.eval_rewards,
                                    settings_from_names(c.eval.settings, c.eval.pass_k,
                                                        c.eval.max_new_tokens or n_new),
-                                   self.stop_ids, self.pad_id, mesh=mesh, decode_segments=c.rollout.decode_segments)
+                                   self.stop_ids, self.pad_id, mesh=mesh, decode_segments=c.rollout.decode_segments,
+                                   breakdown=tuple(c.eval.breakdown))
         self.key = jax.random.key(c.seed)
         self.thinking_info: dict = {}
         if setup.visual is not None and hasattr(setup.visual.checker, "impl") and c.dyme.thinking_weight:

@@ -3,8 +3,9 @@
 Settings (MAYE `eval()`): pass@1 at temperature 0.01 (top-p 0.001), pass@1 at 0.6, and pass@k at 1.0.
 For the last, MAYE counts a problem solved when any of its k samples is (reported as `pass@k`,
 MAYE's name); the unbiased estimator over the same samples is reported beside it as
-`unbiased_pass@k`, with pass@1 from the same k samples. The trainer and `python -m vrl_jax.evaluate`
-call `Evaluator.evaluate_split`.
+`unbiased_pass@k`, with pass@1 from the same k samples. With `breakdown` fields (a record's `family`,
+`modality`, MathVerse's `problem_version`, ...), each setting's accuracy is also reported per value of each
+field. The trainer and `python -m vrl_jax.evaluate` call `Evaluator.evaluate_split`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 
 from vrl_jax import distributed
+from vrl_jax.errors import UserError
 from vrl_jax.evaluation.passk import MAYE_HIGH, MAYE_LOW, MAYE_MEDIUM, GenerationSetting, mean_pass_at_k
 from vrl_jax.evaluation.progress import Progress
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
@@ -50,8 +52,9 @@ class Evaluator:
     judges its share of the samples: every process ends with the metrics of the whole split."""
 
     def __init__(self, graphdef, processor, reward_set, settings: Sequence[GenerationSetting], stop_ids, pad_id,
-                 mesh=None, decode_segments: int = 4):
+                 mesh=None, decode_segments: int = 4, breakdown: Sequence[str] = ()):
         self.processor = processor
+        self.breakdown = tuple(breakdown)
         self.reward_set = reward_set
         self.settings = list(settings)
         self.samplers = {}
@@ -74,6 +77,7 @@ class Evaluator:
         """batches: iterable of pipeline `Batch`es (`num_batches` of them, for the progress bar's ETA).
         Returns (metrics {key: float}, sample dicts)."""
         correct = {s.name: [] for s in self.settings}
+        groups = {field: [] for field in self.breakdown}  # field -> each valid problem's value, in order
         samples = []
         bar = Progress(num_batches * len(self.settings), desc=f"eval {split}", keys={"acc": "accuracy"},
                        log_every=max(1, num_batches * len(self.settings) // 4),
@@ -81,6 +85,8 @@ class Evaluator:
         hits_so_far = [0, 0]
         for i, batch in enumerate(batches):
             valid = np.asarray(batch.valid)
+            for field in self.breakdown:
+                groups[field] += [field_value(e, field) for e, v in zip(batch.examples, valid) if v]
             for j, s in enumerate(self.settings):
                 out = jax.device_get(self.samplers[s.k](params, batch.inputs, jax.random.fold_in(key, i * 16 + j),
                                                         temperature=s.temperature, top_p=s.top_p))
@@ -111,4 +117,73 @@ class Evaluator:
                 metrics[f"eval/{split}/pass@1 from {s.k} samples T={s.temperature}"] = mean_pass_at_k(
                     n, hits.sum(1), 1)
             metrics[f"eval/{split}/num_problems"] = float(len(hits))
+            for field, values in groups.items():
+                metrics.update(breakdown_metrics(split, field, values, hits, s))
         return metrics, samples
+
+
+def check_breakdown(fields: Sequence[str], evals: dict, option: str) -> None:
+    """`fields` are in the evaluation data: one that none of a split's examples (`Example`s) has, a typo or a
+    dataset without it, is a UserError naming `option` and the fields they do have."""
+    for split, examples in evals.items():
+        have = {k for e in examples for k in e.meta} - {"format"}
+        missing = [f for f in fields if f not in have]
+        if examples and missing:
+            raise UserError(f"{option}: the {split} examples have no field {missing[0]!r}; their fields are "
+                            f"{sorted(have)}")
+
+
+MISSING = "(none)"  # the value of a breakdown field a record does not have
+
+
+def field_value(example: dict, field: str) -> str:
+    """A record's value of `field` as a string, read from its `meta` (where the loaders keep the fields
+    their schema does not use), `MISSING` where it has none. A '/' becomes '_': it would nest the key."""
+    return str((example.get("meta") or {}).get(field, MISSING)).replace("/", "_")
+
+
+def breakdown_metrics(split: str, field: str, values: Sequence[str], hits: np.ndarray,
+                      setting: GenerationSetting) -> dict[str, float]:
+    """Accuracy of one setting per value of one field.
+
+    values: [P] each problem's value; hits: bool [P, k], problem p's samples judged correct.
+    Keys `eval/{split}/{field}/{value}/...`: the setting's label (a problem is correct when any of its k
+    samples is, as in `acc/`), `pass@1 from k samples T=...` for k > 1, and `num_problems`.
+    """
+    values = np.asarray(values, dtype=object)
+    if len(values) != len(hits):
+        raise ValueError(f"{len(values)} values of {field!r} for {len(hits)} problems")
+    out = {}
+    for value in sorted(set(values.tolist())):
+        rows = hits[values == value]
+        prefix = f"eval/{split}/{field}/{value}"
+        out[f"{prefix}/{setting.label}"] = float(rows.any(1).mean())
+        if setting.k > 1:
+            out[f"{prefix}/pass@1 from {setting.k} samples T={setting.temperature}"] = float(rows.mean())
+        out[f"{prefix}/num_problems"] = float(len(rows))
+    return out
+
+
+def parse_breakdown_key(key: str) -> tuple[str, str, str, str] | None:
+    """`eval/test_iid/family/bar/pass@1 Temperature=0.6` -> ("test_iid", "family", "bar", "pass@1 Temperature=0.6");
+    None for any other key."""
+    parts = key.split("/")
+    return tuple(parts[1:]) if len(parts) == 5 and parts[0] == "eval" else None
+
+
+def breakdown_lines(metrics: dict[str, float]) -> list[str]:
+    """The breakdown metrics as one line per split, field and setting (a console summary):
+    `test_iid by family, pass@1 Temperature=0.6: bar 30.0% (50) | count 12.0% (25) | ...`."""
+    table: dict[tuple, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if (parsed := parse_breakdown_key(key)) is not None:
+            split, field, val, label = parsed
+            table.setdefault((split, field, label), {})[val] = value
+    lines = []
+    for (split, field, label), cells in sorted(table.items()):
+        if label == "num_problems":
+            continue
+        counts = table.get((split, field, "num_problems"), {})
+        lines.append(f"{split} by {field}, {label}: " + " | ".join(
+            f"{val} {100 * acc:.1f}% ({int(counts.get(val, 0))})" for val, acc in sorted(cells.items())))
+    return lines

@@ -29,6 +29,7 @@ import numpy as np
 from etils import epath
 
 from vrl_jax.errors import UserError, bucket_client_missing
+from vrl_jax.evaluation.evaluator import parse_breakdown_key
 from vrl_jax.evaluation.writers import METRICS_FILE, read_metrics
 from vrl_jax.storage import is_remote
 
@@ -216,6 +217,42 @@ def dynamics_markdown(groups: dict[str, list[Run]]) -> str:
     return "\n".join(lines + [""])
 
 
+def breakdown_markdown(groups: dict[str, list[Run]]) -> str:
+    """Accuracy per value of each `eval.breakdown` field (synthgeo's family, modality): the first and the
+    last evaluation of each run, in %, as the mean over the group's runs. Where RL helps and where it hurts."""
+    keys = sorted({k for rs in groups.values() for r in rs for row in r.rows for k in row
+                   if parse_breakdown_key(k) is not None})
+    tables: dict[tuple, list[str]] = {}
+    for key in keys:
+        split, field, value, label = parse_breakdown_key(key)
+        if label != "num_problems":
+            tables.setdefault((split, field), [])
+            if label not in tables[(split, field)]:
+                tables[(split, field)].append(label)
+    if not tables:
+        return ""
+    lines = ["## Accuracy by record field", "",
+             "In %, first -> last evaluation of each run (mean over the group's runs); problems in parentheses.", ""]
+    for (split, field), labels in tables.items():
+        lines += [f"### {split} by {field}", "", f"| group | {field} | " + " | ".join(labels) + " |",
+                  "|---|---|" + "---|" * len(labels)]
+        values = sorted({parse_breakdown_key(k)[2] for k in keys if parse_breakdown_key(k)[:2] == (split, field)})
+        for name, runs in groups.items():
+            for value in values:
+                prefix = f"eval/{split}/{field}/{value}/"
+                count = [s[max(s)] for s in (series(r, prefix + "num_problems") for r in runs) if s]
+                cells = []
+                for label in labels:
+                    curves = [s for s in (series(r, prefix + label) for r in runs) if s]
+                    first = np.mean([s[min(s)] for s in curves]) if curves else math.nan
+                    last = np.mean([s[max(s)] for s in curves]) if curves else math.nan
+                    cells.append("–" if not curves else f"{100 * first:.1f} -> {100 * last:.1f}")
+                problems = f" ({int(count[0])})" if count else ""
+                lines.append(f"| {name} | {value}{problems} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ---- plots -----------------------------------------------------------------------------------------
 
 
@@ -341,6 +378,7 @@ def make_report(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | 
            "In %: for each run, the mean / max / last value over epochs >= 1 (epoch 0 = before training, "
            "MAYE's \"Vanilla\"); shown as mean ± std (ddof 1) over the group's runs.", ""]
     md.append(accuracy_markdown(groups) if acc else "No `acc/...` metrics logged yet.\n")
+    md.append(breakdown_markdown(groups))
     md.append(dynamics_markdown(groups))
     if figures:
         md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
