@@ -87,3 +87,41 @@ def test_the_report_tables_the_first_and_last_evaluation_per_value(tmp_path):
     assert "### test by family" in text
     assert "| grpo | bar (1) | 0.0 -> 100.0 |" in text  # both runs: bar wrong at the start, right at the end
     assert "| grpo | grid (1) | 50.0 -> 50.0 |" in text  # run a: 0 -> 0, run b: 1 -> 1
+
+
+def test_the_evaluator_pairs_each_problem_with_its_own_value_across_batches_and_padding():
+    """Two batches, the second padded: the per-family figures are those of the problems that are correct,
+    not shifted by a batch boundary or a padded row (the run in test_train_e2e scores 0 everywhere)."""
+    import jax
+
+    from vrl_jax.data.pipeline import Batch
+    from vrl_jax.evaluation.evaluator import Evaluator, settings_from_names
+    from vrl_jax.rewards import RewardSet
+    from vrl_jax.sampling.sampler import SampleOutput
+
+    class Tokenizer:  # token 1 answers 4 (right), token 3 answers 5 (wrong)
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return ["\\boxed{4}" if row[0] == 1 else "\\boxed{5}" for row in rows]
+
+    answers = {0: [1, 3, 1], 1: [3, 1, 1]}  # batch -> first token of each row; batch 1's last row is padding
+
+    def sampler(params, inputs, key, temperature=1.0, top_p=1.0):
+        tokens = np.array([[t, 2] for t in answers[inputs]], np.int32)
+        return SampleOutput(tokens=tokens, logprobs=np.zeros((3, 2), np.float32), mask=np.ones((3, 2), np.int32),
+                            lengths=np.full(3, 2, np.int32), stopped=np.ones(3, bool))
+
+    def ex(i, family):
+        return {"id": f"p{i}", "answer": "4", "solution": "\\boxed{4}", "meta": {"family": family},
+                "prompt_messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}
+
+    batches = [Batch(inputs=0, examples=[ex(0, "bar"), ex(1, "bar"), ex(2, "grid")], valid=np.ones(3, bool), epoch=0),
+               Batch(inputs=1, examples=[ex(3, "grid"), ex(4, "count"), ex(5, "bar")],
+                     valid=np.array([True, True, False]), epoch=0)]
+    with RewardSet({"weights": {"accuracy": 1.0}}) as rewards:
+        ev = Evaluator(None, type("P", (), {"tokenizer": Tokenizer()})(), rewards,
+                       settings_from_names(["low"], 1, 2), stop_ids=[2], pad_id=0, breakdown=("family",))
+        ev.samplers = {1: sampler}
+        metrics, _ = ev.evaluate_split(None, batches, jax.random.key(0), "val")
+    got = {k.split("/")[3]: v for k, v in metrics.items() if k.endswith("Temperature=0.01") and "/family/" in k}
+    assert got == {"bar": 0.5, "grid": 0.5, "count": 1.0}  # bar: p0 right, p1 wrong; grid: p2 right, p3 wrong
+    assert metrics["eval/val/family/bar/num_problems"] == 2  # p5 is padding
