@@ -18,7 +18,9 @@ MAYE counts them. Metrics carry MAYE's names and definitions (`training/kl` is t
 Deviations, on purpose: evaluation accuracy and reflection ratios are pooled over processes (MAYE
 averages per-rank ratios); `training/ratios` and `training/approx_policy_kl` are masked means (MAYE's
 include its padding); the vision inputs are packed per micro-batch rather than re-collated.
-`experiments/geo.py:tiny` runs the same recipe on the synthetic data and the tiny model, offline.
+`experiments/geo.py:tiny` runs the same recipe on the synthetic data and the tiny model, offline, after an SFT
+stage (a random model never answers right); that stage also trains the random vision tower and connector
+(`sft.train_*`), and RL then trains the LLM alone, as MAYE does.
 
 `experiments/geo.py:qwen3` is the same recipe on dense Qwen3-VL (Qwen/Qwen3-VL-4B-Instruct, converted as
 above); everything but the checkpoint is MAYE's. Its stand-in is a tiny Qwen3-VL (`model.tiny.family`).
@@ -95,7 +97,9 @@ def get_config(arg: str | None = None):
         c.rollout.max_new_tokens = 224
         c.sft.steps, c.sft.batch_size, c.sft.learning_rate, c.sft.max_target_tokens = 150, 16, 2e-3, 224
         c.optim.learning_rate = 2e-4
-        c.optim.train_vit = c.optim.train_connector = True
+        # The tiny model's vision tower and connector are random: SFT trains them; RL then trains the LLM
+        # alone, as MAYE does (optim.train_* F / F / T).
+        c.sft.train_vit = c.sft.train_connector = True
         c.rl_steps = 30
         c.eval.max_new_tokens = 224
         c.eval.batch_size = 16

@@ -344,8 +344,8 @@ def check_trainable_parts(c, root, workdir):
     changed = {p: False for p in ("vit", "connector", "llm")}
     for name in start:
         changed[part(name)] |= not np.array_equal(start[name], end[name])
-    o = c.optim
-    assert changed == {"vit": bool(o.train_vit), "connector": bool(o.train_connector), "llm": bool(o.train_llm)}
+    parts = configs.trained_parts(c, "any")  # SFT's parts (`sft.train_*`) and RL's (`optim.train_*`)
+    assert changed == {"vit": parts["train_vit"], "connector": parts["train_connector"], "llm": parts["train_llm"]}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

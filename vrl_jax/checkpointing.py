@@ -358,7 +358,8 @@ class Checkpointer:
 
     def restore_latest_intact(self, abstract_state: Any, allow_config_change: bool = False
                               ) -> tuple[Restored | None, list[Damaged]]:
-        """Restores the newest step that restores, and sets every newer (damaged) one aside as
+        """Restores the newest step that restores into `abstract_state` (a pytree, or a function of the step
+        giving one: a run whose stages hold different states), and sets every newer (damaged) one aside as
         `damaged_step_<N>` (kept on disk). Returns (restored or None when there is no checkpoint, the
         damaged steps). A config mismatch is not damage: it raises at once. When no step restores,
         nothing is moved and a UserError lists why each failed."""
@@ -367,7 +368,8 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 self._check_complete(step)
-                restored = self.restore(step, abstract_state=abstract_state, allow_config_change=allow_config_change)
+                template = abstract_state(step) if callable(abstract_state) else abstract_state
+                restored = self.restore(step, abstract_state=template, allow_config_change=allow_config_change)
             except ConfigMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001 - damage shows as tensorstore ValueErrors, missing files, bad JSON

@@ -27,6 +27,8 @@ EVAL_SETTINGS = ("low", "medium", "high")
 OLD_LOGPROBS = ("sampler", "recompute", "forward")
 DAPO_FILLS = ("masked", "zero_advantage")
 SYNTHGEO_EVAL_SPLITS = ("val", "test_iid", "test_ood")
+PARTS = ("train_vit", "train_connector", "train_llm")  # the model parts an optimizer trains (optim.*, sft.*)
+STAGES = ("sft", "rl", "any")
 
 
 class ConfigValidationError(UserError, ValueError):
@@ -96,7 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # max_target_tokens: the most response columns of an SFT row (reference rationale + answer; longer
     # ones are truncated and counted); a batch takes the next power of two above its longest target.
-    c.sft = ml_collections.ConfigDict(dict(steps=0, batch_size=16, learning_rate=1e-4, max_target_tokens=256))
+    # train_vit / train_connector / train_llm: what the SFT stage trains; None = as optim.train_* (RL's). A
+    # from-scratch model needs its vision tower trained by SFT, while RL may leave it frozen, as MAYE does.
+    c.sft = ml_collections.ConfigDict(dict(steps=0, batch_size=16, learning_rate=1e-4, max_target_tokens=256,
+                                           **{part: ml_collections.config_dict.placeholder(bool) for part in PARTS}))
 
     # schedule after warmup: cosine (MAYE) | linear (HF Trainer, DyME) | constant; decay_mask: which weights
     # decay: all (MAYE's torch AdamW) | no_bias_norm | hf_trainer (HF Trainer's rule, DyME).
@@ -341,6 +346,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         raise ConfigValidationError(f"config.{e}") from None
     if not (c.optim.train_vit or c.optim.train_connector or c.optim.train_llm):
         _fail("optim.train_llm", "optim.train_vit, train_connector and train_llm are all False: nothing would train")
+    if c.sft.steps and not any(trained_parts(c, "sft").values()):
+        _fail("sft.train_llm", "the SFT stage would train nothing: sft.train_vit, train_connector and train_llm "
+                               "(None = as optim.*) are all False")
     rows = c.prompts_per_step * c.rollout.num_samples
     if rows % c.num_micro:
         _fail("num_micro", f"prompts_per_step * rollout.num_samples = {rows} rows must divide by num_micro "
@@ -470,14 +478,27 @@ def _data_parallel(c, num_devices: int) -> int:
     return data * fsdp
 
 
-def optimizer_config(c, total_updates: int, learning_rate: float | None = None) -> OptimizerConfig:
+def trained_parts(c, stage: str = "rl") -> dict[str, bool]:
+    """{part: trains?} for `stage`: "rl" (optim.train_*), "sft" (sft.train_*, None = optim's), or "any" (what
+    either stage of the run trains: what a checkpoint must hold)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
+    rl = {part: bool(c.optim[part]) for part in PARTS}
+    sft = {part: rl[part] if c.sft[part] is None else bool(c.sft[part]) for part in PARTS}
+    if stage == "any":
+        return {part: rl[part] or (bool(c.sft.steps) and sft[part]) for part in PARTS}
+    return sft if stage == "sft" else rl
+
+
+def optimizer_config(c, total_updates: int, learning_rate: float | None = None, stage: str = "rl") -> OptimizerConfig:
+    """The optimizer of `stage` ("sft", "rl"; "any" only names the parameters some stage trains)."""
     o = c.optim
     return OptimizerConfig(
         learning_rate=o.learning_rate if learning_rate is None else learning_rate,
         warmup_steps=int(round(o.warmup_ratio * total_updates)), total_steps=max(total_updates, 1),
         final_lr_ratio=o.final_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-        clip_grad_norm=o.clip_grad_norm or None, train_vit=o.train_vit, train_connector=o.train_connector,
-        train_llm=o.train_llm, schedule=o.schedule, decay_mask=o.decay_mask, moments_dtype=o.moments_dtype)
+        clip_grad_norm=o.clip_grad_norm or None, **trained_parts(c, stage), schedule=o.schedule,
+        decay_mask=o.decay_mask, moments_dtype=o.moments_dtype)
 
 
 def loss_config(c, max_len: int | None = None) -> PolicyLossConfig:

@@ -28,9 +28,10 @@ ADAPTER_DIR = "adapter"  # a LoRA run's PEFT export, beside export/
 
 
 def saved_state(c, state: TrainState) -> TrainState:
-    """What a checkpoint holds: `state` with only the parameters that train (by `optim.train_*`; a LoRA run's
-    adapters). The frozen ones are the model directory's, loaded again by a resumed run (`restored_state`)."""
-    trainable = trainable_params(state.params, configs.optimizer_config(c, 1))
+    """What a checkpoint holds: `state` with only the parameters that some stage trains (`optim.train_*`,
+    `sft.train_*`; a LoRA run's adapters), so RL's checkpoints keep a vision tower that only SFT trained. The
+    frozen ones are the model directory's, loaded again by a resumed run (`restored_state`)."""
+    trainable = trainable_params(state.params, configs.optimizer_config(c, 1, stage="any"))
     return state._replace(params=traverse_util.unflatten_dict(trainable, sep="."))
 
 
@@ -73,7 +74,8 @@ def export_policy(c, model, workdir: str, model_dir: str) -> None:
     dequantize_layers(model.language.layers, jnp.dtype(c.model.param_dtype))
     if lora.parts(model):
         from vrl_jax.models.lora_export import export_peft, merge_adapters
-        others = [k for k in trainable_params(pure_params(model), configs.optimizer_config(c, 1)) if not is_adapter(k)]
+        others = [k for k in trainable_params(pure_params(model), configs.optimizer_config(c, 1, stage="any"))
+                  if not is_adapter(k)]
         if others:
             print(f"LoRA: no PEFT adapter directory, since parameters other than the adapters trained too "
                   f"({others[0]}, ...); the policy is in {os.path.join(workdir, 'export')}", flush=True)

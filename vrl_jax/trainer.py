@@ -37,7 +37,7 @@ from vrl_jax.rewards.visual.base import hint_then_answer
 from vrl_jax.rl import algorithms, batching
 from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
-from vrl_jax.rl.train_state import create_train_state, train_state_shardings
+from vrl_jax.rl.train_state import create_train_state, make_optimizer, train_state_shardings, trainable_params
 from vrl_jax.rl.train_step import OnMesh, StepConfig, make_train_step
 from vrl_jax.run_files import (export_policy, load_reference, read_config, restored_state, save_reference,
                                saved_state, write_config)
@@ -351,6 +351,24 @@ def train(config, workdir: str, allow_config_change: bool = False) -> TrainResul
         raise
 
 
+def checkpoint_template(c, state, mesh, stage: str):
+    """The abstract `saved_state` a checkpoint of `stage` restores into, from the run's fresh `state` (built
+    for the run's first stage). An RL checkpoint of an SFT+RL run holds RL's optimizer moments, which cover
+    other parameters than SFT's where `sft.train_*` differ from `optim.train_*`; they are shaped, not built."""
+    if stage == "rl" and configs.trained_parts(c, "sft") != configs.trained_parts(c, "rl"):
+        cfg = configs.optimizer_config(c, 1, stage="rl")
+        opt_state = jax.eval_shape(make_optimizer(cfg).init, trainable_params(state.params, cfg))
+        if mesh is None:
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            opt_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), opt_state)
+        state = state._replace(opt_state=opt_state)
+        if mesh is not None:
+            state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                                 train_state_shardings(state, mesh))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        saved_state(c, state))
+
+
 def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> TrainResult:
     mesh = sharding.make_mesh(sharding.MeshConfig.of(c.mesh)) if jax.device_count() > 1 else None
     layout = "" if mesh is None else " (mesh " + " ".join(f"{k}={v}" for k, v in mesh.shape.items()) + ")"
@@ -363,7 +381,7 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
         updates = (c.sft.steps if stage == "sft" else (total_steps - c.sft.steps) * c.num_mini * c.ppo_epochs)
         lr = c.sft.learning_rate if stage == "sft" else None
         model = setup.model if params is None else nnx.merge(setup.graphdef, params)
-        opt_cfg = configs.optimizer_config(c, updates, lr)
+        opt_cfg = configs.optimizer_config(c, updates, lr, stage=stage)
         state, _, _ = create_train_state(model, opt_cfg, seed=c.seed, mesh=mesh)
         step_cfg = loop.sft_cfg if stage == "sft" else loop.rl_cfg
         placed = None if mesh is None else dict(mesh=mesh, state_shardings=train_state_shardings(state))
@@ -378,8 +396,8 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
     # The RL epoch being accumulated (None before the first RL step) and its running sums; both are in
     # every checkpoint, so a resumed run summarises its epoch exactly as an uninterrupted one.
     acc, acc_epoch = EpochAccumulator.create(EPOCH_KEYS), None
-    restored, damaged = ckpt.restore_latest_intact(jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), saved_state(c, state)),
+    restored, damaged = ckpt.restore_latest_intact(
+        lambda step: checkpoint_template(c, state, mesh, "sft" if stage == "sft" and step <= c.sft.steps else "rl"),
         allow_config_change=allow_config_change)
     for d in damaged:
         print(f"checkpoint step {d.step} cannot be restored and was set aside as {d.set_aside_as} (kept, not "
