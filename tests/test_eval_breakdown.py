@@ -110,18 +110,25 @@ def test_the_evaluator_pairs_each_problem_with_its_own_value_across_batches_and_
         return SampleOutput(tokens=tokens, logprobs=np.zeros((3, 2), np.float32), mask=np.ones((3, 2), np.int32),
                             lengths=np.full(3, 2, np.int32), stopped=np.ones(3, bool))
 
-    def ex(i, family):
-        return {"id": f"p{i}", "answer": "4", "solution": "\\boxed{4}", "meta": {"family": family},
+    def ex(i, family, problem=None):  # problem: synthgeo's semantic_key, where the data names problems
+        meta = {"family": family, **({} if problem is None else {"semantic_key": problem})}
+        return {"id": f"p{i}", "answer": "4", "solution": "\\boxed{4}", "meta": meta,
                 "prompt_messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}
 
-    batches = [Batch(inputs=0, examples=[ex(0, "bar"), ex(1, "bar"), ex(2, "grid")], valid=np.ones(3, bool), epoch=0),
-               Batch(inputs=1, examples=[ex(3, "grid"), ex(4, "count"), ex(5, "bar")],
+    batches = [Batch(inputs=0, examples=[ex(0, "bar"), ex(1, "bar"), ex(2, "grid", "g1")], valid=np.ones(3, bool),
+                     epoch=0),
+               Batch(inputs=1, examples=[ex(3, "grid", "g1"), ex(4, "count"), ex(5, "bar")],
                      valid=np.array([True, True, False]), epoch=0)]
     with RewardSet({"weights": {"accuracy": 1.0}}) as rewards:
         ev = Evaluator(None, type("P", (), {"tokenizer": Tokenizer()})(), rewards,
                        settings_from_names(["low"], 1, 2), stop_ids=[2], pad_id=0, breakdown=("family",))
         ev.samplers = {1: sampler}
-        metrics, _ = ev.evaluate_split(None, batches, jax.random.key(0), "val")
+        metrics, _, outcomes = ev.evaluate_split(None, batches, jax.random.key(0), "val")
     got = {k.split("/")[3]: v for k, v in metrics.items() if k.endswith("Temperature=0.01") and "/family/" in k}
     assert got == {"bar": 0.5, "grid": 0.5, "count": 1.0}  # bar: p0 right, p1 wrong; grid: p2 right, p3 wrong
     assert metrics["eval/val/family/bar/num_problems"] == 2  # p5 is padding
+    # Each problem's own outcome, for the paired comparison between evaluations; p2 and p3 pose one problem.
+    low = "pass@1 Temperature=0.01"
+    assert outcomes == [{"id": "p0", "problem": "p0", low: 1.0}, {"id": "p1", "problem": "p1", low: 0.0},
+                        {"id": "p2", "problem": "g1", low: 1.0}, {"id": "p3", "problem": "g1", low: 0.0},
+                        {"id": "p4", "problem": "p4", low: 1.0}]

@@ -496,7 +496,7 @@ def test_evaluator_gives_the_reward_set_lengths_and_truncation():
         examples = [{"id": f"p{i}", "prompt_messages": messages, "answer": "4", "solution": "\\boxed{4}"}
                     for i in range(2)]
         batch = Batch(inputs=None, examples=examples, valid=np.array([True, True]), epoch=0)
-        metrics, samples = ev.evaluate_split(None, [batch], jax.random.key(0), "val", keep_samples=2)
+        metrics, samples, _ = ev.evaluate_split(None, [batch], jax.random.key(0), "val", keep_samples=2)
     assert calls[0]["lengths"].tolist() == [2, 3] and calls[0]["truncated"].tolist() == [False, True]
     assert metrics["acc/Validation Set Epoch Accuracy pass@1 Temperature=0.01"] == 0.5
     assert [s["prompt"] for s in samples] == ["Q: <image>what is 2+2?"] * 2

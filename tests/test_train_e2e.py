@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.test_checkpointing import damage
 from tests.xla_flags import xla_flags
+from vrl_jax.evaluation.paired import read_outcomes, run_changes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "default.py") + ":smoke"
@@ -96,6 +98,17 @@ def test_sft_then_grpo_runs_and_writes_everything(uninterrupted):
                 assert parts and sum(n.values()) == row["eval/val/num_problems"]
                 whole = row[f"acc/Validation Set Epoch Accuracy {label}"]
                 assert sum(n[v] * parts[v] for v in parts) / sum(n.values()) == pytest.approx(whole)
+    # Every evaluation writes each problem's score per setting (what the paired first -> last change reads):
+    # one row per problem, ids those of the val file, averaging to the logged accuracy.
+    val_ids = [json.loads(line)["id"] for line in open(os.path.join(wd, "data", "maye_val.jsonl"))]
+    outcomes = read_outcomes(wd)["val"]
+    assert sorted(outcomes) == [r["step"] for r in evals]
+    for row in evals:
+        mine = outcomes[row["step"]]
+        assert [o["id"] for o in mine] == val_ids[:int(row["eval/val/num_problems"])]
+        for label in ("pass@1 Temperature=0.01", "pass@2 Temperature=1.0"):
+            assert np.mean([o[label] for o in mine]) == pytest.approx(row[f"acc/Validation Set Epoch Accuracy {label}"])
+    assert [(c.split, c.first_step, c.last_step) for c in run_changes(wd)][0] == ("val", 0, 6)
 
 
 def wait_for_step(proc, wd, step):
@@ -242,6 +255,9 @@ def test_evaluate_cli_scores_an_exported_policy(uninterrupted, tmp_path):
         assert metrics[f"eval/val/family/{name}/pass@1 Temperature=0.01"] == pytest.approx(sum(mine) / len(mine))
         assert metrics[f"eval/val/family/{name}/num_problems"] == len(mine)
     assert f"val by family, {low.split('Accuracy ')[1]}: " in run.stdout
+    outcomes = [json.loads(line) for line in (tmp_path / "eval.outcomes.jsonl").read_text().splitlines()]
+    assert [(o["id"], o["pass@1 Temperature=0.01"]) for o in outcomes] == [(s["id"], float(s["correct"]))
+                                                                            for s in samples]
 
 
 TOY_CONFIG = """

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--judge-mode", default="default", choices=["default", "maye_compat", "chartqa"])
     parser.add_argument("--breakdown", default="",
                         help="record fields to report accuracy by, comma-separated (e.g. family,modality)")
-    parser.add_argument("--out", default=None, help="write metrics JSON and samples JSONL here")
+    parser.add_argument("--out", default=None, help="write OUT.json (metrics), OUT.samples.jsonl and OUT.outcomes.jsonl (each problem's score per setting) here")
     args = parser.parse_args(argv)
 
     names = [s for s in args.settings.split(",") if s]
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                           stop, processor.pad_token_id, breakdown=breakdown)
     batches = eval_dataset(examples, processor.encode_examples, batch_size=args.batch_size, template=args.template,
                            process_index=0, process_count=1)
-    metrics, samples = evaluator.evaluate_split(params.to_pure_dict(), batches, jax.random.key(0), args.split_name,
+    metrics, samples, outcomes = evaluator.evaluate_split(params.to_pure_dict(), batches, jax.random.key(0), args.split_name,
                                                 keep_samples=10**9,
                                                 num_batches=eval_num_batches(len(examples), args.batch_size))
     rewards.close()
@@ -97,9 +97,9 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out + ".json", "w") as f:
             json.dump(metrics, f, indent=2)
-        with open(args.out + ".samples.jsonl", "w") as f:
-            for s in samples:
-                f.write(json.dumps(s) + "\n")
+        for suffix, rows in ((".samples.jsonl", samples), (".outcomes.jsonl", outcomes)):
+            with open(args.out + suffix, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
     return 0
 
 

@@ -247,6 +247,10 @@ def main(argv: list[str]) -> int:
             print(f"{key}: {value:.4f}")
     for line in breakdown_lines(result.metrics):
         print(line)
+    if jax.process_index() == 0:  # the first -> last evaluation, paired by problem, with its noise
+        from vrl_jax.evaluation.paired import change_lines
+        for line in change_lines(workdir):
+            print(f"change {line}")
     if command.report and jax.process_index() == 0:
         from vrl_jax.evaluation.report import make_report
         print(f"report: {make_report([workdir])}")

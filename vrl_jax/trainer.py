@@ -426,11 +426,12 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
         nonlocal last_eval
         last_eval = {}
         for split, batches in setup.eval_data.items():
-            metrics, samples = loop.evaluator.evaluate_split(state.params, batches(), jax.random.fold_in(
+            metrics, samples, outcomes = loop.evaluator.evaluate_split(state.params, batches(), jax.random.fold_in(
                 jax.random.key(c.seed + 1), step), split, keep_samples=c.log.samples_per_eval,
                 num_batches=setup.eval_batches.get(split, 0))
             last_eval.update(metrics)
             writer.write_samples(split, step, samples)
+            writer.write_outcomes(split, step, outcomes)
         count, seconds = compiles.take()  # the evaluation's own compiling, apart from the step's
         writer.write(step, {**last_eval, "compile/count": count, "time/compile": seconds}, split="eval", kind="eval")
         return last_eval

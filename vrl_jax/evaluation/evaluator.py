@@ -5,7 +5,8 @@ For the last, MAYE counts a problem solved when any of its k samples is (reporte
 MAYE's name); the unbiased estimator over the same samples is reported beside it as
 `unbiased_pass@k`, with pass@1 from the same k samples. With `breakdown` fields (a record's `family`,
 `modality`, MathVerse's `problem_version`, ...), each setting's accuracy is also reported per value of each
-field. The trainer and `python -m vrl_jax.evaluate` call `Evaluator.evaluate_split`.
+field. Every problem's score per setting is returned too (`evaluation.paired`: the change between two
+evaluations, paired by problem). The trainer and `python -m vrl_jax.evaluate` call `Evaluator.evaluate_split`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from vrl_jax import distributed
 from vrl_jax.errors import UserError
+from vrl_jax.evaluation.paired import outcome_rows
 from vrl_jax.evaluation.passk import MAYE_HIGH, MAYE_LOW, MAYE_MEDIUM, GenerationSetting, mean_pass_at_k
 from vrl_jax.evaluation.progress import Progress
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
@@ -75,9 +77,11 @@ class Evaluator:
 
     def evaluate_split(self, params, batches, key, split: str, keep_samples: int = 0, num_batches: int = 0):
         """batches: iterable of pipeline `Batch`es (`num_batches` of them, for the progress bar's ETA).
-        Returns (metrics {key: float}, sample dicts)."""
+        Returns (metrics {key: float}, sample dicts, outcome rows: each problem's score per setting, for
+        `paired.paired_change` between evaluations)."""
         correct = {s.name: [] for s in self.settings}
         groups = {field: [] for field in self.breakdown}  # field -> each valid problem's value, in order
+        ids, problems = [], []  # each valid problem's id and the problem it poses (`problem_key`)
         samples = []
         bar = Progress(num_batches * len(self.settings), desc=f"eval {split}", keys={"acc": "accuracy"},
                        log_every=max(1, num_batches * len(self.settings) // 4),
@@ -85,6 +89,8 @@ class Evaluator:
         hits_so_far = [0, 0]
         for i, batch in enumerate(batches):
             valid = np.asarray(batch.valid)
+            ids += [e["id"] for e, v in zip(batch.examples, valid) if v]
+            problems += [problem_key(e) for e, v in zip(batch.examples, valid) if v]
             for field in self.breakdown:
                 groups[field] += [field_value(e, field) for e, v in zip(batch.examples, valid) if v]
             for j, s in enumerate(self.settings):
@@ -107,19 +113,28 @@ class Evaluator:
                                             "image_id": e["id"], "response": text, "answer": e["answer"],
                                             "reward": float(ok), "correct": bool(ok), "setting": s.label})
         bar.close()
-        metrics = {}
+        metrics, scores = {}, {}
         for s in self.settings:
             hits = np.concatenate(correct[s.name]) if correct[s.name] else np.zeros((0, s.k), bool)
             metrics[s.metric_key(split)] = float(hits.any(1).mean()) if len(hits) else 0.0
+            scores[s.label] = hits.any(1)
             if s.k > 1 and len(hits):
                 n = np.full(len(hits), s.k)
                 metrics[f"eval/{split}/unbiased_pass@{s.k} T={s.temperature}"] = mean_pass_at_k(n, hits.sum(1), s.k)
                 metrics[f"eval/{split}/pass@1 from {s.k} samples T={s.temperature}"] = mean_pass_at_k(
                     n, hits.sum(1), 1)
+                scores[f"pass@1 from {s.k} samples T={s.temperature}"] = hits.mean(1)
             metrics[f"eval/{split}/num_problems"] = float(len(hits))
             for field, values in groups.items():
                 metrics.update(breakdown_metrics(split, field, values, hits, s))
-        return metrics, samples
+        return metrics, samples, outcome_rows(ids, problems, scores)
+
+
+def problem_key(example: dict) -> str:
+    """The problem an item poses: its `semantic_key` where the data names problems (synthgeo repeats one
+    with another picture or wording), else its id."""
+    key = (example.get("meta") or {}).get("semantic_key")
+    return example["id"] if key is None else str(key)
 
 
 def check_breakdown(fields: Sequence[str], evals: dict, option: str) -> None:

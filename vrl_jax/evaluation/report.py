@@ -30,6 +30,7 @@ from etils import epath
 
 from vrl_jax.errors import UserError, bucket_client_missing
 from vrl_jax.evaluation.evaluator import parse_breakdown_key
+from vrl_jax.evaluation.paired import change_markdown
 from vrl_jax.evaluation.writers import METRICS_FILE, read_metrics
 from vrl_jax.storage import is_remote
 
@@ -378,6 +379,7 @@ def make_report(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | 
            "In %: for each run, the mean / max / last value over epochs >= 1 (epoch 0 = before training, "
            "MAYE's \"Vanilla\"); shown as mean ± std (ddof 1) over the group's runs.", ""]
     md.append(accuracy_markdown(groups) if acc else "No `acc/...` metrics logged yet.\n")
+    md.append(change_markdown(groups))
     md.append(breakdown_markdown(groups))
     md.append(dynamics_markdown(groups))
     if figures:

@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from etils import epath
 
+from vrl_jax.evaluation.paired import OUTCOMES_DIR
 from vrl_jax.storage import is_remote, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -274,16 +275,27 @@ class MetricWriter:
         """
         if not self.active:
             return None
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", split):
-            raise ValueError(f"split {split!r} must be a plain name (letters, digits, '.', '_', '-')")
         for i, sample in enumerate(samples):
             missing = [k for k in SAMPLE_FIELDS if k not in sample]
             if missing:
                 raise KeyError(f"sample {i} lacks {missing}; each needs {list(SAMPLE_FIELDS)}")
-        path = self.workdir / SAMPLES_DIR / f"{split}_{int(step)}.jsonl"
+        return self._write_rows(SAMPLES_DIR, split, step, samples)
+
+    def write_outcomes(self, split: str, step: int, rows: Sequence[Mapping[str, Any]]) -> epath.Path | None:
+        """Every problem's score per setting at one evaluation (`Evaluator.evaluate_split`'s outcome rows) to
+        `outcomes/<split>_<step>.jsonl` (overwritten): what `paired.paired_change` compares between
+        evaluations. Returns the path (None off process 0)."""
+        if not self.active:
+            return None
+        return self._write_rows(OUTCOMES_DIR, split, step, rows)
+
+    def _write_rows(self, folder: str, split: str, step: int, rows: Sequence[Mapping[str, Any]]) -> epath.Path:
+        """`rows` as JSON lines to `<folder>/<split>_<step>.jsonl`, replaced atomically."""
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", split):
+            raise ValueError(f"split {split!r} must be a plain name (letters, digits, '.', '_', '-')")
+        path = self.workdir / folder / f"{split}_{int(step)}.jsonl"
         path.parent.mkdir(exist_ok=True)
-        write_text_atomic(path, "".join(json.dumps(_jsonable(dict(sample)), ensure_ascii=False) + "\n"
-                                        for sample in samples))
+        write_text_atomic(path, "".join(json.dumps(_jsonable(dict(r)), ensure_ascii=False) + "\n" for r in rows))
         return path
 
     def flush(self) -> None:

@@ -1,0 +1,112 @@
+"""The first -> last evaluation compared problem by problem (`evaluation.paired`): the change, its standard
+error clustered by problem, the console lines and the report's table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from vrl_jax.evaluation.paired import (change_lines, change_markdown, clustered_se, paired_change, read_outcomes,
+                                       run_changes)
+from vrl_jax.evaluation.report import make_report
+from vrl_jax.evaluation.writers import MetricWriter
+
+LOW = "pass@1 Temperature=0.6"
+
+
+def reference_clustered_se(diffs, clusters):
+    """The sandwich formula written out with a dict and loops (independent of the vectorized version)."""
+    mean = sum(diffs) / len(diffs)
+    sums = {}
+    for d, c in zip(diffs, clusters):
+        sums[c] = sums.get(c, 0.0) + (d - mean)
+    g = len(sums)
+    return math.sqrt(g / (g - 1) * sum(v * v for v in sums.values())) / len(diffs)
+
+
+def test_clustered_se_against_the_formula_and_singletons_give_the_usual_standard_error():
+    rng = np.random.default_rng(0)
+    diffs = rng.integers(-1, 2, size=50).astype(float)
+    clusters = rng.integers(0, 12, size=50).tolist()
+    assert clustered_se(diffs, clusters) == pytest.approx(reference_clustered_se(diffs, clusters), rel=1e-12)
+    assert clustered_se(diffs, range(50)) == pytest.approx(diffs.std(ddof=1) / math.sqrt(50), rel=1e-12)
+    assert math.isnan(clustered_se(diffs, [0] * 50))  # one problem: no estimate of the spread between problems
+
+
+def test_repeating_every_problem_does_not_make_the_change_look_surer():
+    """Each problem asked twice with the same outcome is no new evidence: the clustered SE stays, the naive
+    one (items as independent) would shrink by sqrt(2)."""
+    diffs = np.array([1.0, 0.0, -1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    twice = np.repeat(diffs, 2)
+    assert clustered_se(twice, np.repeat(np.arange(8), 2)) == pytest.approx(clustered_se(diffs, np.arange(8)))
+    assert clustered_se(twice, np.arange(16)) < 0.75 * clustered_se(diffs, np.arange(8))
+
+
+def test_under_no_change_about_5_percent_of_runs_land_beyond_2_standard_errors():
+    """Two evaluations of one unchanged policy (each problem solved with its own probability; 3 items per
+    problem): |change| > 2 SE in about 5% of 2000 simulated pairs of evaluations. Items taken as
+    independent would call far more of them real."""
+    rng = np.random.default_rng(1)
+    problems = np.repeat(np.arange(60), 3)
+    beyond, naive_beyond = 0, 0
+    for _ in range(2000):
+        p = rng.beta(0.5, 2.0, size=60)[problems]
+        # The items of one problem share their outcome (a repeat with another picture), drawn per evaluation.
+        first = (rng.random(60) < p[::3]).repeat(3).astype(float)
+        second = (rng.random(60) < p[::3]).repeat(3).astype(float)
+        d = second - first
+        se = clustered_se(d, problems)
+        beyond += abs(d.mean()) > 2 * se if se > 0 else 0
+        naive = d.std(ddof=1) / math.sqrt(len(d))
+        naive_beyond += abs(d.mean()) > 2 * naive if naive > 0 else 0
+    assert 0.03 < beyond / 2000 < 0.08
+    assert naive_beyond / 2000 > 0.2
+
+
+def test_paired_change_pairs_by_id_whatever_the_order_and_skips_unpaired_items():
+    first = [{"id": "a", "problem": "x", LOW: 0.0}, {"id": "b", "problem": "y", LOW: 1.0},
+             {"id": "c", "problem": "z", LOW: 0.0}, {"id": "gone", "problem": "w", LOW: 1.0}]
+    second = [{"id": "c", "problem": "z", LOW: 1.0}, {"id": "a", "problem": "x", LOW: 1.0},
+              {"id": "b", "problem": "y", LOW: 1.0}, {"id": "new", "problem": "v", LOW: 0.0}]
+    c = paired_change(first, second, LOW)
+    assert (c.before, c.after, c.items, c.problems) == (pytest.approx(1 / 3), 1.0, 3, 3)
+    assert c.delta == pytest.approx(2 / 3)
+    assert c.se == pytest.approx(np.std([1.0, 1.0, 0.0], ddof=1) / math.sqrt(3))
+    assert paired_change(first, second, "pass@8 Temperature=1.0") is None
+
+
+def _evaluations(workdir, scores_by_step):
+    w = MetricWriter(str(workdir), tensorboard=False)
+    for step, scores in scores_by_step.items():
+        w.write(step, {f"acc/Test Set Epoch Accuracy {LOW}": float(np.mean(scores))}, split="eval", kind="eval")
+        w.write_outcomes("test", step, [{"id": f"i{n}", "problem": f"p{n // 2}", LOW: s}
+                                        for n, s in enumerate(scores)])
+    w.close()
+
+
+def test_a_run_s_outcome_files_give_the_console_lines_and_the_report_table(tmp_path):
+    wd = tmp_path / "run"
+    _evaluations(wd, {10: [0, 0, 1, 0, 0, 0], 20: [1, 1, 1, 0, 1, 1], 15: [0, 1, 0, 0, 0, 0]})
+    assert sorted(read_outcomes(wd)["test"]) == [10, 15, 20]
+    (change,) = run_changes(wd)  # first (10) -> last (20); 15 lies between
+    assert (change.first_step, change.last_step) == (10, 20)
+    d = np.array([1, 1, 0, 0, 1, 1], float)
+    assert change.change.delta == pytest.approx(d.mean())
+    assert change.change.se == pytest.approx(reference_clustered_se(d, [0, 0, 1, 1, 2, 2]))
+    assert change_lines(wd) == [f"test {LOW}, step 10 -> 20: 16.7 -> 83.3: +66.7 ± "
+                                f"{100 * change.change.se:.1f} points (6 items, 3 problems)"]
+    text = make_report([str(wd)], out=tmp_path / "out", plots=False).read_text()
+    assert "## What training changed, problem by problem" in text
+    assert f"| test | {LOW} | 10 -> 20 | 16.7 -> 83.3 | +66.7 ± {100 * change.change.se:.1f}" in text
+    assert "| 6 (3) |" in text
+
+
+def test_a_split_evaluated_once_has_no_change(tmp_path):
+    _evaluations(tmp_path / "once", {10: [0, 1]})
+    assert run_changes(tmp_path / "once") == [] and change_lines(tmp_path / "once") == []
+    assert change_markdown({"g": []}) == ""
+    assert json.loads((tmp_path / "once" / "outcomes" / "test_10.jsonl").read_text().splitlines()[1]) == {
+        "id": "i1", "problem": "p0", LOW: 1}
