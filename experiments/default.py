@@ -9,7 +9,8 @@ correctly, so reward-only RL has nothing to learn from: the default runs a short
 reference rationales (the hint and the boxed answer, at most 104 tokens), then 100 GRPO steps (8 prompts
 x 8 samples, 128 new tokens, the two-stage baseline of DyME's paper), and evaluates all 100 val and 200
 test_iid items under MAYE's three settings after SFT and at the end, each also per family and per modality
-(`eval.breakdown`).
+(`eval.breakdown`); the run ends with each setting's change from the SFT checkpoint, paired by problem, with
+its standard error (README, "Is RL's change beyond noise?").
 
 Why these RL settings (README, "Measured figures"): a learning rate of 3e-4 held near the SFT policy by a
 KL term (0.05, k3, to the policy SFT left), since 1e-4 alone barely moved the rollout accuracy, 3e-4 alone
