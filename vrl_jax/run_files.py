@@ -1,4 +1,5 @@
-"""What a run keeps in its workdir besides metrics: what a checkpoint holds of the train state (`saved_state`),
+"""What a run keeps in its workdir besides metrics: what a checkpoint holds of the train state (`saved_state`)
+and the shapes a checkpoint of either stage restores into (`checkpoint_template`),
 `config.json` (the recorded config a resumed run is checked against), `reference/` (RL's KL reference after an
 SFT stage: the parameters that train, as SFT left them) and the exports at the end (`export/`, a LoRA run's
 `adapter/`). Local directories and buckets alike (`etils.epath`); in a multi-host run every process takes part
@@ -19,7 +20,8 @@ from vrl_jax import configs
 from vrl_jax.models import lora
 from vrl_jax.models.lora import is_adapter
 from vrl_jax.models.quantize import dequantize_layers
-from vrl_jax.rl.train_state import TrainState, pure_params, trainable_params
+from vrl_jax.rl.train_state import (TrainState, make_optimizer, pure_params, train_state_shardings,
+                                    trainable_params)
 from vrl_jax.run_setup import overlay, reference_copy
 from vrl_jax.storage import is_remote, write_text_atomic
 
@@ -33,6 +35,24 @@ def saved_state(c, state: TrainState) -> TrainState:
     frozen ones are the model directory's, loaded again by a resumed run (`restored_state`)."""
     trainable = trainable_params(state.params, configs.optimizer_config(c, 1, stage="any"))
     return state._replace(params=traverse_util.unflatten_dict(trainable, sep="."))
+
+
+def checkpoint_template(c, state, mesh, stage: str):
+    """The abstract `saved_state` a checkpoint of `stage` restores into, from the run's fresh `state` (built
+    for the run's first stage). An RL checkpoint of an SFT+RL run holds RL's optimizer moments, which cover
+    other parameters than SFT's where `sft.train_*` differ from `optim.train_*`; they are shaped, not built."""
+    if stage == "rl" and configs.trained_parts(c, "sft") != configs.trained_parts(c, "rl"):
+        cfg = configs.optimizer_config(c, 1, stage="rl")
+        opt_state = jax.eval_shape(make_optimizer(cfg).init, trainable_params(state.params, cfg))
+        if mesh is None:
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            opt_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), opt_state)
+        state = state._replace(opt_state=opt_state)
+        if mesh is not None:
+            state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                                 train_state_shardings(state, mesh))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        saved_state(c, state))
 
 
 def restored_state(state: TrainState, saved: TrainState) -> TrainState:

@@ -37,10 +37,10 @@ from vrl_jax.rewards.visual.base import hint_then_answer
 from vrl_jax.rl import algorithms, batching
 from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
-from vrl_jax.rl.train_state import create_train_state, make_optimizer, train_state_shardings, trainable_params
+from vrl_jax.rl.train_state import create_train_state, train_state_shardings
 from vrl_jax.rl.train_step import OnMesh, StepConfig, make_train_step
-from vrl_jax.run_files import (export_policy, load_reference, read_config, restored_state, save_reference,
-                               saved_state, write_config)
+from vrl_jax.run_files import (checkpoint_template, export_policy, load_reference, read_config, restored_state,
+                               save_reference, saved_state, write_config)
 from vrl_jax.run_setup import RunSetup, check_inputs, overlay, prepare_run, rl_steps, setup_dir
 from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 from vrl_jax.timing import CompileWatch, PhaseTimer
@@ -349,24 +349,6 @@ def train(config, workdir: str, allow_config_change: bool = False) -> TrainResul
         if as_user_error(e) is not None:  # a write failed: keep only complete checkpoints
             ckpt.discard_unfinished()
         raise
-
-
-def checkpoint_template(c, state, mesh, stage: str):
-    """The abstract `saved_state` a checkpoint of `stage` restores into, from the run's fresh `state` (built
-    for the run's first stage). An RL checkpoint of an SFT+RL run holds RL's optimizer moments, which cover
-    other parameters than SFT's where `sft.train_*` differ from `optim.train_*`; they are shaped, not built."""
-    if stage == "rl" and configs.trained_parts(c, "sft") != configs.trained_parts(c, "rl"):
-        cfg = configs.optimizer_config(c, 1, stage="rl")
-        opt_state = jax.eval_shape(make_optimizer(cfg).init, trainable_params(state.params, cfg))
-        if mesh is None:
-            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            opt_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), opt_state)
-        state = state._replace(opt_state=opt_state)
-        if mesh is not None:
-            state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                                 train_state_shardings(state, mesh))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                        saved_state(c, state))
 
 
 def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> TrainResult:
