@@ -43,6 +43,8 @@ COVERAGE = {
         "tests/test_cli_commands.py::test_readme_synthgeo",
     "python -m vrl_jax.rewards.audit judge_cases.jsonl --mode maye_compat":
         "tests/test_cli_commands.py::test_readme_audit",
+    "python -m vrl_jax.evaluation.paired before.outcomes.jsonl after.outcomes.jsonl":
+        "tests/test_paired.py::test_readme_paired_command",
     "tools/tpu_vm.sh create geo --zone us-central1-a --type v5litepod-8 [--spot]":
         "tests/test_cli_commands.py::test_readme_tpu_vm_dry_runs",
     "tools/tpu_vm.sh setup geo": "tests/test_cli_commands.py::test_readme_tpu_vm_dry_runs",
@@ -61,6 +63,7 @@ COVERAGE = {
     "python -m vrl_jax.train --config experiments/geo.py ...":
         "tests/test_experiments.py::test_standin_command_runs_the_recipe_through_the_train_cli",
     # inline code spans
+    "python -m vrl_jax.evaluation.paired": "tests/test_paired.py::test_readme_paired_command",
     "python -m vrl_jax.convert": "tests/test_cli_commands.py::test_readme_convert",
     "python -m vrl_jax.data.synthgeo": "tests/test_cli_commands.py::test_readme_synthgeo",
     "python -m vrl_jax.rewards.audit": "tests/test_cli_commands.py::test_readme_audit",

@@ -110,3 +110,25 @@ def test_a_split_evaluated_once_has_no_change(tmp_path):
     assert change_markdown({"g": []}) == ""
     assert json.loads((tmp_path / "once" / "outcomes" / "test_10.jsonl").read_text().splitlines()[1]) == {
         "id": "i1", "problem": "p0", LOW: 1}
+
+
+def test_readme_paired_command(tmp_path):
+    """The README's command on two evaluate-style outcome files; a missing file and a malformed line are one
+    paragraph naming them, without a traceback."""
+    import shlex
+
+    from tests.test_cli_commands import ok, readme, run
+    command, = readme("python -m vrl_jax.evaluation.paired")
+    _evaluations(tmp_path / "run", {10: [0, 0, 1, 0, 0, 0], 20: [1, 1, 1, 0, 1, 1]})
+    for step, name in ((10, "before"), (20, "after")):
+        (tmp_path / f"{name}.outcomes.jsonl").write_text((tmp_path / "run" / "outcomes" / f"test_{step}.jsonl").read_text())
+    out = ok(run(shlex.split(command), tmp_path)).stdout
+    (change,) = run_changes(tmp_path / "run")
+    assert out.splitlines() == [f"{LOW}: 16.7 -> 83.3: +66.7 ± {100 * change.change.se:.1f} points (6 items, 3 problems)"]
+    (tmp_path / "after.outcomes.jsonl").write_text('{"id": "i0", "' + LOW + '": 1}\nnot json\n')
+    bad = run(shlex.split(command), tmp_path)
+    assert bad.returncode == 2 and "after.outcomes.jsonl:2: expected a JSON object" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    (tmp_path / "after.outcomes.jsonl").unlink()
+    gone = run(shlex.split(command), tmp_path)
+    assert gone.returncode == 2 and "after.outcomes.jsonl: cannot read it" in gone.stderr

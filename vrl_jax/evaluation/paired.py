@@ -138,3 +138,59 @@ def change_markdown(groups: Mapping[str, Sequence]) -> str:
         "evidence). A change beyond about 2 SE is unlikely to be sampling noise.", "",
         "| group | run | split | setting | steps | first -> last (%) | change ± SE | items (problems) |",
         "|---|---|---|---|---|---|---|---|", *rows, ""])
+
+
+PROG = "python -m vrl_jax.evaluation.paired"
+
+
+def read_rows(path: str) -> list[dict]:
+    """An outcomes file's rows; a missing file or a line that is not a JSON object with an id is a UserError
+    naming the file and line."""
+    from vrl_jax.errors import UserError
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}). Expected an outcomes file: a run's "
+                        f"{OUTCOMES_DIR}/<split>_<step>.jsonl or `evaluate --out OUT`'s OUT.outcomes.jsonl") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or ID not in row:
+            raise UserError(f"{path}:{n}: expected a JSON object with an {ID!r} and one score per setting, "
+                            f"got {line[:80]!r}")
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m vrl_jax.evaluation.paired BEFORE AFTER`: the change of every setting the two outcome files
+    share, paired by problem (two checkpoints evaluated with `evaluate --out`, or two evaluations of a run)."""
+    import argparse
+
+    from vrl_jax.errors import UserError
+    parser = argparse.ArgumentParser(prog=PROG, description=main.__doc__)
+    parser.add_argument("before", help="outcomes JSONL of the earlier evaluation")
+    parser.add_argument("after", help="outcomes JSONL of the later evaluation")
+    args = parser.parse_args(argv)
+    before, after = read_rows(args.before), read_rows(args.after)
+    settings = [k for k in dict.fromkeys(k for r in after for k in r) if k not in (ID, PROBLEM)]
+    changes = [(s, paired_change(before, after, s)) for s in settings]
+    changes = [(s, c) for s, c in changes if c is not None]
+    if not changes:
+        raise UserError(f"{args.before} and {args.after} share no problem id scored under the same setting: "
+                        "compare two evaluations of the same split")
+    for setting, c in changes:
+        print(f"{setting}: {fmt_change(c)}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from vrl_jax.errors import run_cli
+    sys.exit(run_cli(main, PROG))
