@@ -121,10 +121,12 @@ def test_readme_paired_command(tmp_path):
     command, = readme("python -m vrl_jax.evaluation.paired")
     _evaluations(tmp_path / "run", {10: [0, 0, 1, 0, 0, 0], 20: [1, 1, 1, 0, 1, 1]})
     for step, name in ((10, "before"), (20, "after")):
-        (tmp_path / f"{name}.outcomes.jsonl").write_text((tmp_path / "run" / "outcomes" / f"test_{step}.jsonl").read_text())
+        written = tmp_path / "run" / "outcomes" / f"test_{step}.jsonl"
+        (tmp_path / f"{name}.outcomes.jsonl").write_text(written.read_text())
     out = ok(run(shlex.split(command), tmp_path)).stdout
     (change,) = run_changes(tmp_path / "run")
-    assert out.splitlines() == [f"{LOW}: 16.7 -> 83.3: +66.7 ± {100 * change.change.se:.1f} points (6 items, 3 problems)"]
+    se = 100 * change.change.se
+    assert out.splitlines() == [f"{LOW}: 16.7 -> 83.3: +66.7 ± {se:.1f} points (6 items, 3 problems)"]
     (tmp_path / "after.outcomes.jsonl").write_text('{"id": "i0", "' + LOW + '": 1}\nnot json\n')
     bad = run(shlex.split(command), tmp_path)
     assert bad.returncode == 2 and "after.outcomes.jsonl:2: expected a JSON object" in bad.stderr

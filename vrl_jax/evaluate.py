@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--judge-mode", default="default", choices=["default", "maye_compat", "chartqa"])
     parser.add_argument("--breakdown", default="",
                         help="record fields to report accuracy by, comma-separated (e.g. family,modality)")
-    parser.add_argument("--out", default=None, help="write OUT.json (metrics), OUT.samples.jsonl and OUT.outcomes.jsonl (each problem's score per setting) here")
+    parser.add_argument("--out", default=None, help="write OUT.json (metrics), OUT.samples.jsonl and "
+                        "OUT.outcomes.jsonl (each problem's score per setting, for `vrl_jax.evaluation.paired`)")
     args = parser.parse_args(argv)
 
     names = [s for s in args.settings.split(",") if s]
@@ -85,9 +86,9 @@ def main(argv=None) -> int:
                           stop, processor.pad_token_id, breakdown=breakdown)
     batches = eval_dataset(examples, processor.encode_examples, batch_size=args.batch_size, template=args.template,
                            process_index=0, process_count=1)
-    metrics, samples, outcomes = evaluator.evaluate_split(params.to_pure_dict(), batches, jax.random.key(0), args.split_name,
-                                                keep_samples=10**9,
-                                                num_batches=eval_num_batches(len(examples), args.batch_size))
+    metrics, samples, outcomes = evaluator.evaluate_split(
+        params.to_pure_dict(), batches, jax.random.key(0), args.split_name, keep_samples=10**9,
+        num_batches=eval_num_batches(len(examples), args.batch_size))
     rewards.close()
     for k, v in metrics.items():
         if parse_breakdown_key(k) is None:  # the per-field accuracies follow as one line per setting

@@ -43,14 +43,11 @@ def checkpoint_template(c, state, mesh, stage: str):
     other parameters than SFT's where `sft.train_*` differ from `optim.train_*`; they are shaped, not built."""
     if stage == "rl" and configs.trained_parts(c, "sft") != configs.trained_parts(c, "rl"):
         cfg = configs.optimizer_config(c, 1, stage="rl")
-        opt_state = jax.eval_shape(make_optimizer(cfg).init, trainable_params(state.params, cfg))
-        if mesh is None:
-            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            opt_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), opt_state)
-        state = state._replace(opt_state=opt_state)
-        if mesh is not None:
-            state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                                 train_state_shardings(state, mesh))
+        state = state._replace(opt_state=jax.eval_shape(make_optimizer(cfg).init, trainable_params(state.params, cfg)))
+        # Without a mesh the placed leaves keep their device; the shaped moments go to the first one.
+        shardings = (train_state_shardings(state, mesh) if mesh is not None else jax.tree.map(
+            lambda x: getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), state))
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                         saved_state(c, state))
 
