@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from vrl_jax.evaluation.paired import (change_lines, change_markdown, clustered_se, paired_change, read_outcomes,
-                                       run_changes)
+from vrl_jax.evaluation.paired import (change_lines, change_markdown, clustered_se, group_changes, paired_change,
+                                       pooled_change, read_outcomes, run_changes)
 from vrl_jax.evaluation.report import make_report
 from vrl_jax.evaluation.writers import MetricWriter
 
@@ -127,6 +127,12 @@ def test_readme_paired_command(tmp_path):
     (change,) = run_changes(tmp_path / "run")
     se = 100 * change.change.se
     assert out.splitlines() == [f"{LOW}: 16.7 -> 83.3: +66.7 ± {se:.1f} points (6 items, 3 problems)"]
+    # Two pairs (another seed's evaluations, here the same files): their mean change and each pair's.
+    out = ok(run(shlex.split(command) + ["before.outcomes.jsonl", "after.outcomes.jsonl"], tmp_path)).stdout
+    assert out.splitlines() == [f"{LOW}: mean of 2 pairs: 16.7 -> 83.3: +66.7 ± {se:.1f} points (6 items, 3 problems); "
+                                "per pair +66.7, +66.7"]
+    odd = run(shlex.split(command) + ["before.outcomes.jsonl"], tmp_path)
+    assert odd.returncode == 2 and "3 files given: expected pairs" in odd.stderr and "Traceback" not in odd.stderr
     (tmp_path / "after.outcomes.jsonl").write_text('{"id": "i0", "' + LOW + '": 1}\nnot json\n')
     bad = run(shlex.split(command), tmp_path)
     assert bad.returncode == 2 and "after.outcomes.jsonl:2: expected a JSON object" in bad.stderr
@@ -134,3 +140,64 @@ def test_readme_paired_command(tmp_path):
     (tmp_path / "after.outcomes.jsonl").unlink()
     gone = run(shlex.split(command), tmp_path)
     assert gone.returncode == 2 and "after.outcomes.jsonl: cannot read it" in gone.stderr
+
+
+def _rows(scores, problems=None):
+    return [{"id": f"i{n}", "problem": f"p{n // 2 if problems is None else problems[n]}", LOW: float(s)}
+            for n, s in enumerate(scores)]
+
+
+def test_pooled_change_averages_each_item_over_the_runs_then_clusters_by_problem():
+    rng = np.random.default_rng(2)
+    problems = rng.integers(0, 9, size=24).tolist()
+    pairs = [(_rows(rng.integers(0, 2, 24), problems), _rows(rng.integers(0, 2, 24), problems)) for _ in range(3)]
+    pairs[2][1].pop(5)  # an item one run lacks counts in none
+    ids = [f"i{n}" for n in range(24) if n != 5]
+    per_item = {i: [] for i in ids}
+    for before, after in pairs:
+        b = {r["id"]: r[LOW] for r in before}
+        for r in after:
+            if r["id"] in per_item:
+                per_item[r["id"]].append(r[LOW] - b[r["id"]])
+    mean_diffs = [sum(v) / len(v) for v in per_item.values()]
+    pooled = pooled_change(pairs, LOW)
+    c = pooled.change
+    assert c.items == 23 and c.delta == pytest.approx(sum(mean_diffs) / 23)
+    assert c.se == pytest.approx(reference_clustered_se(mean_diffs, [problems[n] for n in range(24) if n != 5]))
+    assert c.delta == pytest.approx(np.mean(pooled.per_pair))  # the same items in every pair
+    for (before, after), d in zip(pairs, pooled.per_pair):
+        kept = [r for r in after if r["id"] != "i5"]
+        assert d == pytest.approx(paired_change(before, kept, LOW).delta)
+    # One pair is paired_change; a run pooled with its own copy is no new evidence.
+    assert pooled_change(pairs[:1], LOW).change == paired_change(*pairs[0], LOW)
+    assert pooled_change([pairs[0], pairs[0]], LOW).change == pytest.approx(paired_change(*pairs[0], LOW))
+    assert pooled_change(pairs, "pass@8 Temperature=1.0") is None and pooled_change([], LOW) is None
+
+
+def test_pooled_over_three_unchanged_runs_about_5_percent_land_beyond_2_standard_errors():
+    """Three runs of an unchanged policy on the same 60 problems (3 items each), each run's evaluations drawn
+    anew: the mean change lands beyond 2 SE in about 5% of 1000 simulated triples."""
+    rng = np.random.default_rng(3)
+    problems = np.repeat(np.arange(60), 3)
+    beyond = 0
+    for _ in range(1000):
+        p = rng.beta(0.5, 2.0, size=60)
+        pairs = [tuple(_rows((rng.random(60) < p).repeat(3), problems) for _ in range(2)) for _ in range(3)]
+        c = pooled_change(pairs, LOW).change
+        beyond += abs(c.delta) > 2 * c.se if c.se > 0 else 0
+    assert 0.025 < beyond / 1000 < 0.085
+
+
+def test_a_group_of_runs_gets_its_mean_change_in_the_report(tmp_path):
+    _evaluations(tmp_path / "g_s0", {10: [0, 0, 1, 0, 0, 0], 20: [1, 1, 1, 0, 1, 1]})
+    _evaluations(tmp_path / "g_s1", {10: [0, 1, 1, 0, 0, 0], 20: [0, 1, 1, 0, 0, 1]})
+    _evaluations(tmp_path / "g_s2", {10: [0, 0, 0, 0, 0, 0], 30: [1, 0, 0, 0, 0, 0]})  # other steps: not pooled
+    (pooled, per_run), = group_changes([tmp_path / "g_s0", tmp_path / "g_s1"])
+    d = np.array([[1, 1, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1]], float)
+    assert per_run == pytest.approx(tuple(d.mean(axis=1)))
+    assert pooled.change.delta == pytest.approx(d.mean())
+    assert pooled.change.se == pytest.approx(reference_clustered_se(d.mean(axis=0), [0, 0, 1, 1, 2, 2]))
+    assert group_changes([tmp_path / "g_s0", tmp_path / "g_s2"]) == []
+    text = make_report([str(tmp_path / "g_s0"), str(tmp_path / "g_s1")], out=tmp_path / "out", plots=False).read_text()
+    assert (f"| g | mean of 2 runs (+66.7, +16.7) | test | {LOW} | 10 -> 20 | 25.0 -> 66.7 | +41.7 ± "
+            f"{100 * pooled.change.se:.1f}") in text

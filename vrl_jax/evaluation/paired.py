@@ -9,6 +9,9 @@ Items of one benchmark can repeat a problem (synthgeo draws a problem again with
 wording: its `semantic_key`), so their differences are not independent; the standard error is clustered by
 problem (the sandwich estimator with the G / (G - 1) correction; one item per problem gives the usual
 std / sqrt(n)).
+
+Several runs of one recipe (other seeds) evaluated on the same problems give a mean change (`pooled_change`):
+each item's change averaged over the runs, its standard error clustered by problem the same way.
 """
 
 from __future__ import annotations
@@ -61,6 +64,35 @@ def paired_change(first: Sequence[Mapping], second: Sequence[Mapping], setting: 
                         clustered_se(after - before, problems), len(pairs), len(set(map(str, problems))))
 
 
+class PooledChange(NamedTuple):
+    change: PairedChange  # over the items every pair holds; delta = the mean of the per-pair deltas
+    per_pair: tuple[float, ...]  # each pair's delta over those items
+
+
+def pooled_change(pairs: Sequence[tuple[Sequence[Mapping], Sequence[Mapping]]], setting: str) -> PooledChange | None:
+    """The mean change of `setting` over several (first, second) evaluations of the same problems (runs with
+    other seeds, say), over the ids that every evaluation scores; None when they share none.
+
+    Each item's change is averaged over the pairs first, then the standard error is clustered by problem as
+    in `paired_change`: the runs share their problems, so their changes are not independent evidence. The
+    runs' training is taken as given (the spread between seeds is not in the SE; `per_pair` shows it). One
+    pair gives `paired_change`.
+    """
+    keyed = [({r[ID]: r for r in a if setting in r}, {r[ID]: r for r in b if setting in r}) for a, b in pairs]
+    if not keyed:
+        return None
+    ids = [i for i in keyed[0][1] if all(i in a and i in b for a, b in keyed)]
+    if not ids:
+        return None
+    before = np.array([[a[i][setting] for i in ids] for a, _ in keyed], np.float64)  # [pairs, items]
+    after = np.array([[b[i][setting] for i in ids] for _, b in keyed], np.float64)
+    diffs = (after - before).mean(axis=0)
+    problems = [keyed[0][1][i].get(PROBLEM, i) for i in ids]
+    change = PairedChange(float(before.mean()), float(after.mean()), float(diffs.mean()), clustered_se(diffs, problems),
+                          len(ids), len(set(map(str, problems))))
+    return PooledChange(change, tuple(float(d) for d in (after - before).mean(axis=1)))
+
+
 def outcome_rows(ids: Sequence[str], problems: Sequence[str], scores: Mapping[str, np.ndarray]) -> list[dict]:
     """One row per problem: {"id", "problem", setting: score, ...}; scores: {setting: float [P]}."""
     return [{ID: i, PROBLEM: p, **{name: float(v[n]) for name, v in scores.items()}}
@@ -90,18 +122,42 @@ class RunChange(NamedTuple):
     change: PairedChange
 
 
+def settings_of(rows: Sequence[Mapping]) -> list[str]:
+    """The settings outcome rows score, in their order."""
+    return [k for k in dict.fromkeys(k for r in rows for k in r) if k not in (ID, PROBLEM)]
+
+
+def first_and_last(workdir) -> dict[str, tuple[int, int, list[dict], list[dict]]]:
+    """{split: (first step, last step, its rows then, its rows then)} for each split evaluated twice or more."""
+    return {split: (min(by_step), max(by_step), by_step[min(by_step)], by_step[max(by_step)])
+            for split, by_step in sorted(read_outcomes(workdir).items()) if len(by_step) >= 2}
+
+
 def run_changes(workdir) -> list[RunChange]:
     """Each split's first -> last evaluation of one run, per setting (nothing for a split evaluated once)."""
     out = []
-    for split, by_step in sorted(read_outcomes(workdir).items()):
-        if len(by_step) < 2:
-            continue
-        first, last = min(by_step), max(by_step)
-        settings = [k for k in dict.fromkeys(k for r in by_step[last] for k in r) if k not in (ID, PROBLEM)]
-        for setting in settings:
-            change = paired_change(by_step[first], by_step[last], setting)
+    for split, (first, last, rows_first, rows_last) in first_and_last(workdir).items():
+        for setting in settings_of(rows_last):
+            change = paired_change(rows_first, rows_last, setting)
             if change is not None:
                 out.append(RunChange(split, setting, first, last, change))
+    return out
+
+
+def group_changes(workdirs: Sequence) -> list[tuple[RunChange, tuple[float, ...]]]:
+    """The runs' mean first -> last change per split and setting (`pooled_change`), where every run evaluated
+    the split at the same first and last step; with each run's own change."""
+    runs = [first_and_last(w) for w in workdirs]
+    if not runs:
+        return []
+    out = []
+    for split, (first, last, _, rows_last) in runs[0].items():
+        if not all(r.get(split, (None, None))[:2] == (first, last) for r in runs):
+            continue
+        for setting in settings_of(rows_last):
+            pooled = pooled_change([r[split][2:] for r in runs], setting)
+            if pooled is not None:
+                out.append((RunChange(split, setting, first, last, pooled.change), pooled.per_pair))
     return out
 
 
@@ -120,22 +176,29 @@ def change_lines(workdir) -> list[str]:
 
 def change_markdown(groups: Mapping[str, Sequence]) -> str:
     """The report's section: every run's (objects with a `workdir`) first -> last evaluation, paired."""
+    def row(name: str, run: str, r: RunChange) -> str:
+        c = r.change
+        z = "" if math.isnan(c.se) or c.se == 0 else f" ({c.delta / c.se:+.1f} SE)"
+        return (f"| {name} | {run} | {r.split} | {r.setting} | {r.first_step} -> {r.last_step} "
+                f"| {100 * c.before:.1f} -> {100 * c.after:.1f} | {100 * c.delta:+.1f} ± {100 * c.se:.1f}{z} "
+                f"| {c.items} ({c.problems}) |")
+
     rows = []
     for name, runs in groups.items():
         for run in runs:
-            for r in run_changes(run.workdir):
-                c = r.change
-                z = "" if math.isnan(c.se) or c.se == 0 else f" ({c.delta / c.se:+.1f} SE)"
-                rows.append(f"| {name} | `{run.workdir}` | {r.split} | {r.setting} | {r.first_step} -> {r.last_step} "
-                            f"| {100 * c.before:.1f} -> {100 * c.after:.1f} | {100 * c.delta:+.1f} ± "
-                            f"{100 * c.se:.1f}{z} | {c.items} ({c.problems}) |")
+            rows += [row(name, f"`{run.workdir}`", r) for r in run_changes(run.workdir)]
+        if len(runs) > 1:
+            rows += [row(name, f"mean of {len(runs)} runs ({', '.join(f'{100 * d:+.1f}' for d in per_run)})", r)
+                     for r, per_run in group_changes([run.workdir for run in runs])]
     if not rows:
         return ""
     return "\n".join([
         "## What training changed, problem by problem", "",
         "Each run's first and last evaluation of a split, paired by problem (`outcomes/`): the change in points "
         "± its standard error, clustered by problem (items that repeat a problem are not independent "
-        "evidence). A change beyond about 2 SE is unlikely to be sampling noise.", "",
+        "evidence). A change beyond about 2 SE is unlikely to be sampling noise. A group of several runs also "
+        "gets their mean change (each run's in brackets), its SE clustered by problem over the runs' "
+        "item-wise mean change: the runs share the problems.", "",
         "| group | run | split | setting | steps | first -> last (%) | change ± SE | items (problems) |",
         "|---|---|---|---|---|---|---|---|", *rows, ""])
 
@@ -168,24 +231,32 @@ def read_rows(path: str) -> list[dict]:
 
 
 def main(argv: Sequence[str]) -> int:
-    """`python -m vrl_jax.evaluation.paired BEFORE AFTER`: the change of every setting the two outcome files
-    share, paired by problem (two checkpoints evaluated with `evaluate --out`, or two evaluations of a run)."""
+    """`python -m vrl_jax.evaluation.paired BEFORE AFTER [BEFORE AFTER ...]`: the change of every setting the
+    outcome files share, paired by problem (two checkpoints evaluated with `evaluate --out`, or two evaluations
+    of a run). Several pairs (runs with other seeds) give their mean change and each pair's."""
     import argparse
 
     from vrl_jax.errors import UserError
     parser = argparse.ArgumentParser(prog=PROG, description=main.__doc__)
-    parser.add_argument("before", help="outcomes JSONL of the earlier evaluation")
-    parser.add_argument("after", help="outcomes JSONL of the later evaluation")
+    parser.add_argument("files", nargs="+", metavar="BEFORE AFTER",
+                        help="outcomes JSONL of an earlier and of a later evaluation; repeat the pair for more runs")
     args = parser.parse_args(argv)
-    before, after = read_rows(args.before), read_rows(args.after)
-    settings = [k for k in dict.fromkeys(k for r in after for k in r) if k not in (ID, PROBLEM)]
-    changes = [(s, paired_change(before, after, s)) for s in settings]
+    if len(args.files) % 2:
+        raise UserError(f"{len(args.files)} files given: expected pairs, each an earlier evaluation's outcomes file "
+                        f"then a later one's ({args.files[-1]} has no partner)")
+    rows = [read_rows(path) for path in args.files]
+    pairs = list(zip(rows[::2], rows[1::2]))
+    changes = [(s, pooled_change(pairs, s)) for s in settings_of(rows[1])]
     changes = [(s, c) for s, c in changes if c is not None]
     if not changes:
-        raise UserError(f"{args.before} and {args.after} share no problem id scored under the same setting: "
-                        "compare two evaluations of the same split")
+        raise UserError(f"{', '.join(args.files)} share no problem id scored under the same setting: compare "
+                        "evaluations of the same split")
     for setting, c in changes:
-        print(f"{setting}: {fmt_change(c)}")
+        if len(pairs) == 1:
+            print(f"{setting}: {fmt_change(c.change)}")
+        else:
+            print(f"{setting}: mean of {len(pairs)} pairs: {fmt_change(c.change)}; per pair "
+                  + ", ".join(f"{100 * d:+.1f}" for d in c.per_pair))
     return 0
 
 
