@@ -161,10 +161,15 @@ def group_changes(workdirs: Sequence) -> list[tuple[RunChange, tuple[float, ...]
     return out
 
 
+def points(delta: float) -> str:
+    """A change in signed points, one decimal: '+3.5'; a change that rounds to nothing is '+0.0', not '-0.0'."""
+    return f"{round(100 * delta, 1) + 0.0:+.1f}"
+
+
 def fmt_change(c: PairedChange) -> str:
     """'10.0 -> 13.5: +3.5 ± 2.6 points (200 items, 76 problems)'."""
     se = "nan" if math.isnan(c.se) else f"{100 * c.se:.1f}"
-    return (f"{100 * c.before:.1f} -> {100 * c.after:.1f}: {100 * c.delta:+.1f} ± {se} points "
+    return (f"{100 * c.before:.1f} -> {100 * c.after:.1f}: {points(c.delta)} ± {se} points "
             f"({c.items} items, {c.problems} problems)")
 
 
@@ -180,7 +185,7 @@ def change_markdown(groups: Mapping[str, Sequence]) -> str:
         c = r.change
         z = "" if math.isnan(c.se) or c.se == 0 else f" ({c.delta / c.se:+.1f} SE)"
         return (f"| {name} | {run} | {r.split} | {r.setting} | {r.first_step} -> {r.last_step} "
-                f"| {100 * c.before:.1f} -> {100 * c.after:.1f} | {100 * c.delta:+.1f} ± {100 * c.se:.1f}{z} "
+                f"| {100 * c.before:.1f} -> {100 * c.after:.1f} | {points(c.delta)} ± {100 * c.se:.1f}{z} "
                 f"| {c.items} ({c.problems}) |")
 
     rows = []
@@ -188,7 +193,7 @@ def change_markdown(groups: Mapping[str, Sequence]) -> str:
         for run in runs:
             rows += [row(name, f"`{run.workdir}`", r) for r in run_changes(run.workdir)]
         if len(runs) > 1:
-            rows += [row(name, f"mean of {len(runs)} runs ({', '.join(f'{100 * d:+.1f}' for d in per_run)})", r)
+            rows += [row(name, f"mean of {len(runs)} runs ({', '.join(map(points, per_run))})", r)
                      for r, per_run in group_changes([run.workdir for run in runs])]
     if not rows:
         return ""
@@ -256,7 +261,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"{setting}: {fmt_change(c.change)}")
         else:
             print(f"{setting}: mean of {len(pairs)} pairs: {fmt_change(c.change)}; per pair "
-                  + ", ".join(f"{100 * d:+.1f}" for d in c.per_pair))
+                  + ", ".join(map(points, c.per_pair)))
     return 0
 
 
