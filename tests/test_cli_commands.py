@@ -355,14 +355,14 @@ def test_ablation_dry_run(tmp_path):
 
 def test_readme_benchmarks():
     """The two benchmark scripts of the README's figures table, on the smallest shapes."""
-    for inline, args, last in (("python benchmarks/sampler.py", ["--batch", "2", "--prompt", "8", "--new", "4",
-                                                                  "--repeats", "1"], "ratio vrl_jax/transformers"),
-                               ("python benchmarks/train_step.py", ["--batch", "2", "--prompt", "8", "--response",
-                                                                     "8", "--repeats", "1"], "ratio torch/vrl_jax")):
-        assert inline in inline_commands()
-        out = ok(run(shlex.split(inline) + args, ROOT, timeout=600)).stdout
-        assert out.splitlines()[-1].startswith(last), out[-2000:]
-    # The sampler split over two CPU devices (one per core), timed beside the one-device sampler.
+    inline = "python benchmarks/train_step.py"
+    assert inline in inline_commands()
+    out = ok(run(shlex.split(inline) + ["--batch", "2", "--prompt", "8", "--response", "8", "--repeats", "1"], ROOT,
+                 timeout=600)).stdout
+    assert out.splitlines()[-1].startswith("ratio torch/vrl_jax"), out[-2000:]
+    # The sampler split over two CPU devices (one per core), timed beside the one-device sampler in the same run,
+    # so this one run covers the README's `python benchmarks/sampler.py` with and without `--devices 2`.
+    assert "python benchmarks/sampler.py" in inline_commands()
     small = ["--batch", "2", "--prompt", "8", "--new", "4", "--repeats", "1"]
     out = ok(run(["python", "benchmarks/sampler.py", *small, "--devices", "2"], ROOT, timeout=600)).stdout
     figures = json.loads(out.splitlines()[-2])
