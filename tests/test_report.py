@@ -189,3 +189,27 @@ def test_long_training_curves_are_smoothed_over_their_raw_points():
     assert np.abs(smoothed - truth)[10:-10].std() < 0.4 * np.abs(noisy - truth).std()
     assert smoothed[-10:].mean() - smoothed[:10].mean() > 0.08  # the rise survives
     np.testing.assert_allclose(smooth([1.0, 2.0, 3.0, 10.0], 3), [1.5, 2.0, 5.0, 6.5])
+
+
+def test_a_series_zero_at_every_step_gets_no_panel_and_is_named(tmp_path, monkeypatch):
+    """A KL reward the recipe does not use, and reflection words no response wrote: no panel (no figure when
+    every panel of it is flat), one line naming them; a series that is zero in one run only is plotted."""
+    for seed in (0, 1):
+        with MetricWriter(tmp_path / f"run_s{seed}", tensorboard=False) as w:
+            for s in range(1, 4):
+                w.write(s, {"rews/scores": 0.1 * s, "rews/kl_reward": 0.0, "reflection_words/wait": 0.0,
+                            "reflection_words/verify": 0.0, "training/kl": 0.01 * s * seed})
+    drawn = {}
+    real = report.plot_panels
+
+    def record(path, title, groups, keys, **kw):
+        drawn[path.name] = list(keys)
+        return real(path, title, groups, keys, **kw)
+
+    monkeypatch.setattr(report, "plot_panels", record)
+    md = report.make_report([tmp_path / "run_s0", tmp_path / "run_s1"], out=tmp_path / "out").read_text()
+    assert drawn["rewards.png"] == ["rews/scores"] and "reflection_words.png" not in drawn
+    assert drawn["entropy_kl.png"] == ["training/kl"]  # zero in seed 0 only
+    (line,) = [x for x in md.splitlines() if x.startswith("Not plotted, zero at every step: ")]
+    assert set(line.split(": ", 1)[1].split(", ")) == {"`rews/kl_reward`", "`reflection_words/wait`",
+                                                        "`reflection_words/verify`"}

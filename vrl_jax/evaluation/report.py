@@ -363,8 +363,12 @@ def make_report(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | 
                                    titles={k: _title(k) for k in acc}))
     train_keys = [k for k in dict.fromkeys(k for r in runs for row in r.rows if row.get("split") == "train"
                                            for k in row) if k not in acc]
+    # A series that is zero at every step of every run (a KL reward the recipe does not use, a reflection
+    # word nobody wrote) gets no panel; the report names them.
+    flat = [k for k in dict.fromkeys(k for _, _, patterns in FIGURES for k in _select(train_keys, patterns))
+            if not any(v != 0 for r in runs for v in series(r, k, split="train").values())]
     for fname, title, patterns in FIGURES:
-        keys = _select(train_keys, patterns)
+        keys = [k for k in _select(train_keys, patterns) if k not in flat]
         if keys and plots:
             prefixes = [p for p in patterns if p.endswith("/")]
             short = {k: next((k[len(p):] for p in prefixes if k.startswith(p)), k) for k in keys}
@@ -384,6 +388,8 @@ def make_report(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | 
     md.append(dynamics_markdown(groups))
     if figures:
         md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
+        if flat:
+            md += ["Not plotted, zero at every step: " + ", ".join(f"`{k}`" for k in flat), ""]
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
