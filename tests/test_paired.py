@@ -129,8 +129,8 @@ def test_readme_paired_command(tmp_path):
     assert out.splitlines() == [f"{LOW}: 16.7 -> 83.3: +66.7 ± {se:.1f} points (6 items, 3 problems)"]
     # Two pairs (another seed's evaluations, here the same files): their mean change and each pair's.
     out = ok(run(shlex.split(command) + ["before.outcomes.jsonl", "after.outcomes.jsonl"], tmp_path)).stdout
-    assert out.splitlines() == [f"{LOW}: mean of 2 pairs: 16.7 -> 83.3: +66.7 ± {se:.1f} points (6 items, 3 problems); "
-                                "per pair +66.7, +66.7"]
+    assert out.splitlines() == [f"{LOW}: mean of 2 pairs: 16.7 -> 83.3: +66.7 ± {se:.1f} points (6 items, "
+                                "3 problems); per pair +66.7, +66.7"]
     odd = run(shlex.split(command) + ["before.outcomes.jsonl"], tmp_path)
     assert odd.returncode == 2 and "3 files given: expected pairs" in odd.stderr and "Traceback" not in odd.stderr
     (tmp_path / "after.outcomes.jsonl").write_text('{"id": "i0", "' + LOW + '": 1}\nnot json\n')

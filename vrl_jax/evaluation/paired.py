@@ -53,15 +53,8 @@ def clustered_se(diffs: np.ndarray, clusters: Sequence) -> float:
 def paired_change(first: Sequence[Mapping], second: Sequence[Mapping], setting: str) -> PairedChange | None:
     """The change of `setting`'s score between two evaluations' outcome rows, over the items both hold (by
     id) and score; None when they share none."""
-    earlier = {r[ID]: r for r in first if setting in r}
-    pairs = [(earlier[r[ID]], r) for r in second if setting in r and r[ID] in earlier]
-    if not pairs:
-        return None
-    before = np.array([a[setting] for a, _ in pairs], np.float64)
-    after = np.array([b[setting] for _, b in pairs], np.float64)
-    problems = [b.get(PROBLEM, b[ID]) for _, b in pairs]
-    return PairedChange(float(before.mean()), float(after.mean()), float((after - before).mean()),
-                        clustered_se(after - before, problems), len(pairs), len(set(map(str, problems))))
+    pooled = pooled_change([(first, second)], setting)
+    return None if pooled is None else pooled.change
 
 
 class PooledChange(NamedTuple):
@@ -73,10 +66,9 @@ def pooled_change(pairs: Sequence[tuple[Sequence[Mapping], Sequence[Mapping]]], 
     """The mean change of `setting` over several (first, second) evaluations of the same problems (runs with
     other seeds, say), over the ids that every evaluation scores; None when they share none.
 
-    Each item's change is averaged over the pairs first, then the standard error is clustered by problem as
-    in `paired_change`: the runs share their problems, so their changes are not independent evidence. The
-    runs' training is taken as given (the spread between seeds is not in the SE; `per_pair` shows it). One
-    pair gives `paired_change`.
+    Each item's change is averaged over the pairs first, then its standard error is clustered by problem: the
+    runs share their problems, so their changes are not independent evidence. The runs' training is taken as
+    given (the spread between seeds is not in the SE; `per_pair` shows it). One pair is `paired_change`.
     """
     keyed = [({r[ID]: r for r in a if setting in r}, {r[ID]: r for r in b if setting in r}) for a, b in pairs]
     if not keyed:
@@ -88,8 +80,8 @@ def pooled_change(pairs: Sequence[tuple[Sequence[Mapping], Sequence[Mapping]]], 
     after = np.array([[b[i][setting] for i in ids] for _, b in keyed], np.float64)
     diffs = (after - before).mean(axis=0)
     problems = [keyed[0][1][i].get(PROBLEM, i) for i in ids]
-    change = PairedChange(float(before.mean()), float(after.mean()), float(diffs.mean()), clustered_se(diffs, problems),
-                          len(ids), len(set(map(str, problems))))
+    change = PairedChange(float(before.mean()), float(after.mean()), float(diffs.mean()),
+                          clustered_se(diffs, problems), len(ids), len(set(map(str, problems))))
     return PooledChange(change, tuple(float(d) for d in (after - before).mean(axis=1)))
 
 
