@@ -172,8 +172,9 @@ def test_pooled_change_averages_each_item_over_the_runs_then_clusters_by_problem
     assert pooled_change(pairs[:1], LOW).change == paired_change(*pairs[0], LOW)
     assert pooled_change([pairs[0], pairs[0]], LOW).change == pytest.approx(paired_change(*pairs[0], LOW))
     assert pooled_change(pairs, "pass@8 Temperature=1.0") is None and pooled_change([], LOW) is None
-    # Changes in points: a mean of +1, +1.5 and -2.5 is no change, printed as such.
-    assert points(np.mean([0.01, 0.015, -0.025])) == "+0.0" and points(-0.025) == "-2.5"
+    # Changes in points: a mean of +3, -1 and -2 is no change (in floats -1e-18), printed as such.
+    assert np.mean([0.03, -0.01, -0.02]) < 0 and points(np.mean([0.03, -0.01, -0.02])) == "+0.0"
+    assert points(-0.025) == "-2.5"
 
 
 def test_pooled_over_three_unchanged_runs_about_5_percent_land_beyond_2_standard_errors():
