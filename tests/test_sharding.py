@@ -154,3 +154,26 @@ def test_the_cpu_host_split_sets_the_device_count_unless_xla_flags_does():
     assert distributed.split_cpu_host(c, empty) == 2
     assert empty == {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert shd.MeshConfig.of(c.mesh) == shd.MeshConfig(data=-1, fsdp=1, tensor=1)
+
+
+def test_the_compilation_cache_is_off_on_a_split_cpu_host(monkeypatch):
+    """On a CPU backend of several devices the training command turns JAX's persistent compilation cache off
+    (executables with in-process collectives loaded from it deadlocked in 11 of 26 smoke runs on two devices);
+    one CPU device, or an accelerator, keeps it."""
+    from vrl_jax import distributed
+    assert jax.default_backend() == "cpu" and jax.local_device_count() > 1  # conftest's virtual devices
+    before = jax.config.values["jax_enable_compilation_cache"]
+    try:
+        jax.config.update("jax_enable_compilation_cache", True)
+        with monkeypatch.context() as m:
+            m.setattr(jax, "local_device_count", lambda *a: 1)
+            assert distributed.cache_off_on_split_host() is False
+        assert jax.config.values["jax_enable_compilation_cache"] is True
+        with monkeypatch.context() as m:
+            m.setattr(jax, "default_backend", lambda: "gpu")
+            assert distributed.cache_off_on_split_host() is False
+        assert jax.config.values["jax_enable_compilation_cache"] is True
+        assert distributed.cache_off_on_split_host() is True
+        assert jax.config.values["jax_enable_compilation_cache"] is False
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)

@@ -20,8 +20,9 @@ from tests import test_train_e2e as e2e
 # SFT trains everything; RL the language model only.
 PARTS = ("--config.optim.train_vit=False", "--config.optim.train_connector=False",
          "--config.sft.train_vit=True", "--config.sft.train_connector=True")
-# 2 SFT steps, then 3 RL steps; every step's checkpoint kept.
-RUN = ("--config.rl_steps=3", "--config.checkpoint.keep=10", *PARTS)
+# 2 SFT steps, then 3 RL steps; every step's checkpoint kept. On the CPU host split into two devices (the
+# option a user sets): an RL checkpoint restores into RL's optimizer shapes on a mesh too.
+RUN = ("--config.rl_steps=3", "--config.checkpoint.keep=10", "--config.mesh.cpu_devices=2", *PARTS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,6 +63,7 @@ def test_rl_freezes_the_tower_sft_trained_and_a_resume_from_an_rl_checkpoint_equ
     full = str(tmp_path / "full")
     out = e2e.run_train(full, *RUN)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "devices: 2 cpu (mesh data=2 fsdp=1 tensor=1)" in out.stdout
 
     # The vision tower: trained by SFT (step 2 differs from the random model), frozen in RL (steps 3-5 equal 2),
     # and exported as SFT left it; the language model moves in RL.
@@ -79,7 +81,8 @@ def test_rl_freezes_the_tower_sft_trained_and_a_resume_from_an_rl_checkpoint_equ
     llm = next(k for k in last if k.startswith("language.") and k.endswith("q_w"))
     assert not np.array_equal(np.asarray(last[llm]), np.asarray(sft_end[llm])), "RL did not train the LLM"
 
-    # Resume from the first RL checkpoint (step 3: RL's optimizer state, which has no moments for the tower).
+    # Resume from the first RL checkpoint (step 3: RL's optimizer state, which has no moments for the tower),
+    # on the same mesh.
     resumed = str(tmp_path / "resumed")
     shutil.copytree(full, resumed)
     for step in (4, 5):

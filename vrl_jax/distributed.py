@@ -104,6 +104,22 @@ def split_cpu_host(config=None, environ: dict | None = None) -> int | None:
     return count
 
 
+def cache_off_on_split_host() -> bool:
+    """Turns JAX's persistent compilation cache off when the CPU backend holds several devices (the host split
+    by `mesh.cpu_devices` or by XLA_FLAGS). XLA:CPU runs their collectives in-process, and an executable with
+    collectives that is *loaded* from the cache deadlocks intermittently: its devices wait at different
+    collectives of one execution (the reference log-prob program: an all-gather in the vision tower's layer
+    loop on one device, the all-reduce after that loop on the other) until XLA aborts after 40 s. Measured on
+    2 cores with another process busy on one: smoke runs on two devices that loaded their programs from a
+    warm cache hung in 11 of 26 (resumed or not), runs that compiled their own in 0 of 10. A restarted
+    split-host run therefore compiles again (tens of seconds); accelerators keep the cache. Call after JAX
+    has its backend. Returns True when it turned the cache off."""
+    if jax.default_backend() != "cpu" or jax.local_device_count() < 2:
+        return False
+    jax.config.update("jax_enable_compilation_cache", False)
+    return True
+
+
 _JOINED: list[JoinSpec] = []
 
 

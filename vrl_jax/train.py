@@ -236,6 +236,7 @@ def main(argv: list[str]) -> int:
         # A restarted (preempted, killed) run reuses the compiled steps instead of compiling again.
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    distributed.cache_off_on_split_host()  # XLA:CPU's in-process collectives deadlock when loaded from it
     from vrl_jax.trainer import train  # validates the config and checks the inputs before anything slow
     result = train(command.config, workdir, allow_config_change=command.allow_config_change)
     if result.stopped:
