@@ -53,6 +53,7 @@ def _common(c):
     c.eval.batch_size = 50  # 50 images of <= 64 patches fit the largest patch bucket (4096)
     c.eval.settings = ("medium",)  # pass@1 at T=0.6, MAYE's "medium" setting
     c.checkpoint.every_steps = 40
+    c.mesh.cpu_devices = 1  # one CPU device, as measured (default.py now splits the host in two)
     return c
 
 
