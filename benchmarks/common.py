@@ -1,16 +1,41 @@
 """What the benchmarks share: performance.md's tiny Qwen2.5-VL-shaped peer model, the machine's
 measured matmul throughput (the physical limit a CPU step is compared against), and the rollout
 timing both sampler benchmarks use (random text prompts, vrl_jax's `Sampler` and transformers
-`generate` timed the same way)."""
+`generate` timed the same way), and a description of the machine every figure line carries."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import statistics
 import time
 
 import numpy as np
+
+
+# The widest vector extensions first: which one a CPU has moves XLA:CPU's and PyTorch's kernels differently,
+# so the same script gives other ratios on another CPU (benchmarks/README.md, "The CPU matters").
+_ISAS = ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon")
+
+
+def machine() -> dict:
+    """The machine a figure was measured on: CPU model (with family/model on x86 Linux, which tells AMD EPYC
+    generations apart when the name does not), its widest vector extension, cores, and the 1-minute load."""
+    info = {"cpu_model": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["cpu_model"] = fields.get("model name", info["cpu_model"])
+        if "cpu family" in fields:
+            info["cpu_family_model"] = f"{fields['cpu family']}/{fields.get('model', '?')}"
+        flags = set((fields.get("flags") or fields.get("Features") or "").split())
+        info["vector_isa"] = next((isa for isa in _ISAS if isa in flags), "unknown")
+    except OSError:  # not Linux
+        pass
+    info["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    return info
 
 
 def build_checkpoint(directory: str, scale: int = 1):

@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from common import machine  # benchmarks/common.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, EPS_ADV, CLIP, MAX_NORM = 1e-5, 1e-4, 0.2, 1.0
 JUDGE = {"weights": {"accuracy": 1.0}, "judge": {"mode": "default"}}
@@ -206,8 +208,7 @@ def main():
     for name, s in (("vrl_jax", ours), ("TRL", peer)):
         print(f"{name:8s} step {s['step_s']:7.3f} s  rollout {s['rollout_s']:7.3f} s  update {s['update_s']:7.3f} s  "
               f"{1e3 * s['s_per_token']:.3f} ms per generated token ({s['tokens']:.0f} tokens)")
-    print(json.dumps({"args": vars(args), "vrl_jax": ours, "trl": peer, "cpu_count": os.cpu_count(),
-                      "load_avg_1m": round(os.getloadavg()[0], 2)}))
+    print(json.dumps({"args": vars(args), "vrl_jax": ours, "trl": peer, **machine()}))
     print(f"ratio TRL/vrl_jax step time: {peer['step_s'] / ours['step_s']:.2f}")
 
 

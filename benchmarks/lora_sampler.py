@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from common import (Rollouts, build_models, generate_kwargs, set_torch_threads,  # benchmarks/common.py
+from common import (Rollouts, build_models, generate_kwargs, machine, set_torch_threads,  # benchmarks/common.py
                     text_prompts, time_generate, time_samplers)
 
 ALPHA = 16.0  # experiments' default `model.lora.alpha`
@@ -157,8 +157,7 @@ def main(argv):
                    merge_s=round(merge_s, 4), merge_first_call_s=round(merge_first_s, 3),
                    **{k: r.report() for k, r in runs.items()},
                    merged_with_per_rollout_merge_tokens_per_s=round(merge_each, 1),
-                   devices=str(jax.devices()[0].platform), cpu_count=os.cpu_count(),
-                   load_average=[round(x, 2) for x in os.getloadavg()])
+                   devices=str(jax.devices()[0].platform), **machine())
     print(f"vrl_jax unmerged: {unmerged:10.1f} tokens/s   (compile {runs['unmerged'].compile_s:.1f} s)")
     print(f"vrl_jax merged:   {merged_tps:10.1f} tokens/s   (compile {runs['merged'].compile_s:.1f} s); "
           f"unmerged / merged {unmerged / merged_tps:.2f}")

@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 
-from common import (build_models, matmul_flops_per_s, set_torch_threads, text_prompts,  # benchmarks/common.py
+from common import (build_models, machine, matmul_flops_per_s, set_torch_threads, text_prompts,  # benchmarks/common.py
                     time_generate, time_samplers)
 
 SEGMENTS = 4  # vrl_jax's default (configs.base_config: rollout.decode_segments)
@@ -88,7 +88,7 @@ def main():
                    vrl_jax_compile_s=round(ours.compile_s, 2), vrl_jax_step_s=[round(t, 3) for t in ours.step_s],
                    transformers_step_s=[round(t, 3) for t in theirs.step_s], platform=str(jax.devices()[0].platform),
                    matmul_gflops=round(matmul_flops_per_s() / 1e9, 1),
-                   cpu_count=os.cpu_count())
+                   **machine())
     figures["decode_segments"] = args.decode_segments
     if args.decode_segments > 1:
         figures["vrl_jax_1_loop_tokens_per_s"] = round(timed["1 loop"].tokens_per_s, 1)

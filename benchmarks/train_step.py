@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from common import build_checkpoint, matmul_flops_per_s  # benchmarks/common.py
+from common import build_checkpoint, machine, matmul_flops_per_s  # benchmarks/common.py
 
 LR, BETAS, EPS, WD, CLIP, PPO_CLIP = 1e-6, (0.9, 0.95), 1e-5, 0.01, 1.0, 0.2
 
@@ -155,8 +155,7 @@ def main():
         matmul_gflop_per_s=round(flops_peak / 1e9, 2), vrl_jax_fraction_of_matmul=round(flops / jax_s / flops_peak, 3),
         torch_fraction_of_matmul=round(flops / torch_s / flops_peak, 3), first_loss_vrl_jax=jax_loss0,
         first_loss_torch=torch_loss0, vrl_jax_times_s=[round(t, 4) for t in jax_times],
-        torch_times_s=[round(t, 4) for t in torch_times], cpu_count=os.cpu_count(),
-        load_avg_1m=round(os.getloadavg()[0], 2), torch_threads=torch.get_num_threads())
+        torch_times_s=[round(t, 4) for t in torch_times], torch_threads=torch.get_num_threads(), **machine())
     print(f"vrl_jax: {jax_s * 1e3:9.1f} ms/step  {flops / jax_s / 1e9:6.1f} GFLOP/s "
           f"({100 * flops / jax_s / flops_peak:.0f}% of matmul)  compile {jax_first - jax_s:.1f} s")
     print(f"torch:   {torch_s * 1e3:9.1f} ms/step  {flops / torch_s / 1e9:6.1f} GFLOP/s "

@@ -360,6 +360,10 @@ def test_readme_benchmarks():
     out = ok(run(shlex.split(inline) + ["--batch", "2", "--prompt", "8", "--response", "8", "--repeats", "1"], ROOT,
                  timeout=600)).stdout
     assert out.splitlines()[-1].startswith("ratio torch/vrl_jax"), out[-2000:]
+    # Every figure line names the machine it was measured on: the ratios differ between CPUs.
+    figures = json.loads(out.splitlines()[-2])
+    assert figures["cpu_model"] and figures["cpu_count"] >= 1 and "load_avg_1m" in figures, out[-2000:]
+    assert figures.get("vector_isa", "linux only") != "unknown", figures
     # The sampler split over two CPU devices (one per core), timed beside the one-device sampler in the same run,
     # so this one run covers the README's `python benchmarks/sampler.py` with and without `--devices 2`.
     assert "python benchmarks/sampler.py" in inline_commands()
