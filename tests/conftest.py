@@ -17,7 +17,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # --no-loadscope-reorder`, the README's test command) a worker takes whole files in collection order, so
 # starting with these keeps one long file from running alone at the end while the other worker idles.
 HEAVY_FIRST = ("test_multihost_run.py", "test_experiments.py", "test_train_e2e.py", "test_user_errors.py",
-               "test_recipe_fidelity.py", "test_step_timing.py", "test_lora_run.py", "test_multihost.py",
+               "test_recipe_fidelity.py", "test_lora_run.py", "test_multihost.py",
                "test_cli_commands.py", "test_qwen3_vl.py", "test_memory.py", "test_llava_onevision.py",
                "test_train_step.py")
 

@@ -1,8 +1,11 @@
 """The training loop end to end on the tiny default (`experiments/default.py:smoke`): every algorithm
-runs, a run killed with SIGKILL resumes exactly, SIGTERM saves, and config mistakes fail before compiling."""
+runs, a run killed with SIGKILL resumes exactly, SIGTERM saves, config mistakes fail before compiling, and
+where a step's time goes: phases timed apart, compiling counted apart (and zero once every bucketed shape was
+seen), and a profiler trace of the steps asked for."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -17,6 +20,7 @@ import pytest
 from tests.test_checkpointing import damage
 from tests.xla_flags import xla_flags
 from vrl_jax.evaluation.paired import read_outcomes, run_changes
+from vrl_jax.timing import CompileWatch, PhaseTimer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "default.py") + ":smoke"
@@ -57,14 +61,16 @@ def rows(workdir, split="train"):
     return out
 
 
-# 6 training problems: 3 RL steps per epoch, so 4 RL steps cross an epoch boundary (epoch summaries).
-RUN = ("--config.rl_steps=4", "--config.data.synthgeo.train=6")
+# 6 training problems: 3 RL steps per epoch, so 6 RL steps are two epochs (epoch summaries; the second epoch
+# brings the first one's shapes back, which must not compile again: test_nothing_compiles_once_a_shape_was_seen).
+RUN = ("--config.rl_steps=6", "--config.data.synthgeo.train=6")
+PROFILED = "--config.log.profile_steps=(3,)"  # the uninterrupted run's third step leaves a trace
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("full"))
-    out = run_train(wd, *RUN)
+    out = run_train(wd, *RUN, PROFILED)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return wd
 
@@ -72,18 +78,19 @@ def uninterrupted(tmp_path_factory):
 def test_sft_then_grpo_runs_and_writes_everything(uninterrupted):
     wd = uninterrupted
     train = rows(wd)
-    assert [r["step"] for r in train] == list(range(1, 7))  # 2 SFT + 4 GRPO steps
+    assert [r["step"] for r in train] == list(range(1, 9))  # 2 SFT + 6 GRPO steps
     assert "sft/loss" in train[0] and "rews/acc_rewards" in train[-1] and "training/clipfrac" in train[-1]
     assert "reflection_analysis/reflection_ratio" in train[-1] or any("reflection" in k for k in train[-1])
     evals = rows(wd, "eval")
-    assert [r["step"] for r in evals] == [0, 2, 6]  # start, after SFT, end
+    assert [r["step"] for r in evals] == [0, 2, 8]  # start, after SFT, end
     assert os.path.exists(os.path.join(wd, "export", "model.safetensors"))
     assert os.listdir(os.path.join(wd, "samples")) and os.listdir(os.path.join(wd, "tensorboard"))
     # Epoch summaries (epoch = epochs completed): the first RL epoch (3 steps x 2 prompts x 2 samples)
-    # ends at step 5, the second is partial.
+    # ends at step 5; the second is summarised at the run's last step, 8, as the last epoch always is (not
+    # marked complete: the trainer writes the last one before knowing whether another step would follow).
     epochs = rows(wd, "epoch")
     assert [(r["step"], r["epoch"], r["epoch/complete"], r["epoch/samples"]) for r in epochs] == [
-        (5, 1, 1.0, 12.0), (6, 2, 0.0, 4.0)]
+        (5, 1, 1.0, 12.0), (8, 2, 0.0, 12.0)]
     rl = [r for r in train if r["stage"] == 1.0]
     assert epochs[0]["epoch_mean/response/response_lengths"] == pytest.approx(
         sum(r["response/response_lengths"] for r in rl[:3]) / 3)
@@ -108,7 +115,7 @@ def test_sft_then_grpo_runs_and_writes_everything(uninterrupted):
         assert [o["id"] for o in mine] == val_ids[:int(row["eval/val/num_problems"])]
         for label in ("pass@1 Temperature=0.01", "pass@2 Temperature=1.0"):
             assert np.mean([o[label] for o in mine]) == pytest.approx(row[f"acc/Validation Set Epoch Accuracy {label}"])
-    assert [(c.split, c.first_step, c.last_step) for c in run_changes(wd)][0] == ("val", 0, 6)
+    assert [(c.split, c.first_step, c.last_step) for c in run_changes(wd)][0] == ("val", 0, 8)
 
 
 def wait_for_step(proc, wd, step):
@@ -173,7 +180,7 @@ def test_sigterm_saves_then_sigkill_then_restart_resumes_exactly(uninterrupted, 
 
 def test_two_device_mesh_run_equals_the_single_device_run(uninterrupted, tmp_path):
     """The whole loop on a (2, 1, 1) mesh: sampler, SFT and GRPO steps sharded over the data axis. Train
-    rows every 4 steps and at the end (log.every_steps=4: steps 4 and 6 of 6), each equal to the
+    rows every 4 steps and at the end (log.every_steps=4: steps 4 and 8 of 8), each equal to the
     single-device run's row of that step (whose device metrics were fetched every step). The two devices
     are the CPU host split by `mesh.cpu_devices`, the option a user sets."""
     wd = str(tmp_path / "mesh")
@@ -181,15 +188,76 @@ def test_two_device_mesh_run_equals_the_single_device_run(uninterrupted, tmp_pat
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "devices: 2 cpu (mesh data=2 fsdp=1 tensor=1)" in out.stdout
     sharded = rows(wd)
-    assert [r["step"] for r in sharded] == [4, 6]
+    assert [r["step"] for r in sharded] == [4, 8]
     assert all("loss/loss" in r for r in sharded)  # RL steps' device metrics, fetched on logging steps
-    single = [r for r in rows(uninterrupted) if r["step"] in (4, 6)]
+    single = [r for r in rows(uninterrupted) if r["step"] in (4, 8)]
     for a, b in zip(sharded, single):
         for key, value in b.items():
             if key.startswith("shapes/"):  # by design: one image buffer per device's rows, so smaller buckets
                 continue
             if isinstance(value, float):
                 assert abs(a[key] - value) <= 1e-5 * max(1.0, abs(value)), (a["step"], key, a[key], value)
+
+
+# -- where a step's time goes, as the trainer logs it (the uninterrupted run) ------------------------
+
+SHAPES = ("shapes/train_columns", "shapes/train_patches", "shapes/prompt_columns", "shapes/prompt_patches")
+
+
+def raw_rows(workdir, split="train"):
+    """The metrics rows with their wall-clock and compile keys."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r.get("split") == split]
+
+
+def test_phases_are_timed_apart(uninterrupted):
+    rl = [r for r in raw_rows(uninterrupted) if r["stage"] == 1.0]
+    for r in rl:
+        phases = [r[f"time/{p}"] for p in ("sample", "score", "credit", "update")]
+        assert all(t > 0 for t in phases)
+        assert r["time/step"] == pytest.approx(sum(phases) + r.get("time/reference", 0.0))
+        assert r["speed/sample_tokens_per_second"] > 0 and r["speed/update_tokens_per_second"] > 0
+        assert "time/rollout" not in r and "time/reward" not in r  # the old, mixed phases
+
+
+def test_nothing_compiles_once_a_shape_was_seen(uninterrupted):
+    """The sampler and the train step compile once per bucketed shape: a step whose shapes (prompt columns
+    and patches, train columns and patches) all came before compiles nothing; the first steps do."""
+    seen, repeats = set(), 0
+    train = raw_rows(uninterrupted)
+    assert train[0]["compile/count"] > 0 and train[0]["time/compile"] > 0
+    for r in train:
+        key = (r["stage"],) + tuple(r.get(k) for k in SHAPES)
+        if key in seen:
+            repeats += 1
+            assert r["compile/count"] == 0, (r["step"], key)
+        seen.add(key)
+    assert repeats >= 3  # the second RL epoch repeats the first one's shapes
+    evals = raw_rows(uninterrupted, "eval")
+    assert evals[0]["compile/count"] > 0 and evals[-1]["compile/count"] == 0  # the same splits, compiled once
+
+
+def test_the_profiled_step_leaves_a_trace(uninterrupted):
+    assert glob.glob(os.path.join(uninterrupted, "profile", "**", "*.xplane.pb"), recursive=True)
+
+
+def test_phase_timer_and_compile_watch():
+    import jax
+    import jax.numpy as jnp
+
+    x5, x6 = jnp.ones(5), jnp.ones(6)
+    watch, timer = CompileWatch(), PhaseTimer()
+    f = jax.jit(lambda x: jnp.sin(x) * 3)
+    with timer("a"):
+        timer.block(f(x5))
+    with timer("a"):
+        f(x5)
+    count, seconds = watch.take()
+    assert count == 1 and seconds > 0 and set(timer.seconds) == {"a"}
+    f(x5)
+    assert watch.take() == (0, 0.0)
+    f(x6)  # a new shape compiles again
+    assert watch.take()[0] == 1
 
 
 def test_sft_alone_runs(tmp_path):
