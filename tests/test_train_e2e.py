@@ -61,9 +61,10 @@ def rows(workdir, split="train"):
     return out
 
 
-# 6 training problems: 3 RL steps per epoch, so 6 RL steps are two epochs (epoch summaries; the second epoch
-# brings the first one's shapes back, which must not compile again: test_nothing_compiles_once_a_shape_was_seen).
-RUN = ("--config.rl_steps=6", "--config.data.synthgeo.train=6")
+# 6 training problems: 3 RL steps per epoch, so 7 RL steps are two whole epochs and one step of a third (epoch
+# summaries, complete and partial; the later epochs bring the first one's shapes back, which must not compile
+# again: test_nothing_compiles_once_a_shape_was_seen).
+RUN = ("--config.rl_steps=7", "--config.data.synthgeo.train=6")
 PROFILED = "--config.log.profile_steps=(3,)"  # the uninterrupted run's third step leaves a trace
 
 
@@ -78,19 +79,18 @@ def uninterrupted(tmp_path_factory):
 def test_sft_then_grpo_runs_and_writes_everything(uninterrupted):
     wd = uninterrupted
     train = rows(wd)
-    assert [r["step"] for r in train] == list(range(1, 9))  # 2 SFT + 6 GRPO steps
+    assert [r["step"] for r in train] == list(range(1, 10))  # 2 SFT + 7 GRPO steps
     assert "sft/loss" in train[0] and "rews/acc_rewards" in train[-1] and "training/clipfrac" in train[-1]
     assert "reflection_analysis/reflection_ratio" in train[-1] or any("reflection" in k for k in train[-1])
     evals = rows(wd, "eval")
-    assert [r["step"] for r in evals] == [0, 2, 8]  # start, after SFT, end
+    assert [r["step"] for r in evals] == [0, 2, 9]  # start, after SFT, end
     assert os.path.exists(os.path.join(wd, "export", "model.safetensors"))
     assert os.listdir(os.path.join(wd, "samples")) and os.listdir(os.path.join(wd, "tensorboard"))
     # Epoch summaries (epoch = epochs completed): the first RL epoch (3 steps x 2 prompts x 2 samples)
-    # ends at step 5; the second is summarised at the run's last step, 8, as the last epoch always is (not
-    # marked complete: the trainer writes the last one before knowing whether another step would follow).
+    # ends at step 5, the second at step 8, and the third is partial (one step) at the run's end.
     epochs = rows(wd, "epoch")
     assert [(r["step"], r["epoch"], r["epoch/complete"], r["epoch/samples"]) for r in epochs] == [
-        (5, 1, 1.0, 12.0), (8, 2, 0.0, 12.0)]
+        (5, 1, 1.0, 12.0), (8, 2, 1.0, 12.0), (9, 3, 0.0, 4.0)]
     rl = [r for r in train if r["stage"] == 1.0]
     assert epochs[0]["epoch_mean/response/response_lengths"] == pytest.approx(
         sum(r["response/response_lengths"] for r in rl[:3]) / 3)
@@ -115,7 +115,7 @@ def test_sft_then_grpo_runs_and_writes_everything(uninterrupted):
         assert [o["id"] for o in mine] == val_ids[:int(row["eval/val/num_problems"])]
         for label in ("pass@1 Temperature=0.01", "pass@2 Temperature=1.0"):
             assert np.mean([o[label] for o in mine]) == pytest.approx(row[f"acc/Validation Set Epoch Accuracy {label}"])
-    assert [(c.split, c.first_step, c.last_step) for c in run_changes(wd)][0] == ("val", 0, 8)
+    assert [(c.split, c.first_step, c.last_step) for c in run_changes(wd)][0] == ("val", 0, 9)
 
 
 def wait_for_step(proc, wd, step):
@@ -180,7 +180,7 @@ def test_sigterm_saves_then_sigkill_then_restart_resumes_exactly(uninterrupted, 
 
 def test_two_device_mesh_run_equals_the_single_device_run(uninterrupted, tmp_path):
     """The whole loop on a (2, 1, 1) mesh: sampler, SFT and GRPO steps sharded over the data axis. Train
-    rows every 4 steps and at the end (log.every_steps=4: steps 4 and 8 of 8), each equal to the
+    rows every 4 steps and at the end (log.every_steps=4: steps 4, 8 and 9 of 9), each equal to the
     single-device run's row of that step (whose device metrics were fetched every step). The two devices
     are the CPU host split by `mesh.cpu_devices`, the option a user sets."""
     wd = str(tmp_path / "mesh")
@@ -188,9 +188,9 @@ def test_two_device_mesh_run_equals_the_single_device_run(uninterrupted, tmp_pat
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "devices: 2 cpu (mesh data=2 fsdp=1 tensor=1)" in out.stdout
     sharded = rows(wd)
-    assert [r["step"] for r in sharded] == [4, 8]
+    assert [r["step"] for r in sharded] == [4, 8, 9]
     assert all("loss/loss" in r for r in sharded)  # RL steps' device metrics, fetched on logging steps
-    single = [r for r in rows(uninterrupted) if r["step"] in (4, 8)]
+    single = [r for r in rows(uninterrupted) if r["step"] in (4, 8, 9)]
     for a, b in zip(sharded, single):
         for key, value in b.items():
             if key.startswith("shapes/"):  # by design: one image buffer per device's rows, so smaller buckets
