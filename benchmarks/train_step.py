@@ -1,6 +1,7 @@
 """One RL optimizer step: vrl_jax's compiled train step vs a PyTorch step on the transformers model.
 
   python benchmarks/train_step.py [--scale 1] [--batch 32] [--prompt 64] [--response 128] [--repeats 5] [--torch-threads N]
+                                 [--layers unroll|scan]
 
 Model: a randomly initialised Qwen2.5-VL-shaped model of ~3.7 M language parameters (text hidden
 256, 4 layers, intermediate 768, 4 heads / 2 KV heads, vocabulary 1024: performance.md's shape),
@@ -12,7 +13,8 @@ response tokens' log-probs, backward, global-norm clipping at 1.0 and one AdamW 
 betas 0.9/0.95, eps 1e-5, wd 0.01) of the language model; the vision tower and connector are
 frozen (MAYE's paper setting), float32 everywhere. PyTorch: `Qwen2_5_VLForConditionalGeneration`
 forward (its default attention, SDPA), float32 log_softmax of the logits, `loss.backward()`,
-`clip_grad_norm_`, `torch.optim.AdamW` (foreach). vrl_jax: `make_train_step` (one micro-batch).
+`clip_grad_norm_`, `torch.optim.AdamW` (foreach). vrl_jax: `make_train_step` (one micro-batch), its 4 layers
+unrolled as in `experiments/default.py` (`model.unroll_layers`; `--layers scan` times the layer scan instead).
 
 Timing: warm-up first (compilation reported separately), then `--repeats` steps each side,
 interleaved; medians. FLOP/s: model FLOPs per step (6 x matmul parameters x tokens + 12 x layers x
@@ -56,6 +58,8 @@ def main():
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="PyTorch intra-op threads (0 = one per core, its default). Its OpenMP threads slow "
                              "down sharply when another process holds a core; 1 is robust to that")
+    parser.add_argument("--layers", choices=("unroll", "scan"), default="unroll",
+                        help="vrl_jax's layer loop: straight-line code (the default experiment's) or a lax.scan")
     args = parser.parse_args()
 
     import jax
@@ -73,6 +77,7 @@ def main():
         hf = build_checkpoint(d, args.scale)
         config = ModelConfig.from_pretrained(d)
         model = load_hf_params(d, config)
+    model.language.unroll_layers = args.layers == "unroll"
     lm_params = sum(p.numel() for p in hf.model.language_model.parameters()) + hf.lm_head.weight.numel()
 
     # The batch: prompts then responses, every row full length; targets are the next tokens.
@@ -155,7 +160,8 @@ def main():
         matmul_gflop_per_s=round(flops_peak / 1e9, 2), vrl_jax_fraction_of_matmul=round(flops / jax_s / flops_peak, 3),
         torch_fraction_of_matmul=round(flops / torch_s / flops_peak, 3), first_loss_vrl_jax=jax_loss0,
         first_loss_torch=torch_loss0, vrl_jax_times_s=[round(t, 4) for t in jax_times],
-        torch_times_s=[round(t, 4) for t in torch_times], torch_threads=torch.get_num_threads(), **machine())
+        torch_times_s=[round(t, 4) for t in torch_times], torch_threads=torch.get_num_threads(), layers=args.layers,
+        **machine())
     print(f"vrl_jax: {jax_s * 1e3:9.1f} ms/step  {flops / jax_s / 1e9:6.1f} GFLOP/s "
           f"({100 * flops / jax_s / flops_peak:.0f}% of matmul)  compile {jax_first - jax_s:.1f} s")
     print(f"torch:   {torch_s * 1e3:9.1f} ms/step  {flops / torch_s / 1e9:6.1f} GFLOP/s "

@@ -209,3 +209,36 @@ def test_banded_vision_attention_equals_transformers(checkpoints, images, family
     broken = max_diff(forward(model, batch, config.vision.window_size, packed_bucket=1024), ref,
                       batch["attention_mask"])
     assert broken > max(100 * banded, 1e-5), (broken, banded)
+
+
+def test_unrolled_layers_equal_the_scan(checkpoints):
+    """`Qwen2Decoder.unroll_layers` (config `model.unroll_layers`) runs the same stacked weights as straight-line
+    code: logits equal transformers' and the scan's, the gradient (entries up to ~40) and a prefill's KV cache
+    equal the scan's (float32; 1e-4 absolute for the gradient, 1e-5 otherwise: the sums associate differently),
+    and the compiled program has no loop left (the setting is not ignored)."""
+    from vrl_jax.models.qwen2 import KVCache
+    d, hf = checkpoints["qwen2_5_vl"]
+    config = ModelConfig.from_pretrained(d)
+    batch = left_padded_text_batch()
+    ids, pos, mask = (jnp.asarray(batch[k]) for k in ("input_ids", "positions", "attention_mask"))
+    out = {}
+    for unroll in (False, True):
+        model = load_hf_params(d, config)
+        model.language.unroll_layers = unroll
+        graphdef, state = nnx.split(model)
+        logits = forward(model, batch, None)
+        loss = lambda s: jnp.sum(jnp.tanh(nnx.merge(graphdef, s)(ids, pos, mask, None)))  # noqa: E731
+        grad = jax.jit(jax.grad(loss))
+        assert (" while(" in grad.lower(state).as_text(dialect="hlo")) != unroll
+        cache = KVCache.zeros(config.text, 3, 20)
+
+        def prefill(s, cache):
+            return nnx.merge(graphdef, s).hidden_states(ids, pos, mask, cache=cache, write_index=0,
+                                                        kv_valid=jnp.pad(mask, ((0, 0), (0, 4))).astype(bool))
+        out[unroll] = logits, jax.tree.leaves(grad(state)), jax.jit(prefill)(state, cache)
+    assert max_diff(out[True][0], hf_logits(hf, batch), batch["attention_mask"]) <= TOL
+    assert max_diff(out[True][0], out[False][0], batch["attention_mask"]) <= 1e-5
+    for a, b in zip(out[True][1], out[False][1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[True][2]), jax.tree.leaves(out[False][2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)

@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # none | full | dots | offload: what each layer keeps for the backward pass (models/layers.py)
+    # The language model's layers as straight-line code instead of a `lax.scan` (`models/qwen2.py`): faster steps
+    # for shallow models (no stacked residuals), a compile time that grows with depth; keep False for deep ones.
+    c.model.unroll_layers = False
     # Low-rank adapters on the language model's projections, and optionally the vision tower's and connector's
     # (`models/lora.py`), rank 0 = full fine-tuning. With rank > 0 a part carrying adapters trains them alone
     # (a part without trains by its optim.train_* flag), the KL reference copies only what trains, and
@@ -300,6 +303,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _choice(c, "model.dtype", ("float32", "bfloat16"))
     _choice(c, "model.param_dtype", ("float32", "bfloat16"))
     _choice(c, "model.remat", ("none", "full", "dots", "offload"))
+    _choice(c, "model.unroll_layers", (True, False))
     _choice(c, "dyme.answer_format", ("boxed", "flag"))
     _choice(c, "loss.kl_clamp_mode", KL_CLAMP_MODES)
     _choice(c, "optim.schedule", tuple(SCHEDULES))

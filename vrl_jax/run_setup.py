@@ -326,6 +326,7 @@ def prepare_run(c, workdir: str, mesh=None) -> RunSetup:
     model = load_model(model_dir, dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype))
     # No image of this run has more patches than the processor allows: vision attention stays within that.
     model.visual.max_segment = processor.image_processor.max_patches
+    model.language.unroll_layers = c.model.unroll_layers
     if (lora_cfg := configs.lora_config(c)) is not None:  # the same adapters in every process (same key)
         lora.add_adapters(model, lora_cfg, jax.random.fold_in(jax.random.key(c.seed), LORA_KEY))
         if c.model.lora.quantize != "none":  # QLoRA: the language model's frozen projections in int8 / NF4

@@ -2,7 +2,11 @@
 with the Qwen3 variant (q/k norms, no q/k/v bias, DeepStack injections) for Qwen3-VL.
 
 Parameters of all layers are stacked on a leading layer axis and the layers run under `lax.scan`,
-so compile time does not grow with depth and a KV cache is one array per K and V. Weights are
+so compile time does not grow with depth and a KV cache is one array per K and V. With
+`Qwen2Decoder.unroll_layers` the scan is unrolled into straight-line code over the same stacked
+weights: the backward pass then keeps each layer's residuals as separate buffers instead of writing
+them into [layers, ...] stacks (zero-filled, updated in place and sliced again), which made the train
+step ~10% faster on a 2-core CPU at 4 layers, at a compile time that grows with depth. Weights are
 kept in `x @ W` layout ([in, out]); the converter transposes PyTorch's [out, in].
 """
 
@@ -156,13 +160,13 @@ def shared_prompt_block(w: dict, xp, xr, rope_p, rope_r, mask_p, mask_r, *, cfg:
     return _attend_and_mlp(w, xp, qp, kp, vp, mask_p, cfg=cfg), _attend_and_mlp(w, xr, qr, k, v, mask_r, cfg=cfg)
 
 
-def _scan_layers(body, carry, stacked: dict, remat: bool | str):
+def _scan_layers(body, carry, stacked: dict, remat: bool | str, unroll: bool = False):
     """`lax.scan` of `body(carry, (layer weights, layer index))` over the stacked layers (each layer
-    rematerialised in the backward pass under the policy `remat` names, `layers.REMAT_POLICIES`);
-    returns the final carry."""
+    rematerialised in the backward pass under the policy `remat` names, `layers.REMAT_POLICIES`),
+    fully unrolled when `unroll`; returns the final carry."""
     body = layers.checkpointed(body, remat)
     layers_count = next(iter(stacked.values())).shape[0]
-    carry, _ = jax.lax.scan(body, carry, (stacked, jnp.arange(layers_count)))
+    carry, _ = jax.lax.scan(body, carry, (stacked, jnp.arange(layers_count)), unroll=bool(unroll))
     return carry
 
 
@@ -177,6 +181,7 @@ class Qwen2Decoder(nnx.Module):
         self.norm = _ones((cfg.hidden_size,), param_dtype)
         self.lm_head = None if tie_word_embeddings else _param(rngs, (cfg.hidden_size, cfg.vocab_size), param_dtype)
         self.lora: lora.LoraConfig | None = None  # set by `lora.add_adapters`
+        self.unroll_layers = False  # the layer loop as straight-line code (config `model.unroll_layers`)
 
     def layer_weights(self, lora_scale=1.0, lora_dropout=None) -> dict:
         """The stacked layer weights {name: [layers, ...]} the scan slices, adapters' B scaled by
@@ -224,7 +229,7 @@ class Qwen2Decoder(nnx.Module):
             return (h, c), None
 
         # The cache rides in the carry (updated in place), not in the scan's stacked outputs.
-        x, cache = _scan_layers(body, (x, cache), stacked, remat)
+        x, cache = _scan_layers(body, (x, cache), stacked, remat, self.unroll_layers)
         return layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps), cache
 
     def shared_prompt(self, xp, positions_p, valid_p, xr, positions_r, valid_r, remat: bool | str = False,
@@ -253,6 +258,6 @@ class Qwen2Decoder(nnx.Module):
                 hp = deepstack.add(hp, layer)
             return (hp, hr), None
 
-        xp, xr = _scan_layers(body, (xp, xr), stacked, remat)
+        xp, xr = _scan_layers(body, (xp, xr), stacked, remat, self.unroll_layers)
         norm = lambda x: layers.rms_norm(x, self.norm.value.astype(x.dtype), cfg.rms_norm_eps)  # noqa: E731
         return norm(xp), norm(xr)
