@@ -1,7 +1,7 @@
 """Rollout throughput: vrl_jax's compiled sampler vs transformers `generate`, same model, same run.
 
   python benchmarks/sampler.py [--batch 32] [--prompt 64] [--new 128] [--repeats 3] [--devices 2]
-                               [--decode-segments 4]
+                               [--decode-segments 4] [--layers unroll|scan]
 
 A randomly initialised Qwen2.5-VL-shaped model of ~3.7 M parameters (text hidden 256, 4 layers,
 vocabulary 1024; performance.md's peer figure is ~455 tokens/s for transformers on 2 cores),
@@ -16,6 +16,10 @@ The single-device sampler is timed in the same run, interleaved, and printed too
 
 `--decode-segments K` (default 4, as in a run) decodes in K loops, each reading the response cache only up to
 its end; a one-loop sampler (the whole cache every step) is timed in the same run, interleaved, and printed.
+
+`--layers unroll` (the default, as `experiments/default.py`'s `model.unroll_layers`) runs the 4 layers as
+straight-line code inside the decode loop; a sampler with the other layer loop (`scan`: `lax.scan` over the
+stacked layers) is timed in the same run, interleaved, and printed.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ def main():
     parser.add_argument("--decode-segments", type=int, default=SEGMENTS,
                         help=f"the sampler's decode loops (rollout.decode_segments, default {SEGMENTS}); a one-loop "
                              "sampler is timed in the same run for comparison")
+    parser.add_argument("--layers", choices=("unroll", "scan"), default="unroll",
+                        help="the layer loop (model.unroll_layers): straight-line code (the default experiment's) or "
+                             "a lax.scan; the other one is timed in the same run")
     args = parser.parse_args()
     if args.decode_segments < 1:
         parser.error(f"--decode-segments {args.decode_segments} must be >= 1")
@@ -63,7 +70,11 @@ def main():
     ids, inputs = text_prompts(args.batch, args.prompt)
 
     cfg = SamplerConfig(max_new_tokens=args.new, stop_token_ids=(stop,), decode_segments=args.decode_segments)
-    samplers = {"1 device": Sampler.for_model(model, cfg)}
+    other = "scan" if args.layers == "unroll" else "unroll"
+    model.language.unroll_layers = other == "unroll"  # a sampler's program is fixed when it is built
+    samplers = {f"1 device, {other}": Sampler.for_model(model, cfg)}
+    model.language.unroll_layers = args.layers == "unroll"
+    samplers["1 device"] = Sampler.for_model(model, cfg)
     if args.decode_segments > 1:  # what the segments buy, interleaved with the rest
         samplers["1 loop"] = Sampler.for_model(model, dataclasses.replace(cfg, decode_segments=1))
     if args.devices > 1:
@@ -90,6 +101,9 @@ def main():
                    matmul_gflops=round(matmul_flops_per_s() / 1e9, 1),
                    **machine())
     figures["decode_segments"] = args.decode_segments
+    figures["layers"] = args.layers
+    figures[f"vrl_jax_{other}_tokens_per_s"] = round(timed[f"1 device, {other}"].tokens_per_s, 1)
+    print(f"vrl_jax, 1 device, layers {other}: {timed[f'1 device, {other}'].tokens_per_s:10.1f} tokens/s")
     if args.decode_segments > 1:
         figures["vrl_jax_1_loop_tokens_per_s"] = round(timed["1 loop"].tokens_per_s, 1)
         print(f"vrl_jax, 1 device, 1 decode loop: {timed['1 loop'].tokens_per_s:10.1f} tokens/s")

@@ -6,7 +6,7 @@ so compile time does not grow with depth and a KV cache is one array per K and V
 `Qwen2Decoder.unroll_layers` the scan is unrolled into straight-line code over the same stacked
 weights: the backward pass then keeps each layer's residuals as separate buffers instead of writing
 them into [layers, ...] stacks (zero-filled, updated in place and sliced again), which made the train
-step ~10% faster on a 2-core CPU at 4 layers, at a compile time that grows with depth. Weights are
+step 4-10% faster on a 2-core CPU at 4 layers, at a compile time that grows with depth. Weights are
 kept in `x @ W` layout ([in, out]); the converter transposes PyTorch's [out, in].
 """
 
