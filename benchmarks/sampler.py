@@ -17,9 +17,12 @@ The single-device sampler is timed in the same run, interleaved, and printed too
 `--decode-segments K` (default 4, as in a run) decodes in K loops, each reading the response cache only up to
 its end; a one-loop sampler (the whole cache every step) is timed in the same run, interleaved, and printed.
 
-`--layers unroll` (the default, as `experiments/default.py`'s `model.unroll_layers`) runs the 4 layers as
-straight-line code inside the decode loop; a sampler with the other layer loop (`scan`: `lax.scan` over the
-stacked layers) is timed in the same run, interleaved, and printed.
+On CPU a sampler compiled with YNN's dots (jax's default there since 0.10, which the training programs use
+and the sampler turns off: `sampler.decode_compiler_options`) is timed in the same run too.
+
+`--layers scan` (the default, the sampler's `SamplerConfig.unroll_layers=False` whatever the model trains with)
+runs the 4 layers as a `lax.scan` over the stacked layers inside the decode loop; a sampler with the other layer
+loop (`unroll`: straight-line code) is timed in the same run, interleaved, and printed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from common import (build_models, machine, matmul_flops_per_s, set_torch_threads
                     time_generate, time_samplers)
 
 SEGMENTS = 4  # vrl_jax's default (configs.base_config: rollout.decode_segments)
+YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}  # as the training programs compile
 
 
 def main():
@@ -47,9 +51,9 @@ def main():
     parser.add_argument("--decode-segments", type=int, default=SEGMENTS,
                         help=f"the sampler's decode loops (rollout.decode_segments, default {SEGMENTS}); a one-loop "
                              "sampler is timed in the same run for comparison")
-    parser.add_argument("--layers", choices=("unroll", "scan"), default="unroll",
-                        help="the layer loop (model.unroll_layers): straight-line code (the default experiment's) or "
-                             "a lax.scan; the other one is timed in the same run")
+    parser.add_argument("--layers", choices=("unroll", "scan"), default="scan",
+                        help="the sampler's layer loop (SamplerConfig.unroll_layers): a lax.scan (the default) or "
+                             "straight-line code; the other one is timed in the same run")
     args = parser.parse_args()
     if args.decode_segments < 1:
         parser.error(f"--decode-segments {args.decode_segments} must be >= 1")
@@ -71,10 +75,12 @@ def main():
 
     cfg = SamplerConfig(max_new_tokens=args.new, stop_token_ids=(stop,), decode_segments=args.decode_segments)
     other = "scan" if args.layers == "unroll" else "unroll"
-    model.language.unroll_layers = other == "unroll"  # a sampler's program is fixed when it is built
-    samplers = {f"1 device, {other}": Sampler.for_model(model, cfg)}
-    model.language.unroll_layers = args.layers == "unroll"
-    samplers["1 device"] = Sampler.for_model(model, cfg)
+    cfg = dataclasses.replace(cfg, unroll_layers=args.layers == "unroll")
+    samplers = {f"1 device, {other}": Sampler.for_model(model, dataclasses.replace(cfg,
+                                                                                 unroll_layers=other == "unroll")),
+                "1 device": Sampler.for_model(model, cfg)}
+    if jax.default_backend() == "cpu":  # the dots jax uses by default on CPU, which the sampler turns off
+        samplers["1 device, YNN dots"] = Sampler.for_model(model, cfg, compiler_options=YNN_DOTS)
     if args.decode_segments > 1:  # what the segments buy, interleaved with the rest
         samplers["1 loop"] = Sampler.for_model(model, dataclasses.replace(cfg, decode_segments=1))
     if args.devices > 1:
@@ -104,6 +110,9 @@ def main():
     figures["layers"] = args.layers
     figures[f"vrl_jax_{other}_tokens_per_s"] = round(timed[f"1 device, {other}"].tokens_per_s, 1)
     print(f"vrl_jax, 1 device, layers {other}: {timed[f'1 device, {other}'].tokens_per_s:10.1f} tokens/s")
+    if "1 device, YNN dots" in timed:
+        figures["vrl_jax_ynn_dots_tokens_per_s"] = round(timed["1 device, YNN dots"].tokens_per_s, 1)
+        print(f"vrl_jax, 1 device, YNN dots: {timed['1 device, YNN dots'].tokens_per_s:10.1f} tokens/s")
     if args.decode_segments > 1:
         figures["vrl_jax_1_loop_tokens_per_s"] = round(timed["1 loop"].tokens_per_s, 1)
         print(f"vrl_jax, 1 device, 1 decode loop: {timed['1 loop'].tokens_per_s:10.1f} tokens/s")

@@ -374,8 +374,9 @@ def test_readme_benchmarks():
     assert figures["devices"] == 2 and figures["vrl_jax_1_device_tokens_per_s"] > 0, out[-2000:]
     # and the default's decode segments beside one decode loop, in the same run
     assert figures["decode_segments"] == 4 and figures["vrl_jax_1_loop_tokens_per_s"] > 0, out[-2000:]
-    # and the default's unrolled layers beside the layer scan
-    assert figures["layers"] == "unroll" and figures["vrl_jax_scan_tokens_per_s"] > 0, out[-2000:]
+    # and the sampler's layer scan (`SamplerConfig.unroll_layers`) beside unrolled layers
+    assert figures["layers"] == "scan" and figures["vrl_jax_unroll_tokens_per_s"] > 0, out[-2000:]
+    assert figures["vrl_jax_ynn_dots_tokens_per_s"] > 0, out[-2000:]  # and YNN's dots, which the sampler turns off
     assert out.splitlines()[-1].startswith("ratio vrl_jax/transformers"), out[-2000:]
     bad = run(["python", "benchmarks/sampler.py", *small, "--devices", "3"], ROOT, timeout=600)
     assert bad.returncode == 2 and "--devices 3 must be >= 1 and divide --batch 2" in bad.stderr, bad.stderr[-2000:]

@@ -67,6 +67,29 @@ def test_greedy_is_token_identical_to_transformers_generate(setups, family, segm
     np.testing.assert_array_equal(np.asarray(out.lengths), [NEW, NEW])
 
 
+def test_the_sampler_decodes_with_the_layer_scan_and_xla_dots(setups):
+    """The layer loop in the sampler is `SamplerConfig.unroll_layers`' (default: the scan), whatever the model
+    trains with; both give transformers' greedy tokens. On CPU the program's dots are XLA's own, not YNN's
+    (which jax uses by default and the training programs ask for): `decode_compiler_options`."""
+    hf, model, b, inputs = setups["qwen2_5_vl"]
+    model.language.unroll_layers = True  # as experiments/default.py trains
+    try:
+        loops = {}
+        for unroll in (False, True):
+            sampler, params = Sampler.for_model(model, SamplerConfig(max_new_tokens=16, stop_token_ids=(NEVER,),
+                                                                     unroll_layers=unroll))
+            out = sampler(params, inputs, jax.random.key(0), temperature=0.0)
+            np.testing.assert_array_equal(np.asarray(out.tokens), hf_generate(hf, b, 16))
+            hlo = sampler.lower(params, inputs, jax.random.key(0), temperature=0.0).compile().as_text()
+            loops[unroll] = hlo.count(" while(")
+            if jax.default_backend() == "cpu":
+                assert "ynn" not in hlo
+    finally:
+        model.language.unroll_layers = False
+    # the scan adds a layer loop to the prefill and to each decode segment's loop
+    assert loops[False] > loops[True] >= 4, loops
+
+
 def full_forward_logprobs(model, b, out, temperature, n):
     """Log-probs of the sampled tokens from one training-style forward over prompt + response."""
     ids = np.repeat(b["input_ids"], n, 0)

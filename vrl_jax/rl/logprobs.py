@@ -74,8 +74,8 @@ def batch_logprobs(graphdef: nnx.GraphDef, params: Any, batch: Any, *, chunk_siz
 def training_compiler_options() -> dict[str, Any]:
     """XLA options of the training-side programs (train step, reference and old log-probs). On CPU, YNN
     (XNNPACK's successor) runs every dot: the update's large GEMMs and their weight-gradient transposes
-    run ~20% faster (`benchmarks/train_step.py`, ratio 0.82 -> 0.99 on 2 cores). The sampler keeps XLA's
-    default dots, which are 4x faster than YNN's for decode's skinny ones (measured in the same run)."""
+    run ~20% faster (`benchmarks/train_step.py`, ratio 0.82 -> 0.99 on 2 cores). The sampler asks for XLA's
+    own dots (`sampling.sampler.decode_compiler_options`), faster for decode's skinny ones."""
     if jax.default_backend() != "cpu":
         return {}
     return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}

@@ -47,6 +47,10 @@ class SamplerConfig:
     # slots up to the segment's end, not all max_new_tokens: (k + 1) / (2k) of the reads for k segments.
     # Each segment is its own loop in the program (compiled once each). 1: one loop over the whole cache.
     decode_segments: int = 4
+    # The layer loop in prefill and decode: False = `lax.scan` over the stacked layers, whatever the model
+    # trains with (`model.unroll_layers`); on CPU, decode with the scan ran 11-17% faster than straight-line
+    # code at the benchmarks' shapes (`benchmarks/sampler.py --layers`).
+    unroll_layers: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -170,27 +174,29 @@ class Sampler:
     every row (the arrays are small next to the decode's compute).
     """
 
-    def __init__(self, graphdef, cfg: SamplerConfig, mesh=None):
+    def __init__(self, graphdef, cfg: SamplerConfig, mesh=None, compiler_options: dict | None = None):
         self.graphdef = graphdef
         self.cfg = cfg
         self.mesh = mesh
         self.trace_count = 0
-        self._fn = jax.jit(self._generate) if mesh is None else jax.jit(
-            self._generate, out_shardings=shd.replicated(mesh))
+        options = {**decode_compiler_options(), **(compiler_options or {})}  # XLA options, over the sampler's
+        self._fn = jax.jit(self._generate, compiler_options=options) if mesh is None else jax.jit(
+            self._generate, out_shardings=shd.replicated(mesh), compiler_options=options)
 
     @classmethod
-    def for_model(cls, model: QwenVL, cfg: SamplerConfig) -> tuple["Sampler", nnx.State]:
+    def for_model(cls, model: QwenVL, cfg: SamplerConfig, **kwargs) -> tuple["Sampler", nnx.State]:
         graphdef, params = nnx.split(model)
-        return cls(graphdef, cfg), params
+        return cls(graphdef, cfg, **kwargs), params
 
     def _generate(self, params, input_ids, attention_mask, positions, next_position, vision, key, temperature,
                   top_p):
         self.trace_count += 1  # runs at trace time only
         model = nnx.merge(self.graphdef, params)
+        model.language.unroll_layers = self.cfg.unroll_layers
         return generate(model, input_ids, attention_mask, positions, next_position, vision, key, temperature, top_p,
                         cfg=self.cfg)
 
-    def __call__(self, params, inputs, key, temperature: float = 1.0, top_p: float = 1.0) -> SampleOutput:
+    def _arguments(self, params, inputs, key, temperature, top_p) -> tuple:
         v = inputs.vision
         arrays = (inputs.input_ids, inputs.attention_mask, inputs.positions, inputs.next_position,
                   None if v is None else VisionInputs.from_batch(v))
@@ -198,7 +204,22 @@ class Sampler:
             arrays = jax.tree.map(jnp.asarray, arrays)
         else:
             arrays = shd.put(arrays, prompt_shardings(arrays, self.mesh))
-        return self._fn(params, *arrays, key, jnp.float32(temperature), jnp.float32(top_p))
+        return (params, *arrays, key, jnp.float32(temperature), jnp.float32(top_p))
+
+    def __call__(self, params, inputs, key, temperature: float = 1.0, top_p: float = 1.0) -> SampleOutput:
+        return self._fn(*self._arguments(params, inputs, key, temperature, top_p))
+
+    def lower(self, params, inputs, key, temperature: float = 1.0, top_p: float = 1.0) -> jax.stages.Lowered:
+        """The program a call with these arguments runs, lowered: `.compile().as_text()` is its optimised HLO."""
+        return self._fn.lower(*self._arguments(params, inputs, key, temperature, top_p))
+
+
+def decode_compiler_options() -> dict[str, str]:
+    """XLA options of the sampler's program. On CPU, XLA's own dots: jax >= 0.10 hands every dot to YNN by
+    default, which suits the update's large GEMMs (`rl.logprobs.training_compiler_options` asks for it) but
+    not decode's, with one query row per sample: a whole rollout ran 10-15% slower with YNN's
+    (`benchmarks/README.md`, "Where the time goes")."""
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
 
 
 def prompt_shardings(arrays, mesh):
