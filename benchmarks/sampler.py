@@ -37,7 +37,6 @@ from common import (build_models, machine, matmul_flops_per_s, set_torch_threads
                     time_generate, time_samplers)
 
 SEGMENTS = 4  # vrl_jax's default (configs.base_config: rollout.decode_segments)
-YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}  # as the training programs compile
 
 
 def main():
@@ -65,6 +64,7 @@ def main():
 
     import jax
 
+    from vrl_jax.rl.logprobs import training_compiler_options
     from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 
     set_torch_threads()
@@ -79,8 +79,8 @@ def main():
     samplers = {f"1 device, {other}": Sampler.for_model(model, dataclasses.replace(cfg,
                                                                                  unroll_layers=other == "unroll")),
                 "1 device": Sampler.for_model(model, cfg)}
-    if jax.default_backend() == "cpu":  # the dots jax uses by default on CPU, which the sampler turns off
-        samplers["1 device, YNN dots"] = Sampler.for_model(model, cfg, compiler_options=YNN_DOTS)
+    if training_compiler_options():  # CPU: YNN's dots, as the training programs compile; the sampler turns them off
+        samplers["1 device, YNN dots"] = Sampler.for_model(model, cfg, compiler_options=training_compiler_options())
     if args.decode_segments > 1:  # what the segments buy, interleaved with the rest
         samplers["1 loop"] = Sampler.for_model(model, dataclasses.replace(cfg, decode_segments=1))
     if args.devices > 1:

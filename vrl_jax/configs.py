@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | dots | offload: what each layer keeps for the backward pass (models/layers.py)
     # The language model's layers as straight-line code instead of a `lax.scan` (`models/qwen2.py`): faster steps
     # for shallow models (no stacked residuals), a compile time that grows with depth; keep False for deep ones.
+    # The training programs' only: the sampler decodes with the scan (`SamplerConfig.unroll_layers`).
     c.model.unroll_layers = False
     # Low-rank adapters on the language model's projections, and optionally the vision tower's and connector's
     # (`models/lora.py`), rank 0 = full fine-tuning. With rank > 0 a part carrying adapters trains them alone

@@ -181,7 +181,7 @@ class Qwen2Decoder(nnx.Module):
         self.norm = _ones((cfg.hidden_size,), param_dtype)
         self.lm_head = None if tie_word_embeddings else _param(rngs, (cfg.hidden_size, cfg.vocab_size), param_dtype)
         self.lora: lora.LoraConfig | None = None  # set by `lora.add_adapters`
-        self.unroll_layers = False  # the layer loop as straight-line code (`model.unroll_layers`; the sampler's own)
+        self.unroll_layers = False  # straight-line layers (`model.unroll_layers`; the sampler sets its own)
 
     def layer_weights(self, lora_scale=1.0, lora_dropout=None) -> dict:
         """The stacked layer weights {name: [layers, ...]} the scan slices, adapters' B scaled by

@@ -217,8 +217,9 @@ class Sampler:
 def decode_compiler_options() -> dict[str, str]:
     """XLA options of the sampler's program. On CPU, XLA's own dots: jax >= 0.10 hands every dot to YNN by
     default, which suits the update's large GEMMs (`rl.logprobs.training_compiler_options` asks for it) but
-    not decode's, with one query row per sample: a whole rollout ran 10-15% slower with YNN's
-    (`benchmarks/README.md`, "Where the time goes")."""
+    not decode's, with one query row per sample: a whole rollout ran 10-15% slower with YNN's, unrolled
+    layers, and at half the tokens/s with the layer scan (`benchmarks/README.md`, "Decode on jax 0.10's CPU
+    backend")."""
     return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
 
 
