@@ -21,7 +21,8 @@ _ISAS = ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon")
 
 def machine() -> dict:
     """The machine a figure was measured on: CPU model (with family/model on x86 Linux, which tells AMD EPYC
-    generations apart when the name does not), its widest vector extension, cores, and the 1-minute load."""
+    generations apart when the name does not), its widest vector extension, cores, the 1-minute load, and
+    glibc's tunables (`vrl_jax/host_malloc.py` adds huge pages for large buffers, to both sides alike)."""
     info = {"cpu_model": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
     try:
         with open("/proc/cpuinfo") as f:
@@ -35,6 +36,7 @@ def machine() -> dict:
     except OSError:  # not Linux
         pass
     info["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    info["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
     return info
 
 

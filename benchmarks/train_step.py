@@ -172,4 +172,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from vrl_jax.host_malloc import reexec_with_huge_pages
+    reexec_with_huge_pages()  # both sides run under it (vrl_jax/host_malloc.py); machine() records it
     main()

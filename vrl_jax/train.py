@@ -259,4 +259,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from vrl_jax.host_malloc import reexec_with_huge_pages
+    reexec_with_huge_pages()  # huge pages for XLA's per-step buffers: vrl_jax/host_malloc.py
     sys.exit(run_cli(main, PROG))
