@@ -71,6 +71,7 @@ COVERAGE = {
     "python -m vrl_jax.report": "tests/test_cli_commands.py::test_readme_report",
     "python -m vrl_jax.train --config experiments/<file>.py[:variant] --workdir DIR [--config.key=value ...]":
         "tests/test_train_e2e.py::test_sft_then_grpo_runs_and_writes_everything",
+    "python -m vrl_jax.train": "tests/test_train_e2e.py::test_sft_alone_runs",
     "python -m vrl_jax.report --workdir DIR [DIR ...]": "tests/test_cli_commands.py::test_readme_report",
     "tools/ablation.sh": "tests/test_cli_commands.py::test_ablation_dry_run",
     "tools/tpu_vm.sh": "tests/test_cli_commands.py::test_readme_tpu_vm_dry_runs",

@@ -15,7 +15,8 @@ from vrl_jax.host_malloc import huge_page_environment
 def test_environment_adds_the_tunable_after_the_users_own():
     assert huge_page_environment({}, (2, 36), "madvise")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     env = huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "b"}, (2, 39), "always")
-    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "A": "b"}
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "A": "b",
+                   "VRL_JAX_HUGE_PAGES_REEXECUTED": "1"}
 
 
 @pytest.mark.parametrize("environ, glibc, thp", [
@@ -27,9 +28,17 @@ def test_environment_adds_the_tunable_after_the_users_own():
     ({}, None, "madvise"),  # not glibc
     ({}, (2, 36), "never"),
     ({}, (2, 36), None),  # no /sys/kernel/mm/transparent_hugepage
+    ({"VRL_JAX_HUGE_PAGES_REEXECUTED": "1"}, (2, 36), "madvise"),  # re-executed once, GLIBC_TUNABLES lost since
 ])
 def test_environment_is_left_alone(environ, glibc, thp):
     assert huge_page_environment(environ, glibc, thp) is None
+
+
+def test_describe_says_what_this_process_runs_with():
+    assert host_malloc.describe({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}).startswith("huge pages on")
+    assert host_malloc.describe({"GLIBC_TUNABLES": "a=1:glibc.malloc.hugetlb=0"}).startswith("huge pages off")
+    assert host_malloc.describe({"VRL_JAX_HUGE_PAGES": "0"}) == "huge pages off (VRL_JAX_HUGE_PAGES=0)"
+    assert host_malloc.describe({}).startswith("huge pages off (")
 
 
 def test_thp_mode_reads_the_bracketed_word(tmp_path):

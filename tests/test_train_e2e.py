@@ -19,6 +19,7 @@ import pytest
 
 from tests.test_checkpointing import damage
 from tests.xla_flags import xla_flags
+from vrl_jax import host_malloc
 from vrl_jax.evaluation.paired import read_outcomes, run_changes
 from vrl_jax.timing import CompileWatch, PhaseTimer
 
@@ -262,10 +263,15 @@ def test_phase_timer_and_compile_watch():
 
 def test_sft_alone_runs(tmp_path):
     """algorithm "sft": the SFT stage only. (DyME runs in tests/test_recipe_fidelity.py, REINFORCE++ in
-    tests/test_multihost_run.py.)"""
+    tests/test_multihost_run.py.) The command re-executed itself with malloc's huge-page tunable where the
+    machine has it (vrl_jax/host_malloc.py; what the tunable does is measured in tests/test_host_malloc.py)."""
     wd = str(tmp_path / "sft")
-    out = run_train(wd, "--config.algorithm=sft", "--config.rl_steps=0")
+    env = {"GLIBC_TUNABLES": "", host_malloc.OPT_OUT: "1"}  # neither set by the user
+    out = run_train(wd, "--config.algorithm=sft", "--config.rl_steps=0", env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    supported = host_malloc.huge_page_environment({}, host_malloc.glibc_version(), host_malloc.thp_mode())
+    expected = "host malloc: huge pages on (GLIBC_TUNABLES glibc.malloc.hugetlb=1)" if supported else "host malloc: huge pages off"
+    assert expected in out.stdout, out.stdout[-3000:]
     train = rows(wd)
     assert [r["step"] for r in train] == [1, 2] and all(r["stage"] == 0.0 and r["sft/loss"] > 0 for r in train)
 

@@ -25,6 +25,7 @@ from typing import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "VRL_JAX_HUGE_PAGES"
+REEXECUTED = "VRL_JAX_HUGE_PAGES_REEXECUTED"  # set on re-execution: never twice, even where glibc drops GLIBC_TUNABLES
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 MIN_GLIBC = (2, 35)  # the first glibc with glibc.malloc.hugetlb
 
@@ -57,9 +58,11 @@ def huge_page_environment(environ: Mapping[str, str], glibc: tuple[int, ...] | N
                           thp: str | None) -> dict[str, str] | None:
     """The environment to re-execute with, or None to run as is.
 
-    Appends `glibc.malloc.hugetlb=1` to GLIBC_TUNABLES (colon-separated, after any the user set).
+    Appends `glibc.malloc.hugetlb=1` to GLIBC_TUNABLES (colon-separated, after any the user set) and marks
+    the environment as re-executed, so a process whose GLIBC_TUNABLES is dropped (a setuid wrapper, glibc's
+    secure mode) runs on rather than re-executing itself forever.
     """
-    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off") or REEXECUTED in environ:
         return None
     if glibc is None or glibc < MIN_GLIBC or thp not in ("always", "madvise"):
         return None
@@ -68,7 +71,19 @@ def huge_page_environment(environ: Mapping[str, str], glibc: tuple[int, ...] | N
         return None
     new = dict(environ)
     new["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+    new[REEXECUTED] = "1"
     return new
+
+
+def describe(environ: Mapping[str, str] = os.environ) -> str:
+    """One line for a run's start: whether this process's malloc asks for huge pages, and why not."""
+    tunables = [item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":") if item]
+    value = dict(item for item in tunables if len(item) == 2).get(TUNABLE)
+    if value is not None:
+        return f"huge pages {'on' if value != '0' else 'off'} (GLIBC_TUNABLES {TUNABLE}={value})"
+    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"huge pages off ({OPT_OUT}={environ[OPT_OUT]})"
+    return "huge pages off (not started through a vrl_jax command, or no glibc >= 2.35 with transparent huge pages)"
 
 
 def reexec_with_huge_pages() -> None:

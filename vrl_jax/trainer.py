@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from vrl_jax import configs, distributed, sharding
+from vrl_jax import configs, distributed, host_malloc, sharding
 from vrl_jax.checkpointing import Checkpointer, PreemptionGuard, config_fingerprint
 from vrl_jax.errors import as_user_error
 from vrl_jax.evaluation.evaluator import Evaluator, decode_responses, settings_from_names
@@ -355,6 +355,7 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
     mesh = sharding.make_mesh(sharding.MeshConfig.of(c.mesh)) if jax.device_count() > 1 else None
     layout = "" if mesh is None else " (mesh " + " ".join(f"{k}={v}" for k, v in mesh.shape.items()) + ")"
     print(f"devices: {jax.device_count()} {jax.devices()[0].platform}{layout}", flush=True)
+    print(f"host malloc: {host_malloc.describe()}", flush=True)  # vrl_jax/host_malloc.py
     setup = prepare_run(c, workdir, mesh)
     loop = Loop(c, workdir, setup, mesh)
     total_steps = c.sft.steps + rl_steps(c, setup.num_train)
