@@ -37,7 +37,42 @@ def machine() -> dict:
         pass
     info["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     info["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+    if on_gpu():
+        import jax
+        import torch
+        info.update(accelerator=jax.devices()[0].device_kind, torch_device=torch.cuda.get_device_name(),
+                    float32_matmuls="TF32 on both sides")
     return info
+
+
+def on_gpu() -> bool:
+    """Whether this run compares on a GPU: JAX's default backend is one and PyTorch sees CUDA. Then both sides
+    run there (a benchmark never pits a GPU against a CPU); else both run on the CPU."""
+    import sys
+    if "jax" not in sys.modules:  # not started yet: nothing has chosen a backend
+        return False
+    import jax
+    import torch
+    return jax.default_backend() == "gpu" and torch.cuda.is_available()
+
+
+def torch_device() -> str:
+    """Where the PyTorch peer runs, and, on a GPU, float32 matmuls at the same precision on both sides:
+    JAX's default on NVIDIA GPUs is TF32 for float32 dots; PyTorch's is full float32 unless told."""
+    import torch
+    if not on_gpu():
+        return "cpu"
+    import jax
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32")
+    torch.set_float32_matmul_precision("high")
+    return "cuda"
+
+
+def torch_sync() -> None:
+    """Waits for PyTorch's queued GPU work before a timer stops (CUDA kernels run asynchronously)."""
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def build_checkpoint(directory: str, scale: int = 1):
@@ -60,11 +95,17 @@ def build_checkpoint(directory: str, scale: int = 1):
     return model
 
 
+def matmul_size() -> int:
+    """The side of `matmul_flops_per_s`'s square matmul: 2048 on a CPU, 8192 on a GPU (where 2048 would
+    measure launch overhead)."""
+    return 8192 if on_gpu() else 2048
+
+
 def matmul_flops_per_s(repeats: int = 10) -> float:
-    """Measured float32 matmul throughput of this machine (jitted 2048 x 2048 @ 2048 x 2048)."""
+    """Measured float32 matmul throughput of this machine (jitted n x n @ n x n, n = `matmul_size()`)."""
     import jax
     import jax.numpy as jnp
-    n = 2048
+    n = matmul_size()
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
@@ -164,10 +205,10 @@ def generated_lengths(new_tokens: np.ndarray, stop: int) -> np.ndarray:
 
 
 def time_generate(model, ids: np.ndarray, new: int, stop: int, repeats: int) -> Rollouts:
-    """Times transformers `generate` (on a transformers or peft model) on ids [B, P] after a short warm-up,
-    seeding torch with the repeat's index."""
+    """Times transformers `generate` (on a transformers or peft model, on its device) on ids [B, P] after a
+    short warm-up, seeding torch with the repeat's index."""
     import torch
-    torch_ids = torch.tensor(ids).long()
+    torch_ids = torch.tensor(ids).long().to(model.device)
     kwargs = dict(attention_mask=torch.ones_like(torch_ids), **generate_kwargs(new, stop))
     times, tokens = [], []
     with torch.no_grad():
@@ -175,8 +216,10 @@ def time_generate(model, ids: np.ndarray, new: int, stop: int, repeats: int) -> 
                                                      "max_new_tokens": 4})  # warm-up
         for r in range(repeats):
             torch.manual_seed(r)
+            torch_sync()
             t0 = time.perf_counter()
             g = model.generate(input_ids=torch_ids, **kwargs)
+            torch_sync()
             times.append(time.perf_counter() - t0)
-            tokens.append(int(generated_lengths(g[:, ids.shape[1]:].numpy(), stop).sum()))
+            tokens.append(int(generated_lengths(g[:, ids.shape[1]:].cpu().numpy(), stop).sum()))
     return _rollouts(tokens, times)

@@ -34,7 +34,7 @@ import os
 import tempfile
 
 from common import (build_models, machine, matmul_flops_per_s, set_torch_threads, text_prompts,  # benchmarks/common.py
-                    time_generate, time_samplers)
+                    time_generate, time_samplers, torch_device)
 
 SEGMENTS = 4  # vrl_jax's default (configs.base_config: rollout.decode_segments)
 
@@ -68,9 +68,11 @@ def main():
     from vrl_jax.sampling.sampler import Sampler, SamplerConfig
 
     set_torch_threads()
+    device = torch_device()  # the GPU for both sides when JAX runs on one
     stop = 1023
     with tempfile.TemporaryDirectory() as d:
         hf, model, n_params = build_models(d)
+    hf.to(device)
     ids, inputs = text_prompts(args.batch, args.prompt)
 
     cfg = SamplerConfig(max_new_tokens=args.new, stop_token_ids=(stop,), decode_segments=args.decode_segments)

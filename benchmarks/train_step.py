@@ -20,6 +20,10 @@ Timing: warm-up first (compilation reported separately), then `--repeats` steps 
 interleaved; medians. FLOP/s: model FLOPs per step (6 x matmul parameters x tokens + 12 x layers x
 width x T x tokens for attention, the PaLM convention) over the median step time, against a jitted
 2048 x 2048 float32 matmul measured in the same run. The last line is torch time / vrl_jax time.
+
+On a machine where JAX runs on an NVIDIA GPU and PyTorch sees CUDA, both sides run on that GPU, float32
+matmuls in TF32 on both (JAX's default there; PyTorch is set to match), and the matmul measured is
+8192 x 8192. The same holds for `benchmarks/sampler.py`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import time
 
 import numpy as np
 
-from common import build_checkpoint, machine, matmul_flops_per_s  # benchmarks/common.py
+from common import (build_checkpoint, machine, matmul_flops_per_s, matmul_size, torch_device,  # benchmarks/common.py
+                    torch_sync)
 
 LR, BETAS, EPS, WD, CLIP, PPO_CLIP = 1e-6, (0.9, 0.95), 1e-5, 0.01, 1.0, 0.2
 
@@ -73,6 +78,7 @@ def main():
     from vrl_jax.rl.train_step import StepConfig, TrainBatch, make_train_step
 
     torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
+    device = torch_device()  # the GPU for both sides when JAX runs on one
     with tempfile.TemporaryDirectory() as d:
         hf = build_checkpoint(d, args.scale)
         config = ModelConfig.from_pretrained(d)
@@ -110,14 +116,14 @@ def main():
     xla_flops = step.jitted.lower(state, batch).compile().cost_analysis().get("flops", float("nan"))
 
     # ---- PyTorch -------------------------------------------------------------------------------
-    hf.train()
+    hf.to(device).train()
     for name, p in hf.named_parameters():
         p.requires_grad_(not name.startswith("model.visual"))
     optim = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=LR, betas=BETAS, eps=EPS,
                               weight_decay=WD, foreach=True)
-    t_ids, t_mask = torch.tensor(ids).long(), torch.tensor(mask).long()
-    t_pos, t_targets = torch.tensor(positions).long(), torch.tensor(targets).long()
-    t_lmask, t_old, t_adv = torch.tensor(loss_mask), torch.tensor(old), torch.tensor(adv)
+    t_ids, t_mask = torch.tensor(ids).long().to(device), torch.tensor(mask).long().to(device)
+    t_pos, t_targets = torch.tensor(positions).long().to(device), torch.tensor(targets).long().to(device)
+    t_lmask, t_old, t_adv = (torch.tensor(a).to(device) for a in (loss_mask, old, adv))
 
     def torch_step():
         logits = hf(input_ids=t_ids, attention_mask=t_mask, position_ids=t_pos).logits.float()
@@ -129,6 +135,7 @@ def main():
         torch.nn.utils.clip_grad_norm_([p for p in hf.parameters() if p.requires_grad], CLIP)
         optim.step()
         optim.zero_grad(set_to_none=True)
+        torch_sync()
         return loss.detach()
 
     t0 = time.perf_counter()
@@ -166,7 +173,8 @@ def main():
           f"({100 * flops / jax_s / flops_peak:.0f}% of matmul)  compile {jax_first - jax_s:.1f} s")
     print(f"torch:   {torch_s * 1e3:9.1f} ms/step  {flops / torch_s / 1e9:6.1f} GFLOP/s "
           f"({100 * flops / torch_s / flops_peak:.0f}% of matmul)")
-    print(f"matmul:  {flops_peak / 1e9:.1f} GFLOP/s (jitted 2048x2048 float32)")
+    n = matmul_size()
+    print(f"matmul:  {flops_peak / 1e9:.1f} GFLOP/s (jitted {n}x{n} float32)")
     print(json.dumps(figures))
     print(f"ratio torch/vrl_jax step time: {torch_s / jax_s:.2f}")
 
