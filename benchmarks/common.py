@@ -9,6 +9,7 @@ import dataclasses
 import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -37,18 +38,16 @@ def machine() -> dict:
         pass
     info["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     info["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
-    if on_gpu():
+    if "jax" in sys.modules:  # the accelerator vrl_jax ran on, if any (`torch_placement` says where PyTorch ran)
         import jax
-        import torch
-        info.update(accelerator=jax.devices()[0].device_kind, torch_device=torch.cuda.get_device_name(),
-                    float32_matmuls="TF32 on both sides")
+        if jax.default_backend() != "cpu":
+            info["jax_device"] = jax.devices()[0].device_kind
     return info
 
 
 def on_gpu() -> bool:
     """Whether this run compares on a GPU: JAX's default backend is one and PyTorch sees CUDA. Then both sides
     run there (a benchmark never pits a GPU against a CPU); else both run on the CPU."""
-    import sys
     if "jax" not in sys.modules:  # not started yet: nothing has chosen a backend
         return False
     import jax
@@ -66,6 +65,15 @@ def torch_device() -> str:
     jax.config.update("jax_default_matmul_precision", "tensorfloat32")
     torch.set_float32_matmul_precision("high")
     return "cuda"
+
+
+def torch_placement(device: str) -> dict:
+    """For a figure line: where the PyTorch peer ran (`torch_device()`'s answer) and, on a GPU, the matmul
+    precision both sides used."""
+    import torch
+    if device == "cpu":
+        return {"torch_device": "cpu"}
+    return {"torch_device": torch.cuda.get_device_name(), "float32_matmuls": "TF32 on both sides"}
 
 
 def torch_sync() -> None:

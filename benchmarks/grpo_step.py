@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from common import machine  # benchmarks/common.py
+from common import machine, torch_device, torch_placement  # benchmarks/common.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, EPS_ADV, CLIP, MAX_NORM = 1e-5, 1e-4, 0.2, 1.0
@@ -145,7 +145,8 @@ def run_trl(args, model_dir: str, data_file: str, workdir: str) -> list[dict]:
         learning_rate=LR, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
         lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=MAX_NORM, loss_type="grpo", beta=0.0,
         epsilon=CLIP, scale_rewards="group", num_iterations=1, max_steps=args.warmup + args.steps,
-        shuffle_dataset=False, seed=0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        shuffle_dataset=False, seed=0, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=torch_device() == "cpu",
         bf16=False, dataloader_num_workers=0, disable_dropout=True)
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy], args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=processor)
@@ -208,7 +209,8 @@ def main():
     for name, s in (("vrl_jax", ours), ("TRL", peer)):
         print(f"{name:8s} step {s['step_s']:7.3f} s  rollout {s['rollout_s']:7.3f} s  update {s['update_s']:7.3f} s  "
               f"{1e3 * s['s_per_token']:.3f} ms per generated token ({s['tokens']:.0f} tokens)")
-    print(json.dumps({"args": vars(args), "vrl_jax": ours, "trl": peer, **machine()}))
+    figures = {"args": vars(args), "vrl_jax": ours, "trl": peer, **machine(), **torch_placement(torch_device())}
+    print(json.dumps(figures))
     print(f"ratio TRL/vrl_jax step time: {peer['step_s'] / ours['step_s']:.2f}")
 
 

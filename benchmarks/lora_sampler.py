@@ -37,20 +37,27 @@ import time
 import numpy as np
 
 from common import (Rollouts, build_models, generate_kwargs, machine, set_torch_threads,  # benchmarks/common.py
-                    text_prompts, time_generate, time_samplers)
+                    text_prompts, time_generate, time_samplers, torch_device, torch_placement)
 
 ALPHA = 16.0  # experiments' default `model.lora.alpha`
 B_STD = 0.05  # large enough that the adapters move the logits visibly (as tests/test_lora_export.py)
 STOP = 1023
 
 
-def randomise_b(model, names, seed: int = 0) -> None:
-    """Replaces the zero-initialised B of each adapted projection by N(0, B_STD^2) draws."""
+def weight(model, path: str):
+    """The parameter at dotted `path` ("language.layers.q_w_lora_b")."""
+    from vrl_jax.models import lora
+    module, name = lora.parent(model, path)
+    return getattr(module, name)
+
+
+def randomise_b(model, paths, seed: int = 0) -> None:
+    """Replaces the zero-initialised B of each adapted projection (dotted paths) by N(0, B_STD^2) draws."""
     import jax.numpy as jnp
     from vrl_jax.models import lora
     rs = np.random.RandomState(seed)
-    for name in names:
-        b = getattr(model.language.layers, name + lora.B_SUFFIX)
+    for path in paths:
+        b = weight(model, path + lora.B_SUFFIX)
         b.set_value(jnp.asarray(B_STD * rs.randn(*b.shape), b.dtype))
 
 
@@ -77,10 +84,10 @@ def greedy_tokens(sampler, params, inputs) -> np.ndarray:
 def peft_greedy_tokens(peft, ids: np.ndarray, new: int) -> np.ndarray:
     """tokens [B, N] `generate` picks greedily, laid out as the sampler's (pad 0 after the stop token)."""
     import torch
-    torch_ids = torch.tensor(ids).long()
+    torch_ids = torch.tensor(ids).long().to(peft.device)
     with torch.no_grad():
         g = peft.generate(input_ids=torch_ids, attention_mask=torch.ones_like(torch_ids),
-                          **generate_kwargs(new, STOP, greedy=True))[:, ids.shape[1]:].numpy()
+                          **generate_kwargs(new, STOP, greedy=True))[:, ids.shape[1]:].cpu().numpy()
     out = np.zeros((len(ids), new), np.int32)
     out[:, :g.shape[1]] = g
     return out
@@ -104,7 +111,7 @@ def main(argv):
     parser = argparse.ArgumentParser(prog="lora_sampler.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--targets", default=r"\.(q|k|v|o|gate|up|down)_w$",
+    parser.add_argument("--targets", default=r"^language\.layers\.(q|k|v|o|gate|up|down)_w$",
                         help="regex over 'language.layers.<name>' (as model.lora.targets)")
     parser.add_argument("--scale", type=int, default=1, help="width multiplier (common.build_checkpoint)")
     parser.add_argument("--batch", type=int, default=32)
@@ -123,18 +130,18 @@ def main(argv):
 
     config = lora.LoraConfig(args.rank, ALPHA, args.targets)  # a bad rank or regex fails before any model is built
     set_torch_threads()
+    device = torch_device()  # the GPU for both sides when JAX runs on one
     with tempfile.TemporaryDirectory() as d:
         hf, model, n_params = build_models(os.path.join(d, "base"), args.scale)
-        names = lora.add_adapters(model.language, config, jax.random.key(0))
+        names = lora.add_adapters(model, config, jax.random.key(0))
         randomise_b(model, names)
         export_peft(model, os.path.join(d, "adapter"), base_model_name_or_path=os.path.join(d, "base"))
-        peft = PeftModel.from_pretrained(hf, os.path.join(d, "adapter")).eval()
+        peft = PeftModel.from_pretrained(hf, os.path.join(d, "adapter")).to(device).eval()
     merged, merge_first_s, merge_s = time_merge(model, args.repeats)
 
-    layers = model.language.layers
     weights = nbytes(leaf for leaf in jax.tree.leaves(nnx.state(model)))
-    adapted = nbytes(getattr(layers, n)[...] for n in names)  # the W that merging copies
-    adapters = nbytes(getattr(layers, n + s)[...] for n in names for s in (lora.A_SUFFIX, lora.B_SUFFIX))
+    adapted = nbytes(weight(model, n)[...] for n in names)  # the W that merging copies
+    adapters = nbytes(weight(model, n + s)[...] for n in names for s in (lora.A_SUFFIX, lora.B_SUFFIX))
 
     ids, inputs = text_prompts(args.batch, args.prompt)
     cfg = SamplerConfig(max_new_tokens=args.new, stop_token_ids=(STOP,))
@@ -157,7 +164,7 @@ def main(argv):
                    merge_s=round(merge_s, 4), merge_first_call_s=round(merge_first_s, 3),
                    **{k: r.report() for k, r in runs.items()},
                    merged_with_per_rollout_merge_tokens_per_s=round(merge_each, 1),
-                   devices=str(jax.devices()[0].platform), **machine())
+                   devices=str(jax.devices()[0].platform), **machine(), **torch_placement(device))
     print(f"vrl_jax unmerged: {unmerged:10.1f} tokens/s   (compile {runs['unmerged'].compile_s:.1f} s)")
     print(f"vrl_jax merged:   {merged_tps:10.1f} tokens/s   (compile {runs['merged'].compile_s:.1f} s); "
           f"unmerged / merged {unmerged / merged_tps:.2f}")

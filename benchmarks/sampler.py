@@ -34,7 +34,7 @@ import os
 import tempfile
 
 from common import (build_models, machine, matmul_flops_per_s, set_torch_threads, text_prompts,  # benchmarks/common.py
-                    time_generate, time_samplers, torch_device)
+                    time_generate, time_samplers, torch_device, torch_placement)
 
 SEGMENTS = 4  # vrl_jax's default (configs.base_config: rollout.decode_segments)
 
@@ -107,7 +107,7 @@ def main():
                    vrl_jax_compile_s=round(ours.compile_s, 2), vrl_jax_step_s=[round(t, 3) for t in ours.step_s],
                    transformers_step_s=[round(t, 3) for t in theirs.step_s], platform=str(jax.devices()[0].platform),
                    matmul_gflops=round(matmul_flops_per_s() / 1e9, 1),
-                   **machine())
+                   **machine(), **torch_placement(device))
     figures["decode_segments"] = args.decode_segments
     figures["layers"] = args.layers
     figures[f"vrl_jax_{other}_tokens_per_s"] = round(timed[f"1 device, {other}"].tokens_per_s, 1)

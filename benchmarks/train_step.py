@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from common import (build_checkpoint, machine, matmul_flops_per_s, matmul_size, torch_device,  # benchmarks/common.py
-                    torch_sync)
+                    torch_placement, torch_sync)
 
 LR, BETAS, EPS, WD, CLIP, PPO_CLIP = 1e-6, (0.9, 0.95), 1e-5, 0.01, 1.0, 0.2
 
@@ -168,7 +168,7 @@ def main():
         torch_fraction_of_matmul=round(flops / torch_s / flops_peak, 3), first_loss_vrl_jax=jax_loss0,
         first_loss_torch=torch_loss0, vrl_jax_times_s=[round(t, 4) for t in jax_times],
         torch_times_s=[round(t, 4) for t in torch_times], torch_threads=torch.get_num_threads(), layers=args.layers,
-        **machine())
+        **machine(), **torch_placement(device))
     print(f"vrl_jax: {jax_s * 1e3:9.1f} ms/step  {flops / jax_s / 1e9:6.1f} GFLOP/s "
           f"({100 * flops / jax_s / flops_peak:.0f}% of matmul)  compile {jax_first - jax_s:.1f} s")
     print(f"torch:   {torch_s * 1e3:9.1f} ms/step  {flops / torch_s / 1e9:6.1f} GFLOP/s "

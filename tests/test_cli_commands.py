@@ -366,7 +366,8 @@ def test_readme_benchmarks():
     assert figures["cpu_model"] and figures["cpu_count"] >= 1 and "load_avg_1m" in figures, out[-2000:]
     assert figures.get("vector_isa", "linux only") != "unknown", figures
     assert figures["layers"] == "unroll", figures  # the default experiment's layer loop (`model.unroll_layers`)
-    assert "accelerator" not in figures, figures  # a CPU backend: PyTorch on the CPU too (on a GPU both go there)
+    # a CPU backend: PyTorch on the CPU too (on a GPU both go there: benchmarks/common.torch_device)
+    assert "jax_device" not in figures and figures["torch_device"] == "cpu", figures
     # The sampler split over two CPU devices (one per core), timed beside the one-device sampler in the same run,
     # so this one run covers the README's `python benchmarks/sampler.py` with and without `--devices 2`.
     assert "python benchmarks/sampler.py" in inline_commands()

@@ -270,8 +270,8 @@ def test_sft_alone_runs(tmp_path):
     out = run_train(wd, "--config.algorithm=sft", "--config.rl_steps=0", env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     supported = host_malloc.huge_page_environment({}, host_malloc.glibc_version(), host_malloc.thp_mode())
-    expected = "host malloc: huge pages on (GLIBC_TUNABLES glibc.malloc.hugetlb=1)" if supported else "host malloc: huge pages off"
-    assert expected in out.stdout, out.stdout[-3000:]
+    state = "on (GLIBC_TUNABLES glibc.malloc.hugetlb=1)" if supported else "off"
+    assert f"host malloc: huge pages {state}" in out.stdout, out.stdout[-3000:]
     train = rows(wd)
     assert [r["step"] for r in train] == [1, 2] and all(r["stage"] == 0.0 and r["sft/loss"] > 0 for r in train)
 

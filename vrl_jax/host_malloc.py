@@ -54,6 +54,10 @@ def thp_mode(path: str = THP_ENABLED) -> str | None:
     return None
 
 
+def _opted_out(environ: Mapping[str, str]) -> bool:
+    return environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def huge_page_environment(environ: Mapping[str, str], glibc: tuple[int, ...] | None,
                           thp: str | None) -> dict[str, str] | None:
     """The environment to re-execute with, or None to run as is.
@@ -62,7 +66,7 @@ def huge_page_environment(environ: Mapping[str, str], glibc: tuple[int, ...] | N
     the environment as re-executed, so a process whose GLIBC_TUNABLES is dropped (a setuid wrapper, glibc's
     secure mode) runs on rather than re-executing itself forever.
     """
-    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off") or REEXECUTED in environ:
+    if _opted_out(environ) or REEXECUTED in environ:
         return None
     if glibc is None or glibc < MIN_GLIBC or thp not in ("always", "madvise"):
         return None
@@ -81,7 +85,7 @@ def describe(environ: Mapping[str, str] = os.environ) -> str:
     value = dict(item for item in tunables if len(item) == 2).get(TUNABLE)
     if value is not None:
         return f"huge pages {'on' if value != '0' else 'off'} (GLIBC_TUNABLES {TUNABLE}={value})"
-    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _opted_out(environ):
         return f"huge pages off ({OPT_OUT}={environ[OPT_OUT]})"
     return "huge pages off (not started through a vrl_jax command, or no glibc >= 2.35 with transparent huge pages)"
 
