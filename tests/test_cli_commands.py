@@ -43,6 +43,7 @@ COVERAGE = {
         "tests/test_cli_commands.py::test_readme_synthgeo",
     "python -m vrl_jax.rewards.audit judge_cases.jsonl --mode maye_compat":
         "tests/test_cli_commands.py::test_readme_audit",
+    "python tools/trace_step.py": "tests/test_trace_step.py::test_trace_step_lists_every_file_one_grpo_step_runs",
     "python -m vrl_jax.evaluation.paired before.outcomes.jsonl after.outcomes.jsonl":
         "tests/test_paired.py::test_readme_paired_command",
     "tools/tpu_vm.sh create geo --zone us-central1-a --type v5litepod-8 [--spot]":

@@ -7,7 +7,8 @@ Read `train` top to bottom. One step of RL is `rl_step`:
                  (GRPO / Dr.GRPO / RLOO / REINFORCE++ advantages, or DyME's per-group modes);
   4. policy update   lay the rows out as micro-batches and run the jitted, sharded train step.
 Where each step's code lives: 1. `data/pipeline.py`; 2. `sampling/sampler.py`; 3. `rewards/compose.py`,
-`rl/algorithms.py` -> `rl/advantages.py`; 4. `rl/batching.py` -> `rl/train_step.py` -> `rl/losses.py`.
+`rl/algorithms.py` -> `rl/advantages.py`; 4. `rl/batching.py` -> `rl/train_step.py` -> `rl/logprobs.py`, `rl/losses.py`
+(`python tools/trace_step.py` lists every function one step runs).
 On several hosts every process runs this same loop on the same global batch (`distributed.py`).
 Every source of randomness is a function of (seed, step) or lives in the checkpointed state, so a
 run killed at any step and restarted resumes exactly.
