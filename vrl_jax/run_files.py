@@ -20,9 +20,9 @@ from vrl_jax import configs
 from vrl_jax.models import lora
 from vrl_jax.models.lora import is_adapter
 from vrl_jax.models.quantize import dequantize_layers
-from vrl_jax.rl.train_state import (TrainState, make_optimizer, pure_params, train_state_shardings,
+from vrl_jax.rl.train_state import (TrainState, make_optimizer, overlay, pure_params, train_state_shardings,
                                     trainable_params)
-from vrl_jax.run_setup import overlay, reference_copy
+from vrl_jax.run_setup import reference_copy
 from vrl_jax.storage import is_remote, write_text_atomic
 
 REFERENCE_DIR = "reference"

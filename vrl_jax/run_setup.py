@@ -271,17 +271,10 @@ LORA_KEY = 0x10A  # folded into the run's seed for the adapters' initial A
 def reference_copy(c, params, mesh=None) -> dict:
     """RL's KL reference where it differs from the policy: a copy of the parameters that train, {dotted path:
     array}, placed like them. Frozen ones (a vision tower MAYE does not train, a LoRA run's base weights) are
-    the policy's own, so `overlay` reads them from the current state instead of a second copy."""
+    the policy's own, so `train_state.overlay` reads them from the current state instead of a second copy."""
     from vrl_jax.rl.train_state import trainable_params
     ref = {k: jnp.copy(v) for k, v in trainable_params(params, configs.optimizer_config(c, 1)).items()}
     return ref if mesh is None else sharding.put(ref, sharding.param_shardings(ref, mesh))
-
-
-def overlay(params, flat: dict):
-    """`params` (pure dict) with the leaves at `flat`'s dotted paths replaced by its arrays: the reference's
-    full parameters from `reference_copy`, a state's from a checkpoint's trainable ones."""
-    from flax import traverse_util
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(params, sep="."), **flat}, sep=".")
 
 
 def distinct_problems(examples: list[Example]) -> int | None:

@@ -26,7 +26,7 @@ from flax import nnx
 from vrl_jax import configs, distributed, host_malloc, sharding
 from vrl_jax.checkpointing import Checkpointer, PreemptionGuard, config_fingerprint
 from vrl_jax.errors import as_user_error
-from vrl_jax.evaluation.evaluator import Evaluator, decode_responses, settings_from_names
+from vrl_jax.evaluation.evaluator import Evaluator, settings_from_names
 from vrl_jax.evaluation.metrics import EpochAccumulator, step_metrics
 from vrl_jax.evaluation.progress import Progress
 from vrl_jax.evaluation.reflection import analyze_reflection, reflection_metrics
@@ -38,12 +38,12 @@ from vrl_jax.rewards.visual.base import hint_then_answer
 from vrl_jax.rl import algorithms, batching
 from vrl_jax.rl.logprobs import make_logprob_fn
 from vrl_jax.rl.losses import max_abs_ratio_minus_one, sequence_kl
-from vrl_jax.rl.train_state import create_train_state, train_state_shardings
+from vrl_jax.rl.train_state import create_train_state, overlay, train_state_shardings
 from vrl_jax.rl.train_step import OnMesh, StepConfig, make_train_step
 from vrl_jax.run_files import (checkpoint_template, export_policy, load_reference, read_config, restored_state,
                                save_reference, saved_state, write_config)
-from vrl_jax.run_setup import RunSetup, check_inputs, overlay, prepare_run, rl_steps, setup_dir
-from vrl_jax.sampling.sampler import Sampler, SamplerConfig
+from vrl_jax.run_setup import RunSetup, check_inputs, prepare_run, rl_steps, setup_dir
+from vrl_jax.sampling.sampler import Sampler, SamplerConfig, decode_responses
 from vrl_jax.timing import CompileWatch, PhaseTimer
 
 

@@ -22,7 +22,7 @@ from vrl_jax.errors import UserError
 from vrl_jax.evaluation.paired import outcome_rows
 from vrl_jax.evaluation.passk import MAYE_HIGH, MAYE_LOW, MAYE_MEDIUM, GenerationSetting, mean_pass_at_k
 from vrl_jax.evaluation.progress import Progress
-from vrl_jax.sampling.sampler import Sampler, SamplerConfig
+from vrl_jax.sampling.sampler import Sampler, SamplerConfig, decode_responses
 
 SETTINGS = {"low": MAYE_LOW, "medium": MAYE_MEDIUM, "high": MAYE_HIGH}
 
@@ -33,11 +33,6 @@ def settings_from_names(names: Sequence[str], k: int, max_new_tokens: int) -> li
         s = SETTINGS[name]
         out.append(dataclasses.replace(s, k=k if s.k > 1 else 1, max_tokens=max_new_tokens))
     return out
-
-
-def decode_responses(tokenizer, tokens, mask) -> list[str]:
-    tokens, mask = np.asarray(tokens), np.asarray(mask)
-    return tokenizer.batch_decode([t[m > 0].tolist() for t, m in zip(tokens, mask)], skip_special_tokens=True)
 
 
 def user_text(messages) -> str:

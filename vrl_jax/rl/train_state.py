@@ -158,6 +158,12 @@ def _unflat(flat: dict[str, Any]) -> Any:
     return traverse_util.unflatten_dict(flat, sep=".")
 
 
+def overlay(params: Any, flat: dict[str, Any]) -> Any:
+    """`params` (pure dict) with the leaves at `flat`'s dotted paths replaced by its arrays: the reference's
+    full parameters from `run_setup.reference_copy`, a state's from a checkpoint's trainable ones."""
+    return _unflat({**_flat(params), **flat})
+
+
 def part_flag(path: str) -> str:
     """The `train_*` flag that owns the parameter at dotted `path` (`_PARTS`)."""
     for pattern, flag in _PARTS:

@@ -88,6 +88,13 @@ class SampleOutput(NamedTuple):
     stopped: jax.Array
 
 
+def decode_responses(tokenizer, tokens, mask) -> list[str]:
+    """The text of each sampled response: `SampleOutput.tokens` [R, N] where `mask` is set, special tokens
+    dropped (host-side)."""
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    return tokenizer.batch_decode([t[m > 0].tolist() for t, m in zip(tokens, mask)], skip_special_tokens=True)
+
+
 def _repeat_rows(x, n: int, axis: int = 0):
     return x if n == 1 else jnp.repeat(x, n, axis=axis)
 
