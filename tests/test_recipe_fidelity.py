@@ -128,6 +128,9 @@ def test_dyme_run_scores_thinking_and_keeps_whole_targets(tmp_path):
     for r in train:
         assert r["dyme/memorize_share"] == 1.0 and r["dyme/truncated_targets"] == 0.0 and r["loss/sft_loss"] > 0
         assert "rews/thinking_rewards" in r and r["thinking/spacy"] in (0.0, 1.0)
+        # the checker's per-row fallback is a share of the step's rows, not logged as a reward
+        assert 0.0 <= r["thinking/fallback_share"] <= 1.0
+        assert [k for k in r if "fallback" in k] == ["thinking/fallback_share"]
         assert r["update/tokens"] > 2 * 4  # the two memorized rows' targets, not 4 columns each
 
 

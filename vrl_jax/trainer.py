@@ -69,7 +69,7 @@ def reference_text(example: dict, fmt: str) -> str:
     return solution
 
 
-_FALLBACK = "_checker_fallback"  # gathered with the rewards, not one of them
+_FALLBACK = "_checker_fallback"  # per row, gathered with the rewards; taken out before they are logged
 
 
 class Loop:
@@ -108,7 +108,6 @@ class Loop:
                                    self.stop_ids, self.pad_id, mesh=mesh, decode_segments=c.rollout.decode_segments,
                                    breakdown=tuple(c.eval.breakdown))
         self.key = jax.random.key(c.seed)
-        self.thinking_info: dict = {}
         if setup.visual is not None and hasattr(setup.visual.checker, "impl") and c.dyme.thinking_weight:
             print(f"DyME thinking reward: {setup.visual.checker.impl}", flush=True)
 
@@ -167,18 +166,19 @@ class Loop:
         out["sft/truncated_targets"] = float(truncated)  # longer than sft.max_target_tokens
         return state, {**out, **batch_shapes(tb)}
 
-    def rollout_round(self, params, batch, key) -> batching.Rollouts:
+    def rollout_round(self, params, batch, key, timer: PhaseTimer) -> batching.Rollouts:
         """Steps 2 and 3 for one batch of prompts: sample n responses each, decode, score."""
         c = self.c
-        with self.timer("sample"):
+        with timer("sample"):
             out = jax.device_get(self.sampler(params, batch.inputs, key, temperature=c.rollout.temperature,
                                               top_p=c.rollout.top_p))
-        with self.timer("score"):
+        with timer("score"):
             return self.score(batch, out)
 
     def score(self, batch, out) -> batching.Rollouts:
         """Step 3's rewards for sampled responses: decode, judge, and DyME's thinking reward. Each process
-        judges its share of the rows and the scores are gathered, so every process holds all of them."""
+        judges its share of the rows and the scores are gathered, so every process holds all of them. With DyME's
+        thinking reward the rewards also hold `_FALLBACK`, per row: whether the checker fell back."""
         c, s, n = self.c, self.s, self.c.rollout.num_samples
         texts = decode_responses(s.processor.tokenizer, out.tokens, out.mask)
         examples = [e for e in batch.examples for _ in range(n)]
@@ -193,24 +193,19 @@ class Loop:
         rewards = distributed.gather_rows(local, len(texts))
         if dyme_thinking:
             # DyME's total is format + accuracy + thinking (NaN, a checker that could not score, counts 0).
-            thinking = rewards["thinking"]
-            self.thinking_info = {"thinking/fallback_share": float(np.mean(rewards.pop(_FALLBACK))),
-                                  # which keyword extractor scored (the lexical checker): spaCy, as DyME
-                                  # runs it, or the offline lemminflect approximation
-                                  "thinking/spacy": float(getattr(s.visual.checker, "backend", "") == "spacy")}
-            rewards["total"] = np.asarray(rewards["total"], np.float32) + c.dyme.thinking_weight * thinking
+            rewards["total"] = np.asarray(rewards["total"], np.float32) + c.dyme.thinking_weight * rewards["thinking"]
         return batching.Rollouts(batch.inputs, list(batch.examples), np.asarray(batch.valid), out.tokens, out.mask,
                                 out.logprobs, out.lengths, out.stopped, texts,
                                 {k: np.asarray(v, np.float32) for k, v in rewards.items()})
 
-    def collect(self, params, next_batch, first_batch, step: int) -> tuple[batching.Rollouts, int]:
+    def collect(self, params, next_batch, first_batch, step: int, timer: PhaseTimer) -> tuple[batching.Rollouts, int]:
         """Rollouts for one step. With DAPO's dynamic sampling, groups whose `dapo.filter_on` reward is the
         same for every sample are dropped and more prompts are drawn until the batch is full (at most
         `dapo.max_rounds` rounds); if it is still short, dropped groups fill it back, as invalid rows
         (`dapo.fill = "masked"`: they count nowhere) or as zero-advantage rows ("zero_advantage")."""
         c, n = self.c, self.c.rollout.num_samples
         key = jax.random.fold_in(self.key, step)
-        first = self.rollout_round(params, first_batch, jax.random.fold_in(key, 0))
+        first = self.rollout_round(params, first_batch, jax.random.fold_in(key, 0), timer)
         if not c.dapo.dynamic_sampling:
             return first, 1
         kept, dropped, rounds, batch = [], [], 0, first
@@ -221,7 +216,7 @@ class Loop:
             rounds += 1
             if len(kept) >= c.prompts_per_step or rounds >= c.dapo.max_rounds:
                 break
-            batch = self.rollout_round(params, next_batch(), jax.random.fold_in(key, rounds))
+            batch = self.rollout_round(params, next_batch(), jax.random.fold_in(key, rounds), timer)
         choice = algorithms.choose_groups(kept, dropped, c.prompts_per_step)
         ro = batching.select_groups(choice.chosen, n, self.pad_id)
         if c.dapo.fill == "masked":
@@ -232,9 +227,11 @@ class Loop:
         """One RL step, its phases timed apart (sample, score, reference, credit, update). The update's
         device metrics are fetched only when `fetch_metrics` (a logging step): no host sync otherwise."""
         c, n = self.c, self.c.rollout.num_samples
-        self.timer = timer = PhaseTimer()
+        timer = PhaseTimer()
         # 2. rollout and 3. trajectory and reward (steps 1-3 repeat under dynamic sampling)
-        ro, rounds = self.collect(state.params, next_batch, batch, step)
+        ro, rounds = self.collect(state.params, next_batch, batch, step, timer)
+        rewards = dict(ro.rewards)
+        fallback = rewards.pop(_FALLBACK, None)
         valid = np.repeat(ro.valid, n)
         # Rows of padding prompts and of DAPO's fillers count in no loss, denominator or whitening statistic.
         mask = ro.mask * valid[:, None].astype(ro.mask.dtype)
@@ -260,12 +257,12 @@ class Loop:
             else:  # the update's time is still its own; its metrics stay on the device
                 timer.block(state.params)
                 update = None
-        correct = ro.rewards["accuracy"]
+        correct = rewards["accuracy"]
         reflection = analyze_reflection(ro.texts, correct, match=c.log.reflection_match)
         # MAYE's training/kl: per sequence, the sum of k3(ref || rollout policy) over the sampled tokens.
         kl_seq = None if ref is None else np.asarray(sequence_kl(ro.logprobs, ref, ro.mask))
         metrics = step_metrics(
-            rewards=ro.rewards, response_lengths=ro.lengths, max_tokens=c.rollout.max_new_tokens, correct=correct,
+            rewards=rewards, response_lengths=ro.lengths, max_tokens=c.rollout.max_new_tokens, correct=correct,
             stopped=ro.stopped, group_size=n, modes=cred.modes, update=update, temperature=c.rollout.temperature,
             kl_per_sequence=kl_seq, kl_reward=cred.kl_reward, timings=timer.seconds,
             rollout_tokens=int(np.asarray(ro.lengths).sum()), update_tokens=int(tb.loss_mask.sum()),
@@ -273,7 +270,11 @@ class Loop:
         metrics.update(reflection_metrics(reflection.counts))
         metrics.update(cred.stats)
         metrics.update(extra)
-        metrics.update(self.thinking_info)
+        if fallback is not None:
+            metrics["thinking/fallback_share"] = float(np.mean(fallback))
+            # which keyword extractor scored (the lexical checker): spaCy, as DyME runs it, or the offline
+            # lemminflect approximation
+            metrics["thinking/spacy"] = float(getattr(self.s.visual.checker, "backend", "") == "spacy")
         metrics.update(batch_shapes(tb, ro.inputs))
         metrics["dapo/sampling_rounds"] = float(rounds)
         if c.dapo.dynamic_sampling:
@@ -406,31 +407,31 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
     stopped = None
     compiles = CompileWatch()
 
-    def evaluate(step: int):
-        nonlocal last_eval
-        last_eval = {}
+    def evaluate(params, step: int) -> dict:
+        """Every eval split under `params`, written at `step`; returns the metrics of all splits."""
+        out = {}
         for split, batches in setup.eval_data.items():
-            metrics, samples, outcomes = loop.evaluator.evaluate_split(state.params, batches(), jax.random.fold_in(
+            metrics, samples, outcomes = loop.evaluator.evaluate_split(params, batches(), jax.random.fold_in(
                 jax.random.key(c.seed + 1), step), split, keep_samples=c.log.samples_per_eval,
                 num_batches=setup.eval_batches.get(split, 0))
-            last_eval.update(metrics)
+            out.update(metrics)
             writer.write_samples(split, step, samples)
             writer.write_outcomes(split, step, outcomes)
         count, seconds = compiles.take()  # the evaluation's own compiling, apart from the step's
-        writer.write(step, {**last_eval, "compile/count": count, "time/compile": seconds}, split="eval", kind="eval")
-        return last_eval
+        writer.write(step, {**out, "compile/count": count, "time/compile": seconds}, split="eval", kind="eval")
+        return out
 
-    def write_epoch(step: int, complete: bool):
+    def write_epoch(step: int, acc: EpochAccumulator, epoch: int, complete: bool):
         # "epoch" counts completed epochs as the report reads it (0 = before training), so RL epoch 0 is
         # logged as 1. Every process holds every rollout (see `vrl_jax.distributed`): nothing to pool.
-        writer.write(step, {**acc.result(), "epoch": acc_epoch + 1, "epoch/complete": float(complete)},
+        writer.write(step, {**acc.result(), "epoch": epoch + 1, "epoch/complete": float(complete)},
                      split="epoch", kind="epoch")
 
     with PreemptionGuard() as guard, Progress(total_steps, desc=c.name, initial=start) as bar:
         print(f"{c.name}: steps {start + 1}-{total_steps} in {workdir}; SIGTERM or Ctrl-C saves a checkpoint "
               "after the current step and stops", flush=True)
         if start == 0 and setup.eval_data and c.eval.at_start:
-            evaluate(0)
+            last_eval = evaluate(state.params, 0)
         for step in range(start, total_steps):
             done = step + 1
             log_now = done % c.log.every_steps == 0 or done == total_steps
@@ -447,7 +448,7 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
                 state, metrics = loop.sft_step(state, step_fn, batch)
             else:
                 if acc_epoch is not None and batch.epoch != acc_epoch:  # the previous epoch ended at `step`
-                    write_epoch(step, complete=True)
+                    write_epoch(step, acc, acc_epoch, complete=True)
                     acc = acc.reset()
                 acc_epoch = int(batch.epoch)
                 state, metrics, correct, sample = loop.rl_step(state, step_fn, batch, step, fetch_metrics=log_now,
@@ -465,11 +466,11 @@ def _train(c, workdir: str, ckpt: Checkpointer, allow_config_change: bool) -> Tr
             # Evaluate at the start (eval.at_start), at the SFT -> RL boundary, at the end, and every N steps.
             if setup.eval_data and (done in (c.sft.steps, total_steps) or
                                     (c.eval.every_steps and done % c.eval.every_steps == 0)):
-                evaluate(done)
+                last_eval = evaluate(state.params, done)
             bar.update(1, metrics)
             data_state = {k: (it.get_state() if it is not None else None) for k, it in iters.items()}
             if done == total_steps and acc_epoch is not None:  # the last, possibly partial, epoch
-                write_epoch(done, complete=False)
+                write_epoch(done, acc, acc_epoch, complete=False)
             extra = {"stage": stage, "eval": last_eval, "epoch_acc": acc.to_dict(), "acc_epoch": acc_epoch}
             # checkpoint.every_steps = 0: only at the end (and on a stop signal, below).
             if (c.checkpoint.every_steps and done % c.checkpoint.every_steps == 0) or done == total_steps:
