@@ -23,9 +23,9 @@ def probed_credit(probe: dict):
     from vrl_jax.rl import algorithms
     credit = algorithms.credit
 
-    def wrapped(algorithm, estimator, total, correct, num_samples, **kw):
-        out = credit(algorithm, estimator, total, correct, num_samples, **kw)
-        probe["credit"].append([algorithm, estimator, num_samples])
+    def wrapped(cfg, total, correct, **kw):
+        out = credit(cfg, total, correct, **kw)
+        probe["credit"].append([cfg.algorithm, cfg.estimator, cfg.num_samples])
         probe["advantage_ndim"].append(int(out.advantages.ndim))
         return out
     return credit, wrapped

@@ -12,9 +12,9 @@ from vrl_jax.rl.losses import aggregate
 
 def _reinforce_pp(shards=1, coef=0.05):
     scores, logp, ref, mask = _token_batch(3)
-    return scores, logp, ref, mask, A.credit(
-        "reinforce_pp", "reinforce_pp", scores, scores == 1.0, 1, response_mask=mask, logprobs=logp,
-        ref_logprobs=ref, kl_reward_coef=coef, gamma=0.9, num_whiten_shards=shards)
+    cfg = A.CreditConfig("reinforce_pp", "reinforce_pp", 1, kl_reward_coef=coef, gamma=0.9, num_whiten_shards=shards)
+    return scores, logp, ref, mask, A.credit(cfg, scores, scores == 1.0, response_mask=mask, logprobs=logp,
+                                             ref_logprobs=ref)
 
 
 def test_reinforce_pp_kl_reward_is_logged_as_mayes_rews_kl_reward():
@@ -46,11 +46,11 @@ def test_reinforce_pp_whitening_per_process_block_is_reachable():
 
 def test_group_estimators_and_unknown_name():
     total = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
-    a = A.credit("grpo", "drgrpo", total, total, 3).advantages
+    a = A.credit(A.CreditConfig("grpo", "drgrpo", 3), total, total).advantages
     np.testing.assert_allclose(a, [2 / 3, -1 / 3, -1 / 3, 0, 0, 0], rtol=1e-6)
-    assert A.credit("grpo", "rloo", total, total, 3).kl_reward is None
+    assert A.credit(A.CreditConfig("grpo", "rloo", 3), total, total).kl_reward is None
     with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
-        A.credit("grpo", "ppo", total, total, 3)
+        A.credit(A.CreditConfig("grpo", "ppo", 3), total, total)
 
 
 # ---- DAPO's dynamic sampling -------------------------------------------------------------------------

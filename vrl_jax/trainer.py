@@ -95,6 +95,11 @@ class Loop:
         self.sft_cfg = StepConfig(batch_size=c.sft.batch_size, num_micro=c.num_micro,
                                   loss=dataclasses.replace(loss, kl_coef=0.0, entropy_coef=0.0),
                                   remat=c.model.remat, chunk_size=c.loss.chunk_size, with_entropy=False)
+        a = c.advantage
+        self.credit_cfg = algorithms.CreditConfig(
+            algorithm=c.algorithm, estimator=a.estimator, num_samples=c.rollout.num_samples, eps=a.eps, gamma=a.gamma,
+            kl_reward_coef=a.kl_reward_coef, whiten=a.whiten, shift_mean=a.shift_mean,
+            num_whiten_shards=a.num_whiten_shards)
         self.needs_ref = bool(c.loss.kl_coef or (c.advantage.estimator == "reinforce_pp" and
                                                   c.advantage.kl_reward_coef))
         # Log-probs of a batch under some parameters (the reference's, the sampling policy's), read on
@@ -287,11 +292,8 @@ class Loop:
         references in place of their responses), laid out as micro-batches. Returns (batch, credit, metrics)."""
         c, n = self.c, self.c.rollout.num_samples
         tokens, logprobs, total = ro.tokens, ro.logprobs, ro.rewards["total"]
-        cred = algorithms.credit(c.algorithm, c.advantage.estimator, total, ro.rewards["accuracy"], n,
-                                 eps=c.advantage.eps, response_mask=mask, logprobs=logprobs, ref_logprobs=ref,
-                                 kl_reward_coef=c.advantage.kl_reward_coef, gamma=c.advantage.gamma,
-                                 whiten=c.advantage.whiten, shift_mean=c.advantage.shift_mean,
-                                 num_whiten_shards=c.advantage.num_whiten_shards)
+        cred = algorithms.credit(self.credit_cfg, total, ro.rewards["accuracy"], response_mask=mask,
+                                 logprobs=logprobs, ref_logprobs=ref)
         sft_weights = np.zeros(len(total), np.float32)
         extra = {}
         if cred.sft_rows.any():

@@ -6,6 +6,7 @@ One function per algorithm family, all host-side on small arrays (the math itsel
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -36,13 +37,35 @@ GROUP_ESTIMATORS = {
 }
 
 
-def credit(algorithm: str, estimator: str, total, correct, num_samples: int, *, eps: float = 1e-6,
-           response_mask=None, logprobs=None, ref_logprobs=None, gamma: float = 1.0, kl_reward_coef: float = 0.0,
-           whiten: bool = True, shift_mean: bool = True, num_whiten_shards: int = 1) -> Credit:
-    """total: float [R] summed rewards; correct: float [R] accuracy rewards (1 = right).
-    REINFORCE++ also takes response_mask, logprobs, ref_logprobs [R, N] (the KL folded into the reward)
-    and `num_whiten_shards`: whiten k contiguous blocks of this process's rows separately (MAYE whitens
-    per GPU, 128 prompts each: k = rows / 128); 1 whitens all of them together."""
+@dataclasses.dataclass(frozen=True)
+class CreditConfig:
+    """How a run turns rewards into credit; fixed for the run (the trainer builds it from `advantage.*`).
+
+    algorithm: "dyme" (per-group memorize/explore modes) or any other (an advantage estimator);
+    estimator: a `GROUP_ESTIMATORS` name or "reinforce_pp"; num_samples: rollouts per prompt;
+    eps: the group estimators' std epsilon. REINFORCE++ only: gamma (discount), kl_reward_coef (the KL
+    folded into the token rewards), whiten and shift_mean (its advantage whitening), and num_whiten_shards:
+    whiten k contiguous blocks of the rows separately (MAYE whitens per GPU, 128 prompts each:
+    k = rows / 128); 1 whitens all of them together.
+    """
+
+    algorithm: str
+    estimator: str
+    num_samples: int
+    eps: float = 1e-6
+    gamma: float = 1.0
+    kl_reward_coef: float = 0.0
+    whiten: bool = True
+    shift_mean: bool = True
+    num_whiten_shards: int = 1
+
+
+def credit(cfg: CreditConfig, total, correct, *, response_mask=None, logprobs=None, ref_logprobs=None) -> Credit:
+    """total: float [R] summed rewards; correct: float [R] accuracy rewards (1 = right); R = G * num_samples,
+    prompt-major. REINFORCE++ also takes response_mask, logprobs, ref_logprobs [R, N] (the KL folded into
+    the reward)."""
+    algorithm, estimator, num_samples = cfg.algorithm, cfg.estimator, cfg.num_samples
+    num_whiten_shards, kl_reward_coef = cfg.num_whiten_shards, cfg.kl_reward_coef
     total = np.asarray(total, np.float32)
     correct = np.asarray(correct, np.float32)
     rows = len(total)
@@ -62,13 +85,13 @@ def credit(algorithm: str, estimator: str, total, correct, num_samples: int, *, 
                              f"{rows} rows of this process")
         out = adv.reinforce_pp_advantages(
             total, np.asarray(response_mask, np.float32), logprobs, ref_logprobs, kl_coef=kl_reward_coef,
-            gamma=gamma, whiten=whiten, shift_mean=shift_mean, num_whiten_shards=num_whiten_shards)
+            gamma=cfg.gamma, whiten=cfg.whiten, shift_mean=cfg.shift_mean, num_whiten_shards=num_whiten_shards)
         kl_reward = -kl_reward_coef * np.asarray(out.kl, np.float32).sum(-1)
         return Credit(np.asarray(out.advantages), no_sft, None, stats, kl_reward)
     if estimator not in GROUP_ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of "
                          f"{tuple(GROUP_ESTIMATORS) + ('reinforce_pp',)}")
-    a = GROUP_ESTIMATORS[estimator](total.reshape(-1, num_samples), eps)
+    a = GROUP_ESTIMATORS[estimator](total.reshape(-1, num_samples), cfg.eps)
     return Credit(np.asarray(a).reshape(-1), no_sft, None, stats)
 
 
