@@ -59,4 +59,5 @@ def test_trace_step_lists_every_file_one_grpo_step_runs(tmp_path, session_jax_ca
     named = {p if p.startswith("vrl_jax/") else "vrl_jax/" + p
              for p in re.findall(r"`([\w/]+\.py)`", path_paragraph) if not p.startswith(("experiments/", "tools/"))}
     assert len(named) >= 8, named
-    assert not named - set(files) - {"vrl_jax/train.py"}, sorted(named - set(files))
+    missing = named - set(files) - {"vrl_jax/train.py"}
+    assert not missing, f"the README's reading path names files the step does not run: {sorted(missing)}"
