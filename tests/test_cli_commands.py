@@ -1,5 +1,5 @@
 """Every command the README shows is run by a test, as the README writes it (paths and sizes made tiny);
-every dependency the package imports is declared; the CLIs explain bad input in one paragraph.
+the CLIs explain bad input in one paragraph (what setup.py declares: `test_packaging.py`).
 
 `COVERAGE` maps each command found in README.md (each line of its ```bash blocks, and each inline code
 span that starts a command) to the test that runs it. `test_every_readme_command_has_a_test` fails for a
@@ -9,7 +9,6 @@ code blocks read their commands from README.md, so what runs is what the README 
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -17,7 +16,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from importlib import metadata
 
 import numpy as np
 import pytest
@@ -77,7 +75,7 @@ COVERAGE = {
     "tools/ablation.sh": "tests/test_cli_commands.py::test_ablation_dry_run",
     "tools/tpu_vm.sh": "tests/test_cli_commands.py::test_readme_tpu_vm_dry_runs",
     "tools/gpu_launch.sh": "tests/test_tools.py::test_the_two_node_example_in_docs_multihost_runs_as_documented",
-    'pip install -e ".[gcs]"': "tests/test_cli_commands.py::test_readme_gcs_extra",
+    'pip install -e ".[gcs]"': "tests/test_packaging.py::test_readme_gcs_extra",
     'pip install -e ".[test]"': "tests/test_cli_commands.py::test_ci_runs_the_readme_main_and_test_commands",
     "python benchmarks/sampler.py": "tests/test_cli_commands.py::test_readme_benchmarks",
     "python benchmarks/train_step.py": "tests/test_cli_commands.py::test_readme_benchmarks",
@@ -388,56 +386,6 @@ def test_readme_benchmarks():
     assert bad.returncode == 2 and "--decode-segments 0 must be >= 1" in bad.stderr, bad.stderr[-2000:]
 
 
-# ---- install_requires --------------------------------------------------------------------------
-
-# Imported only where an optional feature needs it, and declared in the extra that brings it.
-# module vrl_jax imports only when a feature asks for it -> (the extra that installs it, its distribution)
-OPTIONAL_IMPORTS = {"torch": ("test", "torch"), "tensorflow_datasets": ("tfds", "tensorflow-datasets"),
-                    "wandb": ("wandb", "wandb"), "spacy": ("spacy", "spacy"),
-                    "google": ("gcs", "google-cloud-storage")}  # google.cloud.storage, for gs:// workdirs
-
-
-def _setup_requirements() -> tuple[set[str], dict[str, set[str]]]:
-    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
-    consts = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
-              for t in n.targets if isinstance(t, ast.Name)}
-    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
-    kw = {k.arg: k.value for k in call.keywords}
-
-    def names(reqs):
-        return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
-    extras = {k.value: names(consts[v.id] if isinstance(v, ast.Name) else ast.literal_eval(v))
-              for k, v in zip(kw["extras_require"].keys, kw["extras_require"].values)}
-    return names(ast.literal_eval(kw["install_requires"])), extras
-
-
-def test_install_requires_names_every_package_vrl_jax_imports():
-    """A package the code imports but install_requires leaves out works in CI only while something else
-    brings it along; the bare-environment stage of .ci/run finds what the commands need, this finds the rest."""
-    required, extras = _setup_requirements()
-    imported = set()
-    for folder, _, files in os.walk(os.path.join(ROOT, "vrl_jax")):
-        for name in files:
-            if name.endswith(".py"):
-                for node in ast.walk(ast.parse(open(os.path.join(folder, name)).read())):
-                    if isinstance(node, ast.Import):
-                        imported |= {a.name.split(".")[0] for a in node.names}
-                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                        imported.add(node.module.split(".")[0])
-    third_party = sorted(m for m in imported if m not in sys.stdlib_module_names and m not in ("vrl_jax", "__future__"))
-    dists = metadata.packages_distributions()
-    missing = []
-    for module in third_party:
-        names = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
-        if module in OPTIONAL_IMPORTS:
-            extra, dist = OPTIONAL_IMPORTS[module]
-            assert dist in extras[extra], f"{module}: {dist} is not in the {extra} extra"
-        elif not names & required:
-            missing.append(f"{module} ({', '.join(sorted(names))})")
-    assert not missing, f"imported by vrl_jax but not in install_requires: {missing}"
-    assert len(third_party) > 10
-
-
 # ---- bad input: one paragraph, exit code 2, no traceback ------------------------------------------
 
 def user_error(main, argv, capsys):
@@ -535,18 +483,3 @@ def test_every_cli_runs_through_run_cli(module, tmp_path):
     if module != "vrl_jax.data.synthgeo":  # argparse's own errors have no traceback to show
         debug = run(["python", "-m", module, *argv, "--debug"], tmp_path, timeout=300)
         assert debug.returncode != 0 and "Traceback" in debug.stderr
-
-
-def test_readme_gcs_extra(tmp_path):
-    """`.[gcs]` installs what a gs:// workdir needs, and a run without it is told to install it."""
-    import importlib.util
-
-    from vrl_jax.errors import UserError, ensure_writable_dir
-    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
-    extras = next(k.value for node in ast.walk(tree) if isinstance(node, ast.Call) for k in node.keywords
-                  if k.arg == "extras_require")
-    gcs = next(ast.literal_eval(v) for k, v in zip(extras.keys, extras.values) if ast.literal_eval(k) == "gcs")
-    assert set(gcs) == {"gcsfs", "google-cloud-storage"}
-    if importlib.util.find_spec("gcsfs") is None:  # this machine: the message names the extra
-        with pytest.raises(UserError, match=re.escape('pip install -e ".[gcs]"')):
-            ensure_writable_dir("gs://bucket/run", "--workdir")

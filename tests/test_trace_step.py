@@ -59,5 +59,10 @@ def test_trace_step_lists_every_file_one_grpo_step_runs(tmp_path, session_jax_ca
     named = {p if p.startswith("vrl_jax/") else "vrl_jax/" + p
              for p in re.findall(r"`([\w/]+\.py)`", path_paragraph) if not p.startswith(("experiments/", "tools/"))}
     assert len(named) >= 8, named
+    # The README's counts are the measured ones (the background threads' share depends on their timing).
+    own = re.search(r"- (\d+) files outside `models/` in the step's own thread", path_paragraph)
+    in_models = re.search(r"- (\d+) in `models/`", path_paragraph)
+    assert own and in_models, path_paragraph
+    assert (int(own[1]), int(in_models[1])) == (int(m[1]), int(m[3])), "update the README's counts"
     missing = named - set(files) - {"vrl_jax/train.py"}
     assert not missing, f"the README's reading path names files the step does not run: {sorted(missing)}"
